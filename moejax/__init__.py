@@ -1,0 +1,33 @@
+"""moejax: pure-functional JAX training of DeepSeek-V3-style Mixture-of-Experts transformers.
+
+The curated public API; everything else is importable from its module but may change.
+"""
+
+from moejax.config import Config, ConfigError, load_config
+from moejax.model.transformer import (
+    RouterState,
+    Transformer,
+    count_params,
+    forward,
+    init_params,
+    init_router_state,
+    loss_fn,
+    model_specs,
+)
+from moejax.sharding import make_mesh
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "RouterState",
+    "Transformer",
+    "count_params",
+    "forward",
+    "init_params",
+    "init_router_state",
+    "load_config",
+    "loss_fn",
+    "make_mesh",
+    "model_specs",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,249 @@
+"""Configuration: frozen dataclasses, YAML presets and dotted overrides, validated at load time.
+
+A `Config` is immutable and hashable, so it can be passed to `jax.jit` as a static argument.
+Loading goes through an OmegaConf structured schema, which rejects unknown keys and wrong types;
+`validate` then rejects impossible combinations. Every failure is a `ConfigError` whose message
+is one sentence saying what is wrong and how to fix it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+MESH_AXES = ("data", "fsdp", "expert")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 256
+    d_model: int = 128  # D
+    num_layers: int = 4  # L, dense + MoE layers
+    num_dense_layers: int = 1  # the first k layers use a dense FFN (DeepSeek first_k_dense_replace)
+    num_heads: int = 4  # H
+    num_kv_heads: int = 2  # K (grouped-query attention)
+    head_dim: int = 32  # Q
+    ffn_dim: int = 512  # F of the dense FFN layers
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    remat: str = "none"  # none | full | dots
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    num_experts: int = 8  # E routed experts; 0 makes every layer dense (the baseline model)
+    top_k: int = 2  # k experts per token
+    expert_ffn_dim: int = 256  # F of one routed (and one shared) expert
+    num_shared_experts: int = 0
+    router: str = "deepseek"  # deepseek | softmax_topk
+    num_groups: int = 1  # G expert groups for group-limited routing (deepseek router)
+    topk_groups: int = 1  # groups kept per token
+    routed_scaling_factor: float = 1.0
+    normalize_weights: bool = True  # renormalise the top-k weights to sum to 1 (before scaling)
+    temperature: float = 1.0  # softmax_topk: initial temperature of softmax(logits / temperature)
+    dispatch: str = "capacity"  # capacity | dense (test oracle)
+    capacity_factor: Optional[float] = None  # None: worst-case buffers, nothing is ever dropped
+    drop_policy: str = "position"  # position | probs
+    switch_loss_coef: float = 0.0  # Switch Transformer load-balance loss
+    seq_balance_loss_coef: float = 0.0  # DeepSeek-V3 sequence-wise balance loss (alpha)
+    z_loss_coef: float = 0.0  # ST-MoE router z-loss
+    bias_update_rate: float = 0.001  # aux-loss-free balancing step (gamma); 0 freezes the bias
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    data: int = 1
+    fsdp: int = 1
+    expert: int = -1  # -1: whatever devices are left
+
+    def axis_sizes(self, num_devices: int) -> tuple[int, int, int]:
+        """Resolve -1 to the remaining devices; raises ConfigError if the sizes cannot fit."""
+        sizes = [self.data, self.fsdp, self.expert]
+        if any(s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
+            raise ConfigError(
+                f"mesh sizes {dict(zip(MESH_AXES, sizes))} are invalid: use positive sizes and at "
+                "most one -1 (meaning 'the remaining devices')."
+            )
+        known = math.prod(s for s in sizes if s != -1)
+        if num_devices % known:
+            raise ConfigError(
+                f"mesh sizes {dict(zip(MESH_AXES, sizes))} do not divide the {num_devices} "
+                "available devices: choose sizes whose product divides the device count."
+            )
+        sizes = [num_devices // known if s == -1 else s for s in sizes]
+        if math.prod(sizes) != num_devices:
+            raise ConfigError(
+                f"mesh {dict(zip(MESH_AXES, sizes))} uses {math.prod(sizes)} devices but "
+                f"{num_devices} are available: make the product equal the device count or set "
+                "one axis to -1."
+            )
+        return tuple(sizes)
+
+
+@dataclass(frozen=True)
+class PrecisionConfig:
+    param_dtype: str = "float32"  # master weights
+    compute_dtype: str = "bfloat16"  # matmul inputs; router, norms and softmax stay float32
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seq_len: int = 128
+    global_batch_size: int = 16
+    steps: int = 300
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.model.num_layers - self.model.num_dense_layers if self.moe.num_experts else 0
+
+    @property
+    def num_dense_layers(self) -> int:
+        return self.model.num_layers - self.num_moe_layers
+
+    def replace(self, **sections) -> Config:
+        return dataclasses.replace(self, **sections)
+
+
+def preset_path(name_or_path: str | Path) -> Path:
+    """A path as given, or the name of a preset in configs/ (with or without .yaml)."""
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    preset = CONFIG_DIR / (path.name if path.suffix else f"{path.name}.yaml")
+    if preset.exists():
+        return preset
+    names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    raise ConfigError(f"config {str(name_or_path)!r} not found: give a YAML path or one of {names}.")
+
+
+def load_config(
+    path: str | Path | None = None, overrides=(), *, num_devices: int | None = None
+) -> Config:
+    """Load a YAML preset (or defaults), apply `key=value` overrides, and validate.
+
+    `num_devices` defaults to `jax.device_count()`; it resolves and checks the mesh.
+    """
+    schema = OmegaConf.structured(Config)
+    try:
+        layers = [schema]
+        if path is not None:
+            layers.append(OmegaConf.load(preset_path(path)))
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(*layers)
+        cfg = _to_frozen(Config, OmegaConf.to_container(merged, resolve=True))
+    except OmegaConfBaseException as err:
+        raise ConfigError(_omegaconf_sentence(err)) from None
+    validate(cfg, num_devices)
+    return cfg
+
+
+def _to_frozen(cls, values: dict):
+    """Build nested frozen dataclasses from plain dicts (OmegaConf's to_object keeps mutability)."""
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        section = f.default_factory
+        is_section = dataclasses.is_dataclass(section)
+        kwargs[f.name] = _to_frozen(section, values[f.name]) if is_section else values[f.name]
+    return cls(**kwargs)
+
+
+def _omegaconf_sentence(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", "") or ""
+    message = str(err).splitlines()[0]
+    if "not in" in message or "Key" in message and "not" in message:
+        return f"unknown config key {key!r}: check the spelling against moejax/config.py."
+    return f"bad value for config key {key!r}: {message}; give a value of the declared type."
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.create(config_to_dict(cfg)))
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config, num_devices: int | None = None) -> None:
+    """Reject impossible combinations with one sentence each."""
+    m, e = cfg.model, cfg.moe
+    _check(m.remat in ("none", "full", "dots"),
+           f"model.remat={m.remat!r} is unknown: use none, full or dots.")
+    _check(m.num_heads % m.num_kv_heads == 0,
+           f"model.num_heads={m.num_heads} is not divisible by model.num_kv_heads="
+           f"{m.num_kv_heads}: grouped-query attention needs whole groups of query heads.")
+    _check(m.head_dim % 2 == 0, f"model.head_dim={m.head_dim} must be even for RoPE.")
+    _check(0 <= m.num_dense_layers <= m.num_layers,
+           f"model.num_dense_layers={m.num_dense_layers} must be between 0 and "
+           f"model.num_layers={m.num_layers}.")
+    for name in ("param_dtype", "compute_dtype"):
+        value = getattr(cfg.precision, name)
+        _check(value in ("float32", "bfloat16", "float16"),
+               f"precision.{name}={value!r} is unknown: use float32, bfloat16 or float16.")
+    if e.num_experts:
+        _validate_moe(e)
+    if num_devices is None:
+        import jax
+
+        num_devices = jax.device_count()
+    sizes = dict(zip(MESH_AXES, cfg.mesh.axis_sizes(num_devices)))
+    if e.num_experts:
+        _check(e.num_experts % sizes["expert"] == 0,
+               f"moe.num_experts={e.num_experts} is not divisible by the expert mesh axis "
+               f"({sizes['expert']}): choose a number of experts that is a multiple of mesh.expert.")
+    batch_shards = math.prod(sizes.values())
+    _check(cfg.train.global_batch_size % batch_shards == 0,
+           f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by the "
+           f"{batch_shards} data-parallel shards (data x fsdp x expert = {sizes}): use a multiple.")
+
+
+def _validate_moe(e: MoEConfig) -> None:
+    _check(e.router in ("deepseek", "softmax_topk"),
+           f"moe.router={e.router!r} is unknown: use deepseek or softmax_topk.")
+    _check(e.dispatch in ("capacity", "dense"),
+           f"moe.dispatch={e.dispatch!r} is unknown: use capacity or dense.")
+    _check(e.drop_policy in ("position", "probs"),
+           f"moe.drop_policy={e.drop_policy!r} is unknown: use position or probs.")
+    _check(1 <= e.top_k <= e.num_experts,
+           f"moe.top_k={e.top_k} must be between 1 and moe.num_experts={e.num_experts}.")
+    _check(e.capacity_factor is None or e.capacity_factor > 0,
+           f"moe.capacity_factor={e.capacity_factor} must be positive, or null for no drops.")
+    _check(e.temperature > 0, f"moe.temperature={e.temperature} must be positive.")
+    _check(e.num_groups >= 1 and e.num_experts % e.num_groups == 0,
+           f"moe.num_experts={e.num_experts} is not divisible by moe.num_groups={e.num_groups}.")
+    _check(1 <= e.topk_groups <= e.num_groups,
+           f"moe.topk_groups={e.topk_groups} must be between 1 and moe.num_groups={e.num_groups}.")
+    if e.num_groups > 1:
+        _check(e.router == "deepseek",
+               "group-limited routing (moe.num_groups > 1) needs moe.router=deepseek.")
+        _check(e.num_experts // e.num_groups >= 2,
+               "each expert group needs at least 2 experts (groups are scored by their top-2).")
+        _check(e.top_k <= e.topk_groups * (e.num_experts // e.num_groups),
+               f"moe.top_k={e.top_k} exceeds the experts in the {e.topk_groups} kept groups: "
+               "raise moe.topk_groups or lower moe.top_k.")

@@ -1,0 +1,63 @@
+"""The MoE feed-forward layer: shared experts plus k of E fine-grained routed experts.
+
+y = shared(x) + sum_k w_k * expert_{i_k}(x). Routing runs on the global batch (GSPMD shards it
+like any activation), so the balance losses and expert loads are global statistics, never
+per-shard ones; only the dispatch itself runs inside a shard_map.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from moejax.config import Config
+from moejax.model import dispatch
+from moejax.model.layers import FFN, ffn_specs, swiglu
+from moejax.model.router import balance_losses, expert_counts, route
+from moejax.params import ParamSpec, normal_init
+
+
+@struct.dataclass
+class MoE:
+    """router [D, E] (float32); routed experts w_gate, w_up [E, D, F], w_down [E, F, D];
+    shared: the shared experts fused into one SwiGLU of width num_shared * F, or None."""
+
+    router: jax.Array
+    w_gate: jax.Array
+    w_up: jax.Array
+    w_down: jax.Array
+    shared: FFN | None
+
+
+def moe_specs(cfg: Config) -> MoE:
+    m, e = cfg.model, cfg.moe
+    init = normal_init(m.init_std)
+    d, f, n = m.d_model, e.expert_ffn_dim, e.num_experts
+    shared = None
+    if e.num_shared_experts:
+        shared = ffn_specs(d, e.num_shared_experts * f, m.init_std)
+    return MoE(
+        router=ParamSpec((d, n), ("embed", None), init),
+        w_gate=ParamSpec((n, d, f), ("experts", "embed", "expert_mlp"), init),
+        w_up=ParamSpec((n, d, f), ("experts", "embed", "expert_mlp"), init),
+        w_down=ParamSpec((n, f, d), ("experts", "expert_mlp", "embed"), init),
+        shared=shared,
+    )
+
+
+def moe_ffn(p: MoE, x: jax.Array, bias: jax.Array, temperature, cfg: Config, dtype):
+    """x [B, T, D] -> (y [B, T, D], layer statistics); bias [E] is the router's selection bias."""
+    e = cfg.moe
+    with jax.named_scope("route"):
+        routing = route(x, p.router, bias, temperature, e)
+        stats = balance_losses(routing, e.num_experts, e.top_k)
+        stats["expert_counts"] = expert_counts(routing.expert_ids, e.num_experts)
+    experts = (p.w_gate, p.w_up, p.w_down)
+    moe_impl = dispatch.dense_moe if e.dispatch == "dense" else dispatch.capacity_moe
+    y, dropped = moe_impl(x, routing.expert_ids, routing.weights, experts, e, dtype)
+    stats["dropped_fraction"] = dropped / routing.expert_ids.size
+    if p.shared is not None:
+        with jax.named_scope("shared_experts"):
+            y = y + swiglu(p.shared, x, dtype)
+    return y.astype(x.dtype), stats

@@ -1,0 +1,98 @@
+"""Routers (which k experts each token uses, and with what weight) and the balance losses.
+
+All router math is float32. Shapes: N tokens (any leading shape, flattened or not), E experts,
+k chosen experts per token, G expert groups.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from moejax.config import MoEConfig
+
+
+@struct.dataclass
+class Routing:
+    expert_ids: jax.Array  # [..., k] int32, chosen experts
+    weights: jax.Array  # [..., k] float32, combine weights of the chosen experts
+    probs: jax.Array  # [..., E] float32, per-token scores normalised to sum to 1 (for balance losses)
+    logits: jax.Array  # [..., E] float32, raw router logits (for the z-loss)
+
+
+def softmax_topk(logits: jax.Array, cfg: MoEConfig, temperature) -> Routing:
+    """softmax(logits / temperature), top-k; weights optionally renormalised, then scaled."""
+    probs = jax.nn.softmax(logits / temperature, axis=-1)
+    weights, ids = jax.lax.top_k(probs, cfg.top_k)
+    if cfg.normalize_weights:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    weights = weights * cfg.routed_scaling_factor
+    return Routing(ids.astype(jnp.int32), weights, probs, logits)
+
+
+def group_mask(biased_scores: jax.Array, num_groups: int, topk_groups: int) -> jax.Array:
+    """Boolean [..., E]: True for experts in the `topk_groups` best groups of each token.
+
+    A group's score is the sum of its two best biased expert scores (DeepSeek-V3).
+    """
+    *lead, num_experts = biased_scores.shape
+    grouped = biased_scores.reshape(*lead, num_groups, num_experts // num_groups)
+    group_scores = jnp.sum(jax.lax.top_k(grouped, 2)[0], axis=-1)  # [..., G]
+    _, kept_groups = jax.lax.top_k(group_scores, topk_groups)
+    kept = jnp.any(jax.nn.one_hot(kept_groups, num_groups, dtype=bool), axis=-2)  # [..., G]
+    return jnp.repeat(kept, num_experts // num_groups, axis=-1)
+
+
+def deepseek_route(logits: jax.Array, bias: jax.Array, cfg: MoEConfig) -> Routing:
+    """DeepSeek-V3 gate: sigmoid scores; the bias steers selection only; group-limited top-k.
+
+    Experts outside the kept groups are set to -inf (not 0) so a negative bias can never pull
+    one of them in. Weights are the unbiased scores of the chosen experts, normalised, times
+    routed_scaling_factor.
+    """
+    scores = jax.nn.sigmoid(logits)
+    biased = scores + bias
+    if cfg.num_groups > 1:
+        biased = jnp.where(group_mask(biased, cfg.num_groups, cfg.topk_groups), biased, -jnp.inf)
+    _, ids = jax.lax.top_k(biased, cfg.top_k)
+    weights = jnp.take_along_axis(scores, ids, axis=-1)
+    if cfg.normalize_weights:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    weights = weights * cfg.routed_scaling_factor
+    probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
+    return Routing(ids.astype(jnp.int32), weights, probs, logits)
+
+
+def route(x: jax.Array, router_w: jax.Array, bias: jax.Array, temperature, cfg: MoEConfig) -> Routing:
+    """x [B, T, D] -> Routing over [B, T, ...]; the router matmul runs in float32."""
+    logits = jnp.einsum("btd,de->bte", x.astype(jnp.float32), router_w.astype(jnp.float32))
+    if cfg.router == "deepseek":
+        return deepseek_route(logits, bias, cfg)
+    return softmax_topk(logits, cfg, temperature)
+
+
+def expert_counts(expert_ids: jax.Array, num_experts: int) -> jax.Array:
+    """Tokens assigned to each expert [E] (float32), over every leading axis."""
+    one_hot = jax.nn.one_hot(expert_ids, num_experts, dtype=jnp.float32)
+    return jnp.sum(one_hot, axis=tuple(range(one_hot.ndim - 1)))
+
+
+def balance_losses(routing: Routing, num_experts: int, top_k: int) -> dict[str, jax.Array]:
+    """The three router losses, each over the whole (global) batch [B, T, ...].
+
+    - switch: E * sum_i f_i * P_i with f_i the fraction of assignments to expert i and P_i the
+      mean normalised score (1.0 when perfectly balanced);
+    - seq_balance: DeepSeek-V3 sequence-wise loss, sum_i f_i * P_i per sequence with
+      f_i = E / (k T) * count_i, averaged over sequences (1.0 when balanced);
+    - z: mean over tokens of logsumexp(logits)^2.
+    """
+    one_hot = jax.nn.one_hot(routing.expert_ids, num_experts, dtype=jnp.float32)  # [B,T,k,E]
+    counts_per_seq = jnp.sum(one_hot, axis=(1, 2))  # [B, E]
+    seq_len = routing.expert_ids.shape[1]
+    fraction = jnp.sum(counts_per_seq, axis=0) / jnp.sum(counts_per_seq)
+    switch = num_experts * jnp.sum(fraction * jnp.mean(routing.probs, axis=(0, 1)))
+    seq_f = num_experts / (top_k * seq_len) * counts_per_seq
+    seq_balance = jnp.mean(jnp.sum(seq_f * jnp.mean(routing.probs, axis=1), axis=-1))
+    z = jnp.mean(jnp.square(jax.nn.logsumexp(routing.logits, axis=-1)))
+    return {"switch_loss": switch, "seq_balance_loss": seq_balance, "z_loss": z}

@@ -1,0 +1,24 @@
+"""Test setup: 8 fake CPU devices, configured before jax is imported anywhere."""
+
+import os
+
+# Tests run tiny shapes, so compile time dominates: XLA's backend optimisation level 0 halves it.
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "")
+    + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+).strip()
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+# Mesh-equivalence tests compare float32 results at 1e-5; keep matmuls at full precision.
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def pytest_collection_modifyitems(config, items):
+    if any(d.platform == "gpu" for d in jax.devices()):
+        return
+    skip_gpu = pytest.mark.skip(reason="needs an NVIDIA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)

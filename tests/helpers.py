@@ -1,0 +1,30 @@
+"""Shared test helpers (conftest.py has already set up 8 fake CPU devices)."""
+
+import jax
+import jax.numpy as jnp
+
+import moejax
+
+
+def tiny_config(*overrides, num_devices: int = 8) -> moejax.Config:
+    """The tiny preset shrunk further for tests: float32 compute, dropless, small batch."""
+    base = (
+        "precision.compute_dtype=float32",
+        "model.d_model=32",
+        "model.num_heads=4",
+        "model.num_kv_heads=2",
+        "model.head_dim=8",
+        "model.ffn_dim=64",
+        "moe.expert_ffn_dim=16",
+        "train.seq_len=16",
+        "train.global_batch_size=8",
+    )
+    return moejax.load_config("tiny", base + tuple(overrides), num_devices=num_devices)
+
+
+def max_relative_error(actual, expected) -> float:
+    """Largest over leaves of max|a - e| / max|e| (relative to each leaf's scale)."""
+    def leaf(a, e):
+        return float(jnp.max(jnp.abs(a - e)) / (jnp.max(jnp.abs(e)) + 1e-30))
+
+    return max(jax.tree.leaves(jax.tree.map(leaf, actual, expected)))
