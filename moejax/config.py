@@ -12,7 +12,6 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -54,7 +53,7 @@ class MoEConfig:
     normalize_weights: bool = True  # renormalise the top-k weights to sum to 1 (before scaling)
     temperature: float = 1.0  # softmax_topk: initial temperature of softmax(logits / temperature)
     dispatch: str = "capacity"  # capacity | dense (test oracle)
-    capacity_factor: Optional[float] = None  # None: worst-case buffers, nothing is ever dropped
+    capacity_factor: float | None = None  # None: worst-case buffers, nothing is ever dropped
     drop_policy: str = "position"  # position | probs
     switch_loss_coef: float = 0.0  # Switch Transformer load-balance loss
     seq_balance_loss_coef: float = 0.0  # DeepSeek-V3 sequence-wise balance loss (alpha)

@@ -8,8 +8,8 @@ os.environ["XLA_FLAGS"] = (
     + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
 ).strip()
 
-import jax  # noqa: E402
-import pytest  # noqa: E402
+import jax
+import pytest
 
 # Mesh-equivalence tests compare float32 results at 1e-5; keep matmuls at full precision.
 jax.config.update("jax_default_matmul_precision", "highest")

@@ -11,8 +11,8 @@ from helpers import max_relative_error, tiny_config
 
 import moejax
 from moejax.config import MeshConfig
-from moejax.params import shardings as param_shardings
 from moejax.model.transformer import model_specs
+from moejax.params import shardings as param_shardings
 from moejax.sharding import batch_sharding
 
 MESHES = {"data2_expert4": (2, 1, 4), "fsdp2_expert4": (1, 2, 4), "expert8": (1, 1, 8)}

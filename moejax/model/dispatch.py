@@ -115,8 +115,7 @@ def capacity_moe(x, expert_ids, weights, experts, cfg: MoEConfig, dtype):
     With a mesh set, runs inside one shard_map: tokens sharded over every batch axis, experts
     over `expert`. Without a mesh, the same code runs on the whole batch with no exchange.
     """
-    batch, seq, width = x.shape
-    top_k = cfg.top_k
+    width, top_k = x.shape[-1], cfg.top_k
 
     def local(x_, ids_, w_, gate_, up_, down_, expert_axis):
         n_tokens = x_.shape[0] * x_.shape[1]

@@ -10,11 +10,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import struct
+from jax.sharding import PartitionSpec
 
+from moejax import sharding
 from moejax.config import Config
 from moejax.model import dispatch
 from moejax.model.layers import FFN, ffn_specs, swiglu
-from moejax.model.router import balance_losses, expert_counts, route
+from moejax.model.router import Routing, balance_losses, expert_counts, route
 from moejax.params import ParamSpec, normal_init
 
 
@@ -46,11 +48,25 @@ def moe_specs(cfg: Config) -> MoE:
     )
 
 
+def route_tokens(x: jax.Array, router_w, bias, temperature, cfg: Config) -> Routing:
+    """Routing is token-local, so under a mesh it runs per batch shard (a plain GSPMD top-k
+    would all-gather the [B, T, E] scores); statistics are reduced globally afterwards."""
+    if sharding.current_mesh() is None:
+        return route(x, router_w, bias, temperature, cfg.moe)
+    tokens, replicated = PartitionSpec(sharding.BATCH_AXES), PartitionSpec()
+    local_route = jax.shard_map(
+        lambda *args: route(*args, cfg.moe),
+        in_specs=(tokens, replicated, replicated, replicated),
+        out_specs=Routing(tokens, tokens, tokens, tokens),
+    )
+    return local_route(x, router_w, bias, jnp.asarray(temperature, jnp.float32))
+
+
 def moe_ffn(p: MoE, x: jax.Array, bias: jax.Array, temperature, cfg: Config, dtype):
     """x [B, T, D] -> (y [B, T, D], layer statistics); bias [E] is the router's selection bias."""
     e = cfg.moe
     with jax.named_scope("route"):
-        routing = route(x, p.router, bias, temperature, e)
+        routing = route_tokens(x, p.router, bias, temperature, cfg)
         stats = balance_losses(routing, e.num_experts, e.top_k)
         stats["expert_counts"] = expert_counts(routing.expert_ids, e.num_experts)
     experts = (p.w_gate, p.w_up, p.w_down)

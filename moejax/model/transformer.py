@@ -16,7 +16,7 @@ from moejax import params as P
 from moejax.config import Config
 from moejax.model.attention import Attention, attention_specs, causal_attention
 from moejax.model.layers import FFN, ffn_specs, rms_norm, rope_tables, swiglu
-from moejax.model.moe import MoE, moe_specs, moe_ffn
+from moejax.model.moe import MoE, moe_ffn, moe_specs
 from moejax.sharding import constrain
 
 ACTIVATION_AXES = ("act_batch", "act_seq", "act_embed")
