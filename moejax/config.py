@@ -99,10 +99,31 @@ class PrecisionConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    seq_len: int = 128
-    global_batch_size: int = 16
+    seq_len: int = 128  # tokens per example (the model sees seq_len, predicts seq_len targets)
+    global_batch_size: int = 16  # examples per step over all hosts
     steps: int = 300
-    seed: int = 0
+    seed: int = 0  # parameter init and data order
+    learning_rate: float = 3e-3  # peak, after linear warmup
+    min_learning_rate_ratio: float = 0.1  # cosine decays to peak * ratio
+    warmup_steps: int = 30  # linear warmup; a short run warms up for at most steps - 1
+    weight_decay: float = 0.1  # AdamW, on matrices only (not norms, biases or router state)
+    adam_b1: float = 0.9
+    adam_b2: float = 0.95
+    grad_clip: float = 1.0  # global-norm clipping; 0 disables
+    temperature_decay: float = 0.95  # softmax_topk temperature x decay every decay_every steps
+    temperature_decay_every: int = 1000
+    log_every: int = 10
+    eval_every: int = 100  # 0: only at the end
+    eval_batches: int = 8
+    checkpoint_every: int = 100  # 0: only at the end (and on SIGTERM/SIGINT)
+    keep_checkpoints: int = 2
+    peak_flops_per_device: float = 0.0  # for MFU; 0 measures a large matmul at start-up
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    corpus_dir: str | None = None  # a prepared token directory; None: the stdlib corpus
+    cache_dir: str | None = None  # where the default corpus is cached; None: ~/.cache/moejax
 
 
 @dataclass(frozen=True)
@@ -112,6 +133,7 @@ class Config:
     mesh: MeshConfig = field(default_factory=MeshConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
 
     @property
     def num_moe_layers(self) -> int:
@@ -216,6 +238,10 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
         _check(e.num_experts % sizes["expert"] == 0,
                f"moe.num_experts={e.num_experts} is not divisible by the expert mesh axis "
                f"({sizes['expert']}): choose a number of experts that is a multiple of mesh.expert.")
+    t = cfg.train
+    _check(t.steps >= 1 and t.seq_len >= 1 and t.log_every >= 1,
+           "train.steps, train.seq_len and train.log_every must be positive.")
+    _check(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps} must not be negative.")
     batch_shards = math.prod(sizes.values())
     _check(cfg.train.global_batch_size % batch_shards == 0,
            f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by the "

@@ -1,0 +1,185 @@
+"""The training loop: run directory, data, state (fresh or resumed), steps, evaluation,
+metrics, checkpoints, and a clean stop on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from moejax import sharding
+from moejax.config import Config
+from moejax.model.transformer import count_params
+from moejax.train import data as data_lib
+from moejax.train.checkpoint import Checkpoints
+from moejax.train.metrics import MetricsWriter, flops_per_token, measure_peak_flops
+from moejax.train.optim import make_optimizer
+from moejax.train.rundir import prepare_run_dir
+from moejax.train.state import init_train_state, state_shardings
+from moejax.train.step import HashableTree, compiled_eval_step, compiled_train_step
+
+
+@dataclasses.dataclass
+class Corpus:
+    train_tokens: np.ndarray
+    val_tokens: np.ndarray
+    bytes_per_token: float | None  # 1.0 for byte-level tokens: bits per byte = loss / ln 2
+
+
+def load_corpus(cfg: Config) -> Corpus:
+    corpus_dir = cfg.data.corpus_dir or data_lib.default_corpus_dir(cfg.data.cache_dir)
+    data_lib.check_vocab(corpus_dir, cfg.model.vocab_size)
+    byte_level = data_lib.read_meta(corpus_dir)["tokenizer"] == "byte"
+    return Corpus(data_lib.load_split(corpus_dir, "train"), data_lib.load_split(corpus_dir, "val"),
+                  1.0 if byte_level else None)
+
+
+class StopSignal:
+    """Turns SIGTERM/SIGINT into a flag the loop checks between steps (save, then exit)."""
+
+    def __init__(self):
+        self.received = None
+        self.previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def global_batch(mesh, local_tokens: np.ndarray) -> dict:
+    """This process's rows [B / processes, T + 1] -> one global array sharded over the batch."""
+    tokens = jax.make_array_from_process_local_data(sharding.batch_sharding(mesh), local_tokens)
+    return {"tokens": tokens}
+
+
+def evaluate(cfg: Config, mesh, state, eval_batches, eval_fn, corpus: Corpus) -> dict:
+    losses = [float(eval_fn(state.params, global_batch(mesh, b["tokens"]), state.router))
+              for b in eval_batches]
+    result = {"loss": float(np.mean(losses))}
+    if corpus.bytes_per_token:
+        result["bits_per_byte"] = result["loss"] / math.log(2) / corpus.bytes_per_token
+    return result
+
+
+def train(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = False,
+          progress: bool = True, max_steps: int | None = None, announce=None) -> dict:
+    """Train `cfg` and return a summary; `max_steps` stops early (as a preemption would).
+
+    `announce` (e.g. print) receives a few start-up lines: run directory, model, data, mesh.
+    """
+    run_dir = prepare_run_dir(cfg, run_dir, resume)
+    is_main = jax.process_index() == 0
+    corpus = load_corpus(cfg)
+    mesh = sharding.make_mesh(cfg.mesh)
+    if announce:
+        _announce(announce, cfg, run_dir, corpus, mesh)
+    optimizer = make_optimizer(cfg)
+    state = init_train_state(cfg, jax.random.key(cfg.train.seed), mesh, optimizer)
+    checkpoints = Checkpoints(run_dir / "checkpoints", cfg.train.keep_checkpoints)
+    train_iter = data_lib.make_train_iterator(
+        corpus.train_tokens, seq_len=cfg.train.seq_len, global_batch_size=cfg.train.global_batch_size,
+        process_index=jax.process_index(), process_count=jax.process_count(), seed=cfg.train.seed)
+    if resume and checkpoints.latest_step() is not None:
+        state, data_state = checkpoints.restore(checkpoints.latest_step(), state)
+        train_iter.set_state(data_state)
+    eval_batches = data_lib.make_eval_batches(
+        corpus.val_tokens, seq_len=cfg.train.seq_len, batch_size=cfg.train.global_batch_size,
+        num_batches=cfg.train.eval_batches, process_index=jax.process_index(),
+        process_count=jax.process_count())
+    writer = MetricsWriter(run_dir, enabled=is_main)
+    with jax.set_mesh(mesh), StopSignal() as stop:
+        step_fn = compiled_train_step(cfg, mesh, HashableTree(state_shardings(state)))
+        eval_fn = compiled_eval_step(cfg)
+        loop = _Loop(cfg, mesh, step_fn, eval_fn, train_iter, eval_batches, corpus, checkpoints,
+                     writer, stop, progress and is_main)
+        summary = loop.run(state, max_steps)
+    checkpoints.close()
+    writer.close()
+    summary["run_dir"] = str(run_dir)
+    if is_main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _announce(announce, cfg: Config, run_dir: Path, corpus: Corpus, mesh) -> None:
+    counts = count_params(cfg)
+    announce(f"run directory: {run_dir}")
+    announce(f"model: {counts['total']:,} parameters, {counts['active']:,} active per token; "
+             f"{cfg.num_dense_layers} dense + {cfg.num_moe_layers} MoE layers, "
+             f"{cfg.moe.num_experts} experts (top-{cfg.moe.top_k}, {cfg.moe.router} router)")
+    announce(f"data: {len(corpus.train_tokens):,} train / {len(corpus.val_tokens):,} held-out "
+             f"tokens; {cfg.train.global_batch_size} x {cfg.train.seq_len} tokens per step")
+    announce(f"mesh: {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} "
+             f"device(s), {jax.process_count()} process(es)")
+
+
+@dataclasses.dataclass
+class _Loop:
+    cfg: Config
+    mesh: object
+    step_fn: object
+    eval_fn: object
+    train_iter: object
+    eval_batches: list
+    corpus: Corpus
+    checkpoints: Checkpoints
+    writer: MetricsWriter
+    stop: StopSignal
+    progress: bool
+
+    def run(self, state, max_steps: int | None) -> dict:
+        t = self.cfg.train
+        start_step = int(state.step)
+        last_step = min(t.steps, max_steps) if max_steps else t.steps
+        tokens_per_step = t.global_batch_size * t.seq_len
+        peak = t.peak_flops_per_device or measure_peak_flops()
+        flops_per_step = flops_per_token(self.cfg) * tokens_per_step
+        bar = tqdm(total=t.steps, initial=start_step, disable=not self.progress, unit="step",
+                   dynamic_ncols=True)
+        step, losses, clock, held_out = start_step, [], time.perf_counter(), None
+        while step < last_step and self.stop.received is None:
+            state, metrics = self.step_fn(state, global_batch(self.mesh, next(self.train_iter)["tokens"]))
+            step += 1
+            if step % t.log_every == 0 or step == last_step:
+                metrics = jax.device_get(metrics)
+                elapsed, clock = time.perf_counter() - clock, time.perf_counter()
+                steps_done = t.log_every if step % t.log_every == 0 else step % t.log_every
+                rate = steps_done * tokens_per_step / elapsed
+                metrics.update(tokens_per_second=rate,
+                               mfu=rate / tokens_per_step * flops_per_step / (peak * jax.device_count()))
+                losses.append((step, float(metrics["loss"])))
+                self.writer.write(step, "train", metrics)
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{rate:,.0f}")
+            bar.update(1)
+            if t.eval_every and step % t.eval_every == 0 and step < last_step:
+                held_out = self._evaluate(state, step)
+            if t.checkpoint_every and step % t.checkpoint_every == 0 and step < last_step:
+                self.checkpoints.save(step, state, self.train_iter.get_state())
+        bar.close()
+        if step > start_step or self.checkpoints.latest_step() is None:
+            self.checkpoints.save(step, state, self.train_iter.get_state())
+        if step == t.steps or held_out is None:
+            held_out = self._evaluate(state, step)
+        return {"step": step, "stopped_by": self.stop.received, "train_losses": losses,
+                "final_train_loss": losses[-1][1] if losses else None, "held_out": held_out}
+
+    def _evaluate(self, state, step: int) -> dict:
+        result = evaluate(self.cfg, self.mesh, state, self.eval_batches, self.eval_fn, self.corpus)
+        self.writer.write(step, "eval", result)
+        return result
+

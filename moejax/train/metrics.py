@@ -1,0 +1,80 @@
+"""Metrics: FLOP accounting for MFU, and writers (JSONL file and TensorBoard) for process 0."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moejax.config import Config
+from moejax.model.transformer import count_params
+
+
+def flops_per_token(cfg: Config) -> float:
+    """Training FLOPs per token of the ACTIVE parameters: 6 N_active (matmul weights, without
+    the embedding lookup) + 12 L H Q T for attention scores and values (forward + backward)."""
+    m = cfg.model
+    counts = count_params(cfg)
+    matmul_params = counts["active"] - counts["embedding"]
+    attention = 12 * m.num_layers * m.num_heads * m.head_dim * cfg.train.seq_len
+    return 6.0 * matmul_params + attention
+
+
+def measure_peak_flops(size: int | None = None, repeats: int = 5) -> float:
+    """FLOP/s of one device on a large plain matmul (f32 on CPU, bf16 on accelerators)."""
+    device = jax.devices()[0]
+    on_cpu = device.platform == "cpu"
+    size = size or (1024 if on_cpu else 8192)
+    dtype = jnp.float32 if on_cpu else jnp.bfloat16
+    a = jax.device_put(jnp.ones((size, size), dtype), device)
+    matmul = jax.jit(lambda x: x @ x)
+    matmul(a).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a).block_until_ready()
+        times.append(time.perf_counter() - start)
+    return 2.0 * size**3 / float(np.median(times))
+
+
+def to_python(value):
+    value = np.asarray(value)
+    return value.item() if value.ndim == 0 else value.tolist()
+
+
+class MetricsWriter:
+    """Appends one JSON object per record to metrics.jsonl and mirrors scalars to TensorBoard;
+    per-layer vectors are written as one TensorBoard scalar per layer."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True):
+        self.enabled = enabled
+        if not enabled:
+            return
+        from tensorboardX import SummaryWriter
+
+        self.jsonl = open(Path(run_dir) / "metrics.jsonl", "a")
+        self.tensorboard = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+
+    def write(self, step: int, kind: str, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "kind": kind, **{k: to_python(v) for k, v in metrics.items()}}
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        for name, value in record.items():
+            if name in ("step", "kind"):
+                continue
+            values = value if isinstance(value, list) else [value]
+            for layer, item in enumerate(values):
+                if isinstance(item, (int, float)):
+                    tag = f"{kind}/{name}" if len(values) == 1 else f"{kind}/{name}/layer{layer}"
+                    self.tensorboard.add_scalar(tag, item, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            self.tensorboard.close()

@@ -1,0 +1,38 @@
+"""The training state: everything a resumed run needs besides the data iterator position."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+from jax.sharding import NamedSharding, PartitionSpec
+
+from moejax.config import Config
+from moejax.model.transformer import RouterState, init_params, init_router_state
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array  # [] int32, optimizer steps taken
+    params: object  # Transformer, float32 master weights
+    opt_state: optax.OptState  # AdamW moments, sharded like the parameters (ZeRO-3)
+    router: RouterState  # selection bias and temperature: state, never seen by the optimizer
+
+
+def init_train_state(cfg: Config, key: jax.Array, mesh, optimizer) -> TrainState:
+    """A fresh state, every array created directly in its sharding on `mesh`."""
+    params = init_params(cfg, key, mesh)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    with jax.set_mesh(mesh):
+        opt_state = jax.jit(optimizer.init)(params)
+    return TrainState(
+        step=jax.device_put(jnp.zeros((), jnp.int32), replicated),
+        params=params,
+        opt_state=opt_state,
+        router=jax.device_put(init_router_state(cfg), replicated),
+    )
+
+
+def state_shardings(state: TrainState):
+    return jax.tree.map(lambda x: x.sharding, state)

@@ -1,0 +1,100 @@
+"""One jitted training step: loss and gradients, AdamW update, router-state update, metrics."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from moejax.config import Config
+from moejax.model.transformer import RouterState, loss_fn
+from moejax.train.optim import learning_rate_schedule, make_optimizer
+from moejax.train.state import TrainState
+
+
+def router_temperature(cfg: Config, step: jax.Array) -> jax.Array:
+    """softmax_topk temperature: initial x decay^(step // every) (1.0, x0.95 per 1000 steps)."""
+    t = cfg.train
+    return cfg.moe.temperature * t.temperature_decay ** (step // t.temperature_decay_every)
+
+
+def update_router_bias(bias: jax.Array, expert_counts: jax.Array, rate: float) -> jax.Array:
+    """Aux-loss-free balancing: bias [L, E] += rate * sign(mean load - load).
+
+    `expert_counts` [L, E] are token counts over the whole global batch, so every shard applies
+    the same update; overloaded experts become less likely to be selected, idle ones more.
+    """
+    mean_load = jnp.mean(expert_counts, axis=-1, keepdims=True)
+    return bias + rate * jnp.sign(mean_load - expert_counts)
+
+
+def load_statistics(expert_counts: jax.Array, bias: jax.Array) -> dict[str, jax.Array]:
+    """Per-layer [L] expert-load summaries: max/mean load, coefficient of variation, bias spread."""
+    mean = jnp.mean(expert_counts, axis=-1)
+    return {
+        "load_max_over_mean": jnp.max(expert_counts, axis=-1) / jnp.maximum(mean, 1e-9),
+        "load_cv": jnp.std(expert_counts, axis=-1) / jnp.maximum(mean, 1e-9),
+        "router_bias_spread": jnp.max(bias, axis=-1) - jnp.min(bias, axis=-1),
+    }
+
+
+def train_step(state: TrainState, batch: dict, cfg: Config, optimizer):
+    """state, batch {"tokens": [B, T + 1]} -> (new state, metrics)."""
+    router = state.router.replace(temperature=router_temperature(cfg, state.step))
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (loss, metrics), grads = grad_fn(state.params, batch, cfg, router)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    if cfg.num_moe_layers:
+        bias = update_router_bias(router.bias, metrics["expert_counts"], cfg.moe.bias_update_rate)
+        router = router.replace(bias=bias)
+        metrics.update(load_statistics(metrics["expert_counts"], router.bias))
+    metrics.update(
+        loss=loss,
+        grad_norm=optax.tree.norm(grads),
+        learning_rate=learning_rate_schedule(cfg)(state.step),
+        router_temperature=router.temperature,
+    )
+    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, router=router)
+    return new_state, metrics
+
+
+@functools.lru_cache(maxsize=8)
+def compiled_train_step(cfg: Config, mesh, shardings_of_state: HashableTree):
+    """The jitted step with explicit in/out shardings and the old state donated; cached so that
+    runs of the same config on the same mesh in one process share one compilation."""
+    shardings = shardings_of_state.tree
+    optimizer = make_optimizer(cfg)
+    return jax.jit(
+        lambda state, batch: train_step(state, batch, cfg, optimizer),
+        in_shardings=(shardings, None),
+        out_shardings=(shardings, None),
+        donate_argnums=0,
+    )
+
+
+def eval_step(params, batch: dict, cfg: Config, router: RouterState) -> jax.Array:
+    """Mean next-token cross-entropy (nats/token) of one batch."""
+    return loss_fn(params, batch, cfg, router)[1]["cross_entropy"]
+
+
+@functools.lru_cache(maxsize=8)
+def compiled_eval_step(cfg: Config):
+    return jax.jit(lambda params, batch, router: eval_step(params, batch, cfg, router))
+
+
+class HashableTree:
+    """A pytree of shardings, hashed by its leaves and structure (for the step cache)."""
+
+    def __init__(self, tree):
+        self.tree = tree
+        leaves, treedef = jax.tree.flatten(tree)
+        self._key = (tuple(leaves), treedef)
+
+    def __hash__(self):
+        return hash(self._key)
+
+    def __eq__(self, other):
+        return isinstance(other, HashableTree) and self._key == other._key

@@ -1,0 +1,75 @@
+"""Train a moejax model.
+
+    python scripts/train.py                                 # tiny MoE on the stdlib corpus (CPU)
+    python scripts/train.py --config configs/small.yaml train.steps=2000 moe.num_experts=32
+    python scripts/train.py --run-dir runs/exp1 --resume    # continue a stopped run
+
+Several hosts: run one process per host with --coordinator HOST:PORT --num-processes N
+--process-id I (or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, or under
+SLURM / Open MPI, where they are detected).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+try:
+    import moejax  # noqa: F401
+except ImportError:  # running from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. moe.num_experts=16")
+    parser.add_argument("--config", default="tiny", help="YAML path or preset name in configs/")
+    parser.add_argument("--run-dir", help="run directory (default: a new runs/<time>)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--coordinator", help="HOST:PORT of process 0, for multi-host runs")
+    parser.add_argument("--num-processes", type=int)
+    parser.add_argument("--process-id", type=int)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from moejax.train import distributed
+
+    try:
+        distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    import jax
+
+    from moejax.config import ConfigError, load_config
+    from moejax.train.data import DataError
+    from moejax.train.loop import train
+    from moejax.train.rundir import RunDirError
+
+    main_process = jax.process_index() == 0
+    try:
+        cfg = load_config(args.config, args.overrides)
+        summary = train(cfg, args.run_dir, resume=args.resume, progress=not args.no_progress,
+                        announce=print if main_process else None)
+    except (ConfigError, DataError, RunDirError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if main_process:
+        held_out = summary["held_out"]
+        line = f"final held-out loss {held_out['loss']:.4f} nats/token"
+        if "bits_per_byte" in held_out:
+            line += f", {held_out['bits_per_byte']:.4f} bits/byte"
+        print(f"{line} after {summary['step']} steps; results in {summary['run_dir']}")
+        if summary["stopped_by"]:
+            print(f"stopped by {summary['stopped_by']}; checkpoint saved, continue with "
+                  f"--run-dir {summary['run_dir']} --resume")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

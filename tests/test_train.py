@@ -1,0 +1,165 @@
+"""Training: exact resume (in-process and after SIGTERM), router-bias balancing, clear errors."""
+
+import functools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import max_relative_error, tiny_config
+
+from moejax import make_mesh
+from moejax.config import ConfigError, load_config
+from moejax.train import data as data_lib
+from moejax.train.checkpoint import Checkpoints
+from moejax.train.loop import train
+from moejax.train.optim import make_optimizer
+from moejax.train.rundir import RunDirError
+from moejax.train.state import init_train_state
+from moejax.train.step import update_router_bias
+
+REPO = Path(__file__).resolve().parent.parent
+TRAIN_OVERRIDES = ("train.steps=200", "train.log_every=1", "train.eval_every=0",
+                   "train.eval_batches=1", "train.checkpoint_every=0", "train.warmup_steps=2",
+                   "train.peak_flops_per_device=1e9", "mesh.expert=1", "mesh.data=-1")
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory):
+    """A small byte-level corpus from 24 stdlib files (4 of them held out)."""
+    files = data_lib.discover_stdlib_sources()[:24]
+    out = tmp_path_factory.mktemp("corpus")
+    return str(data_lib.prepare_corpus([str(f) for f in files], out, holdout_every=6))
+
+
+def train_config(corpus_dir, *overrides):
+    return tiny_config(*TRAIN_OVERRIDES, f"data.corpus_dir={corpus_dir}", *overrides)
+
+
+@functools.cache
+def straight_losses(corpus_dir, steps):
+    summary = train(train_config(corpus_dir), Path(corpus_dir).parent / f"straight{steps}",
+                    progress=False, max_steps=steps)
+    return dict(summary["train_losses"]), summary["run_dir"]
+
+
+def final_params(cfg, run_dir):
+    mesh = make_mesh(cfg.mesh)
+    like = init_train_state(cfg, jax.random.key(0), mesh, make_optimizer(cfg))
+    checkpoints = Checkpoints(Path(run_dir) / "checkpoints", 2)
+    state, _ = checkpoints.restore(checkpoints.latest_step(), like)
+    checkpoints.close()
+    return state
+
+
+def test_resume_continues_exactly(corpus_dir, tmp_path):
+    expected, straight_dir = straight_losses(corpus_dir, 6)
+    cfg = train_config(corpus_dir)
+    first = train(cfg, tmp_path / "run", progress=False, max_steps=3)
+    assert [s for s, _ in first["train_losses"]] == [1, 2, 3]
+    second = train(cfg, tmp_path / "run", resume=True, progress=False, max_steps=6)
+    resumed = dict(second["train_losses"])
+    assert sorted(resumed) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert abs(resumed[step] - expected[step]) <= 1e-6 * abs(expected[step])
+    assert expected[6] < expected[1]
+    a, b = final_params(cfg, straight_dir), final_params(cfg, tmp_path / "run")
+    assert int(a.step) == int(b.step) == 6
+    assert max_relative_error(b.params, a.params) == 0.0
+    assert jnp.array_equal(a.router.bias, b.router.bias)
+
+
+def test_sigterm_saves_and_resume_matches(corpus_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, str(REPO / "scripts" / "train.py"), "--run-dir", str(run_dir),
+           "--no-progress", "--config", "tiny", *train_config_overrides(corpus_dir)]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
+    assert "stopped by SIGTERM" in output
+    stopped_at = json.loads((run_dir / "summary.json").read_text())["step"]
+    assert 2 <= stopped_at < 200
+
+    target = stopped_at + 2
+    expected, _ = straight_losses(corpus_dir, target)
+    resumed = train(train_config(corpus_dir), run_dir, resume=True, progress=False,
+                    max_steps=target)
+    for step, loss in resumed["train_losses"]:
+        assert step > stopped_at
+        assert abs(loss - expected[step]) <= 1e-6 * abs(expected[step])
+
+
+def train_config_overrides(corpus_dir):
+    base = ("precision.compute_dtype=float32", "model.d_model=32", "model.num_heads=4",
+            "model.num_kv_heads=2", "model.head_dim=8", "model.ffn_dim=64",
+            "moe.expert_ffn_dim=16", "train.seq_len=16", "train.global_batch_size=8")
+    return [*base, *TRAIN_OVERRIDES, f"data.corpus_dir={corpus_dir}"]
+
+
+def test_subprocess_config_equals_test_config(corpus_dir):
+    from_cli = load_config("tiny", train_config_overrides(corpus_dir), num_devices=8)
+    assert from_cli == train_config(corpus_dir)
+
+
+def test_bias_moves_against_an_overloaded_expert():
+    counts = jnp.array([[40.0, 10.0, 10.0, 20.0]])  # mean 20: expert 0 overloaded, 3 balanced
+    bias = update_router_bias(jnp.zeros((1, 4)), counts, rate=0.01)
+    np.testing.assert_allclose(bias, [[-0.01, 0.01, 0.01, 0.0]])
+
+
+def test_bias_balancing_shrinks_load_spread(corpus_dir, tmp_path):
+    def mean_load_cv(rate, name):
+        cfg = train_config(corpus_dir, f"moe.bias_update_rate={rate}", "moe.seq_balance_loss_coef=0")
+        train(cfg, tmp_path / name, progress=False, max_steps=40)
+        records = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").open()]
+        late = [np.mean(r["load_cv"]) for r in records if r["kind"] == "train" and r["step"] > 30]
+        return float(np.mean(late))
+
+    with_bias, without_bias = mean_load_cv(0.02, "bias_on"), mean_load_cv(0.0, "bias_off")
+    print(f"load coefficient of variation, steps 31-40: bias on {with_bias:.3f}, "
+          f"off {without_bias:.3f}")
+    assert with_bias < 0.8 * without_bias
+
+
+def test_refuses_to_overwrite_or_resume_incompatibly(corpus_dir, tmp_path):
+    cfg = train_config(corpus_dir)
+    run_dir = tmp_path / "run"
+    train(cfg, run_dir, progress=False, max_steps=1)
+    before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    with pytest.raises(RunDirError, match="already holds a run: pass --resume"):
+        train(cfg, run_dir, progress=False, max_steps=2)
+    other = train_config(corpus_dir, "model.d_model=64")
+    with pytest.raises(RunDirError, match=r"different config: model.d_model \(32 -> 64\)"):
+        train(other, run_dir, resume=True, progress=False, max_steps=2)
+    with pytest.raises(RunDirError, match="nothing to resume"):
+        train(cfg, tmp_path / "empty", resume=True, progress=False)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
+
+
+def test_bad_data_gives_one_sentence(corpus_dir, tmp_path):
+    with pytest.raises(data_lib.DataError, match="does not exist|not found|missing"):
+        train(train_config(tmp_path / "nowhere"), tmp_path / "a", progress=False)
+    empty = tmp_path / "empty_corpus"
+    data_lib.write_token_files({"train": [], "val": []}, empty)
+    with pytest.raises(data_lib.DataError, match="empty"):
+        train(train_config(empty), tmp_path / "b", progress=False)
+    with pytest.raises(data_lib.DataError, match=r"vocab"):
+        train(train_config(corpus_dir, "model.vocab_size=100"), tmp_path / "c", progress=False)
+    with pytest.raises(ConfigError, match="unknown config key 'train.stepz'"):
+        train_config(corpus_dir, "train.stepz=3")
