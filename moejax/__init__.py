@@ -15,6 +15,7 @@ from moejax.model.transformer import (
     model_specs,
 )
 from moejax.sharding import make_mesh
+from moejax.training.loop import train
 
 __all__ = [
     "Config",
@@ -29,5 +30,6 @@ __all__ = [
     "loss_fn",
     "make_mesh",
     "model_specs",
+    "train",
 ]
 __version__ = "0.1.0"

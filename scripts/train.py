@@ -36,7 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from moejax.train import distributed
+    from moejax.training import distributed
 
     try:
         distributed.initialize(args.coordinator, args.num_processes, args.process_id)
@@ -47,9 +47,9 @@ def main(argv=None) -> int:
     import jax
 
     from moejax.config import ConfigError, load_config
-    from moejax.train.data import DataError
-    from moejax.train.loop import train
-    from moejax.train.rundir import RunDirError
+    from moejax.training.data import DataError
+    from moejax.training.loop import train
+    from moejax.training.rundir import RunDirError
 
     main_process = jax.process_index() == 0
     try:

@@ -1,5 +1,7 @@
 """Shared test helpers (conftest.py has already set up 8 fake CPU devices)."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 
@@ -28,3 +30,10 @@ def max_relative_error(actual, expected) -> float:
         return float(jnp.max(jnp.abs(a - e)) / (jnp.max(jnp.abs(e)) + 1e-30))
 
     return max(jax.tree.leaves(jax.tree.map(leaf, actual, expected)))
+
+
+def subprocess_env(num_devices: int) -> dict:
+    """Environment for a child Python process with `num_devices` fake CPU devices (and the
+    same fast-compile setting as this test process)."""
+    flags = f"--xla_force_host_platform_device_count={num_devices} --xla_backend_optimization_level=0"
+    return {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}

@@ -1,4 +1,4 @@
-"""Tests for moejax.train.data: corpus discovery, token files, caching, grain iterators, CLI."""
+"""Tests for moejax.training.data: corpus discovery, token files, caching, grain iterators, CLI."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from moejax.train import data
+from moejax.training import data
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PREPARE_SCRIPT = REPO_ROOT / "scripts" / "prepare_data.py"

@@ -1,4 +1,4 @@
-"""Tests for moejax.train.loss_scale: skip-and-back-off on overflow, growth, jit."""
+"""Tests for moejax.training.loss_scale: skip-and-back-off on overflow, growth, jit."""
 
 import functools
 
@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from moejax.train.loss_scale import (
+from moejax.training.loss_scale import (
     LossScaleState,
     all_finite,
     init_loss_scale,

@@ -2,7 +2,6 @@
 
 import functools
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,17 +12,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import max_relative_error, tiny_config
+from helpers import max_relative_error, subprocess_env, tiny_config
 
 from moejax import make_mesh
 from moejax.config import ConfigError, load_config
-from moejax.train import data as data_lib
-from moejax.train.checkpoint import Checkpoints
-from moejax.train.loop import train
-from moejax.train.optim import make_optimizer
-from moejax.train.rundir import RunDirError
-from moejax.train.state import init_train_state
-from moejax.train.step import update_router_bias
+from moejax.training import data as data_lib
+from moejax.training.checkpoint import Checkpoints
+from moejax.training.loop import train
+from moejax.training.optim import make_optimizer
+from moejax.training.rundir import RunDirError
+from moejax.training.state import init_train_state
+from moejax.training.step import update_router_bias
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN_OVERRIDES = ("train.steps=200", "train.log_every=1", "train.eval_every=0",
@@ -80,7 +79,7 @@ def test_sigterm_saves_and_resume_matches(corpus_dir, tmp_path):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, str(REPO / "scripts" / "train.py"), "--run-dir", str(run_dir),
            "--no-progress", "--config", "tiny", *train_config_overrides(corpus_dir)]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = subprocess_env(8)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     metrics = run_dir / "metrics.jsonl"

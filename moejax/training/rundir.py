@@ -9,7 +9,6 @@ from pathlib import Path
 
 import jax
 import numpy as np
-
 from omegaconf import OmegaConf
 
 from moejax.config import Config, config_to_dict, config_to_yaml

@@ -17,13 +17,13 @@ from tqdm import tqdm
 from moejax import sharding
 from moejax.config import Config
 from moejax.model.transformer import count_params
-from moejax.train import data as data_lib
-from moejax.train.checkpoint import Checkpoints
-from moejax.train.metrics import MetricsWriter, flops_per_token, measure_peak_flops
-from moejax.train.optim import make_optimizer
-from moejax.train.rundir import prepare_run_dir
-from moejax.train.state import init_train_state, state_shardings
-from moejax.train.step import HashableTree, compiled_eval_step, compiled_train_step
+from moejax.training import data as data_lib
+from moejax.training.checkpoint import Checkpoints
+from moejax.training.metrics import MetricsWriter, flops_per_token, measure_peak_flops
+from moejax.training.optim import make_optimizer
+from moejax.training.rundir import prepare_run_dir
+from moejax.training.state import init_train_state, state_shardings
+from moejax.training.step import HashableTree, compiled_eval_step, compiled_train_step
 
 
 @dataclasses.dataclass

@@ -56,7 +56,7 @@ class MetricsWriter:
             return
         from tensorboardX import SummaryWriter
 
-        self.jsonl = open(Path(run_dir) / "metrics.jsonl", "a")
+        self.jsonl = open(Path(run_dir) / "metrics.jsonl", "a")  # noqa: SIM115 (open for the run)
         self.tensorboard = SummaryWriter(str(Path(run_dir) / "tensorboard"))
 
     def write(self, step: int, kind: str, metrics: dict) -> None:

@@ -10,8 +10,8 @@ import optax
 
 from moejax.config import Config
 from moejax.model.transformer import RouterState, loss_fn
-from moejax.train.optim import learning_rate_schedule, make_optimizer
-from moejax.train.state import TrainState
+from moejax.training.optim import learning_rate_schedule, make_optimizer
+from moejax.training.state import TrainState
 
 
 def router_temperature(cfg: Config, step: jax.Array) -> jax.Array:
