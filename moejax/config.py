@@ -95,6 +95,20 @@ class MeshConfig:
 class PrecisionConfig:
     param_dtype: str = "float32"  # master weights
     compute_dtype: str = "bfloat16"  # matmul inputs; router, norms and softmax stay float32
+    fp8: str = "none"  # none | tensor (per-tensor scaling, cuBLASLt fp8) | block (DeepSeek 1x128/128x128)
+    fp8_layers: str = "attention,dense_ffn,shared,experts"  # comma-separated layer groups
+    fp8_block_size: int = 128  # tile / block edge of the block recipe
+    fp8_dispatch: bool = False  # send MoE dispatch payloads as e4m3 with per-token scales
+    loss_scale_init: float = 32768.0  # float16 only: dynamic loss scaling start value
+    loss_scale_growth_interval: int = 2000  # float16 only: finite steps before the scale doubles
+
+    @property
+    def fp8_layer_groups(self) -> tuple[str, ...]:
+        return tuple(g.strip() for g in self.fp8_layers.split(",") if g.strip())
+
+    @property
+    def uses_loss_scaling(self) -> bool:
+        return self.compute_dtype == "float16"
 
 
 @dataclass(frozen=True)
@@ -227,6 +241,7 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
         value = getattr(cfg.precision, name)
         _check(value in ("float32", "bfloat16", "float16"),
                f"precision.{name}={value!r} is unknown: use float32, bfloat16 or float16.")
+    _validate_precision(cfg.precision)
     if e.num_experts:
         _validate_moe(e)
     if num_devices is None:
@@ -246,6 +261,17 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
     _check(cfg.train.global_batch_size % batch_shards == 0,
            f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by the "
            f"{batch_shards} data-parallel shards (data x fsdp x expert = {sizes}): use a multiple.")
+
+
+def _validate_precision(p: PrecisionConfig) -> None:
+    groups = ("attention", "dense_ffn", "shared", "experts")
+    _check(p.fp8 in ("none", "tensor", "block"),
+           f"precision.fp8={p.fp8!r} is unknown: use none, tensor or block.")
+    unknown = [g for g in p.fp8_layer_groups if g not in groups]
+    _check(not unknown, f"precision.fp8_layers names unknown groups {unknown}: use a "
+           f"comma-separated subset of {','.join(groups)}.")
+    _check(p.fp8_block_size >= 1, "precision.fp8_block_size must be positive.")
+    _check(p.loss_scale_init >= 1, "precision.loss_scale_init must be at least 1.")
 
 
 def _validate_moe(e: MoEConfig) -> None:

@@ -15,11 +15,12 @@ import moejax
 from moejax import params as P
 from moejax.config import MeshConfig
 from moejax.model import dispatch
-from moejax.model.layers import swiglu
+from moejax.model.layers import FFN, Matmul, swiglu
 from moejax.model.moe import moe_ffn, moe_specs
 from moejax.sharding import batch_sharding
 
 NUM_TOKENS, NUM_EXPERTS, WIDTH = 64, 8, 16
+F32 = Matmul(jnp.float32)
 
 
 def moe_config(*overrides):
@@ -30,7 +31,7 @@ def moe_config(*overrides):
 def expert_weights():
     keys = jax.random.split(jax.random.key(0), 3)
     shapes = [(NUM_EXPERTS, WIDTH, 8), (NUM_EXPERTS, WIDTH, 8), (NUM_EXPERTS, 8, WIDTH)]
-    return tuple(0.3 * jax.random.normal(k, s) for k, s in zip(keys, shapes))
+    return FFN(*(0.3 * jax.random.normal(k, s) for k, s in zip(keys, shapes)))
 
 
 def crafted_routing():
@@ -48,7 +49,7 @@ def crafted_routing():
 def test_drops_match_capacity_formula(policy, capacity_factor):
     cfg = moe_config(f"moe.capacity_factor={capacity_factor}", f"moe.drop_policy={policy}")
     x, ids, weights = crafted_routing()
-    y, dropped = dispatch.capacity_moe(x, ids, weights, expert_weights(), cfg, jnp.float32)
+    y, dropped = dispatch.capacity_moe(x, ids, weights, expert_weights(), cfg, F32)
 
     slots = int(np.ceil(capacity_factor * NUM_TOKENS * 2 / NUM_EXPERTS))
     per_expert = np.bincount(np.asarray(ids).ravel(), minlength=NUM_EXPERTS)
@@ -58,7 +59,7 @@ def test_drops_match_capacity_formula(policy, capacity_factor):
     assert bool(jnp.all(jnp.isfinite(y)))
 
     kept = kept_assignments(np.asarray(ids[0]), np.asarray(weights[0]), slots, policy)
-    expected, _ = dispatch.dense_moe(x, ids, weights * kept[None], expert_weights(), cfg, jnp.float32)
+    expected, _ = dispatch.dense_moe(x, ids, weights * kept[None], expert_weights(), cfg, F32)
     assert max_relative_error(y, expected) < 1e-5
 
 
@@ -83,12 +84,12 @@ def test_dropped_token_keeps_its_shared_expert_path():
     # A rigged router: expert 0 has by far the highest logit for every (positive) token.
     params = params.replace(router=jnp.zeros_like(params.router).at[:, 0].set(10.0))
     x = jnp.abs(jax.random.normal(jax.random.key(1), (2, 32, cfg.model.d_model)))
-    y, stats = moe_ffn(params, x, jnp.zeros(cfg.moe.num_experts), 1.0, cfg, jnp.float32)
+    y, stats = moe_ffn(params, x, jnp.zeros(cfg.moe.num_experts), 1.0, cfg)
 
     tokens = 64
     slots = int(np.ceil(1.0 * tokens / cfg.moe.num_experts))
     assert float(stats["dropped_fraction"]) == pytest.approx((tokens - slots) / tokens)
-    shared_only = swiglu(params.shared, x, jnp.float32)
+    shared_only = swiglu(params.shared, x, F32)
     flat_y, flat_shared = y.reshape(tokens, -1), shared_only.reshape(tokens, -1)
     np.testing.assert_allclose(flat_y[slots:], flat_shared[slots:], rtol=1e-6, atol=1e-6)
     assert not np.allclose(flat_y[:slots], flat_shared[:slots])
@@ -100,9 +101,9 @@ def test_capacity_equals_dense_oracle_without_drops(router):
     params = P.init(moe_specs(cfg), jax.random.key(0))
     x = jax.random.normal(jax.random.key(1), (4, 16, cfg.model.d_model))
     bias = 0.1 * jax.random.normal(jax.random.key(2), (cfg.moe.num_experts,))
-    y, stats = moe_ffn(params, x, bias, 1.0, cfg, jnp.float32)
+    y, stats = moe_ffn(params, x, bias, 1.0, cfg)
     dense_cfg = cfg.replace(moe=cfg.moe.__class__(**{**cfg.moe.__dict__, "dispatch": "dense"}))
-    expected, _ = moe_ffn(params, x, bias, 1.0, dense_cfg, jnp.float32)
+    expected, _ = moe_ffn(params, x, bias, 1.0, dense_cfg)
     assert float(stats["dropped_fraction"]) == 0.0
     assert max_relative_error(y, expected) < 1e-5
 
@@ -114,7 +115,7 @@ def test_compiled_layer_has_two_all_to_alls_and_gathers_no_expert_weights():
     params = P.init(specs, jax.random.key(0), mesh)
     x = jax.device_put(jnp.ones((8, 16, cfg.model.d_model)), batch_sharding(mesh))
     bias = jax.device_put(jnp.zeros(cfg.moe.num_experts), NamedSharding(mesh, PartitionSpec()))
-    layer = jax.jit(lambda p, x, b: moe_ffn(p, x, b, 1.0, cfg, jnp.float32)[0])
+    layer = jax.jit(lambda p, x, b: moe_ffn(p, x, b, 1.0, cfg)[0])
     with jax.set_mesh(mesh):
         hlo = layer.lower(params, x, bias).compile().as_text()
     instructions = [line.split("=", 1)[1] for line in hlo.splitlines() if " = " in line]

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from moejax.config import ModelConfig
-from moejax.model.layers import apply_rope, project
+from moejax.model.layers import Matmul, apply_rope
 from moejax.params import ParamSpec, normal_init
 
 
@@ -32,19 +32,28 @@ def attention_specs(m: ModelConfig) -> Attention:
     )
 
 
-def causal_attention(p: Attention, x: jax.Array, rope: tuple, m: ModelConfig, dtype) -> jax.Array:
+def _heads(x: jax.Array, w: jax.Array, matmul: Matmul) -> jax.Array:
+    """x [B, T, D] @ w [D, H, Q] -> [B, T, H, Q] as one [D, H Q] matmul."""
+    d_model, heads, head_dim = w.shape
+    return matmul(x, w.reshape(d_model, heads * head_dim)).reshape(*x.shape[:2], heads, head_dim)
+
+
+def causal_attention(p: Attention, x: jax.Array, rope: tuple, m: ModelConfig,
+                     matmul: Matmul) -> jax.Array:
     """x [B, T, D] -> [B, T, D]; each of the K kv heads serves G = H / K query heads."""
     batch, seq, _ = x.shape
     groups = m.num_heads // m.num_kv_heads
+    dtype = matmul.dtype
     cos, sin = rope
-    q = apply_rope(project("btd,dhq->bthq", x, p.wq, dtype), cos, sin)
-    k = apply_rope(project("btd,dkq->btkq", x, p.wk, dtype), cos, sin)
-    v = project("btd,dkq->btkq", x, p.wv, dtype)
+    q = apply_rope(_heads(x, p.wq, matmul), cos, sin)
+    k = apply_rope(_heads(x, p.wk, matmul), cos, sin)
+    v = _heads(x, p.wv, matmul)
     q = q.reshape(batch, seq, m.num_kv_heads, groups, m.head_dim)
     scores = jnp.einsum("btkgq,bskq->bkgts", q, k, preferred_element_type=jnp.float32)
     scores = scores * m.head_dim**-0.5
     causal = jnp.tril(jnp.ones((seq, seq), dtype=bool))
     scores = jnp.where(causal, scores, -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    out = jnp.einsum("bkgts,bskq->btkgq", probs, v).reshape(batch, seq, m.num_heads, m.head_dim)
-    return project("bthq,hqd->btd", out, p.wo, dtype)
+    out = jnp.einsum("bkgts,bskq->btkgq", probs, v.astype(dtype))
+    return matmul(out.reshape(batch, seq, m.num_heads * m.head_dim),
+                  p.wo.reshape(m.num_heads * m.head_dim, m.d_model))

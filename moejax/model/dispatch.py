@@ -16,6 +16,7 @@ P the size of the expert axis, C slots per expert per shard.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -24,6 +25,8 @@ from jax.sharding import PartitionSpec
 
 from moejax import sharding
 from moejax.config import MoEConfig
+from moejax.fp8 import send_in_fp8
+from moejax.model.layers import FFN, Matmul, swiglu
 
 
 def capacity_per_expert(num_tokens: int, top_k: int, num_experts: int, capacity_factor) -> int:
@@ -44,14 +47,6 @@ def rank_within_expert(expert_ids: jax.Array, weights: jax.Array, num_experts: i
     first_of_expert = jnp.searchsorted(sorted_ids, jnp.arange(num_experts), side="left")
     rank_sorted = jnp.arange(num_assignments) - first_of_expert[sorted_ids]
     return jnp.zeros(num_assignments, jnp.int32).at[order].set(rank_sorted.astype(jnp.int32))
-
-
-def expert_swiglu(buffers: jax.Array, w_gate, w_up, w_down, dtype) -> jax.Array:
-    """Batched SwiGLU over local experts: buffers [E_, S, D] -> [E_, S, D]."""
-    buffers = buffers.astype(dtype)
-    gate = jnp.einsum("esd,edf->esf", buffers, w_gate.astype(dtype))
-    up = jnp.einsum("esd,edf->esf", buffers, w_up.astype(dtype))
-    return jnp.einsum("esf,efd->esd", jax.nn.silu(gate) * up, w_down.astype(dtype))
 
 
 def _exchange(buffers: jax.Array, expert_axis: str | None) -> jax.Array:
@@ -76,13 +71,17 @@ def _return(outputs: jax.Array, expert_axis: str | None) -> jax.Array:
     return returned.reshape(shards * local_experts, total_slots // shards, width)
 
 
-def capacity_moe_local(x, expert_ids, weights, experts, cfg: MoEConfig, dtype, expert_axis=None):
+def capacity_moe_local(x, expert_ids, weights, experts: FFN, cfg: MoEConfig, matmul: Matmul,
+                       fp8_dispatch: bool = False, expert_axis=None):
     """One shard's routed-expert output.
 
-    x [N_, D], expert_ids and weights [N_, k], experts = (w_gate, w_up, w_down) of the local
-    experts. Returns (y [N_, D] in the compute dtype, dropped assignments as a float32 [1]).
+    x [N_, D], expert_ids and weights [N_, k], experts: the local experts' stacked SwiGLU
+    weights. With `fp8_dispatch` the outgoing token copies travel as e4m3 with one
+    power-of-two scale per copy (the returning results stay in the compute dtype).
+    Returns (y [N_, D] in the compute dtype, dropped assignments as a float32 [1]).
     """
     num_tokens, width = x.shape
+    dtype = matmul.dtype
     top_k, num_experts = cfg.top_k, cfg.num_experts
     slots = capacity_per_expert(num_tokens, top_k, num_experts, cfg.capacity_factor)
     with jax.named_scope("permute"):
@@ -97,9 +96,10 @@ def capacity_moe_local(x, expert_ids, weights, experts, cfg: MoEConfig, dtype, e
         x_padded = jnp.concatenate([x.astype(dtype), jnp.zeros((1, width), dtype)])
         send = x_padded[slot_token].reshape(num_experts, slots, width)
     with jax.named_scope("dispatch"):
-        received = _exchange(send, expert_axis)
+        exchange = functools.partial(_exchange, expert_axis=expert_axis)
+        received = send_in_fp8(send, exchange) if fp8_dispatch else exchange(send)
     with jax.named_scope("experts"):
-        computed = expert_swiglu(received, *experts, dtype)
+        computed = swiglu(experts, received, matmul)  # [E_, P C, D]
     with jax.named_scope("combine"):
         results = _return(computed, expert_axis).reshape(num_experts * slots, width)
         results = jnp.concatenate([results, jnp.zeros((1, width), dtype)])
@@ -109,7 +109,8 @@ def capacity_moe_local(x, expert_ids, weights, experts, cfg: MoEConfig, dtype, e
     return y, dropped
 
 
-def capacity_moe(x, expert_ids, weights, experts, cfg: MoEConfig, dtype):
+def capacity_moe(x, expert_ids, weights, experts: FFN, cfg: MoEConfig, matmul: Matmul,
+                 fp8_dispatch: bool = False):
     """Routed-expert output for x [B, T, D]; returns (y [B, T, D], dropped assignments total).
 
     With a mesh set, runs inside one shard_map: tokens sharded over every batch axis, experts
@@ -117,34 +118,38 @@ def capacity_moe(x, expert_ids, weights, experts, cfg: MoEConfig, dtype):
     """
     width, top_k = x.shape[-1], cfg.top_k
 
-    def local(x_, ids_, w_, gate_, up_, down_, expert_axis):
+    def local(x_, ids_, w_, experts_, expert_axis):
         n_tokens = x_.shape[0] * x_.shape[1]
         y_, dropped_ = capacity_moe_local(
             x_.reshape(n_tokens, width), ids_.reshape(n_tokens, top_k),
-            w_.reshape(n_tokens, top_k), (gate_, up_, down_), cfg, dtype, expert_axis,
+            w_.reshape(n_tokens, top_k), experts_, cfg, matmul, fp8_dispatch, expert_axis,
         )
         return y_.reshape(x_.shape), dropped_
 
     if sharding.current_mesh() is None:
-        y, dropped = local(x, expert_ids, weights, *experts, expert_axis=None)
+        y, dropped = local(x, expert_ids, weights, experts, expert_axis=None)
         return y, jnp.sum(dropped)
     tokens = PartitionSpec(sharding.BATCH_AXES)
-    expert_weights = PartitionSpec("expert")
+    expert_weights = FFN(*(PartitionSpec("expert"),) * 3)
     sharded = jax.shard_map(
         lambda *args: local(*args, expert_axis="expert"),
-        in_specs=(tokens, tokens, tokens, expert_weights, expert_weights, expert_weights),
+        in_specs=(tokens, tokens, tokens, expert_weights),
         out_specs=(tokens, tokens),
     )
-    y, dropped = sharded(x, expert_ids, weights, *experts)
+    y, dropped = sharded(x, expert_ids, weights, experts)
     return y, jnp.sum(dropped)
 
 
-def dense_moe(x, expert_ids, weights, experts, cfg: MoEConfig, dtype):
-    """Oracle: every expert on every token [B, T, E, D], weighted by a dense gate [B, T, E]."""
+def dense_moe(x, expert_ids, weights, experts: FFN, cfg: MoEConfig, matmul: Matmul,
+              fp8_dispatch: bool = False):
+    """Oracle: every expert on every token [B, T, E, D], weighted by a dense gate [B, T, E].
+    Always in plain `matmul.dtype` (no fp8): it is the reference the fast paths are held to."""
+    del fp8_dispatch
+    dtype = matmul.dtype
     gate = jnp.sum(
         jax.nn.one_hot(expert_ids, cfg.num_experts, dtype=jnp.float32) * weights[..., None], axis=-2
     )
-    w_gate, w_up, w_down = (w.astype(dtype) for w in experts)
+    w_gate, w_up, w_down = (w.astype(dtype) for w in (experts.w_gate, experts.w_up, experts.w_down))
     hidden = jax.nn.silu(jnp.einsum("btd,edf->btef", x.astype(dtype), w_gate))
     hidden = hidden * jnp.einsum("btd,edf->btef", x.astype(dtype), w_up)
     out = jnp.einsum("btef,efd->bted", hidden, w_down)

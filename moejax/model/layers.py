@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import struct
 
+from moejax.config import PrecisionConfig
+from moejax.fp8 import fp8_matmul
 from moejax.params import ParamSpec, normal_init
 
 
@@ -31,9 +35,54 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return rotated.astype(x.dtype)
 
 
-def project(spec: str, x: jax.Array, w: jax.Array, dtype) -> jax.Array:
-    """A weight projection `einsum(spec, x, w)` with both operands in the compute dtype."""
-    return jnp.einsum(spec, x.astype(dtype), w.astype(dtype))
+@dataclasses.dataclass(frozen=True)
+class Matmul:
+    """How one group of layers multiplies activations by weights: in `dtype`, or through an
+    fp8 recipe ("tensor" or "block", see moejax/fp8.py) with results in `dtype`."""
+
+    dtype: jnp.dtype
+    fp8: str | None = None
+    fp8_block_size: int = 128
+
+    def __call__(self, x: jax.Array, w: jax.Array) -> jax.Array:
+        """x [..., K] @ w [K, N] -> [..., N]; or grouped x [G, ..., K] @ w [G, K, N]."""
+        if self.fp8:
+            x, w = _same_varying_axes(x.astype(self.dtype), w.astype(self.dtype))
+            return fp8_matmul(x, w, recipe=self.fp8, out_dtype=self.dtype,
+                              block_size=self.fp8_block_size)
+        return jnp.matmul(x.astype(self.dtype), w.astype(self.dtype))
+
+
+def _same_varying_axes(x: jax.Array, w: jax.Array):
+    """Inside shard_map, mark x and w as varying over the same mesh axes before a custom-vjp
+    GEMM: a weight replicated over `data` then gets its gradient summed over `data` by the
+    cast's transpose, as a plain matmul would (a custom vjp cannot do that by itself)."""
+    x_axes, w_axes = _varying_axes(x), _varying_axes(w)
+    if w_axes - x_axes:
+        x = jax.lax.pcast(x, tuple(sorted(w_axes - x_axes)), to="varying")
+    if x_axes - w_axes:
+        w = jax.lax.pcast(w, tuple(sorted(x_axes - w_axes)), to="varying")
+    return x, w
+
+
+def _varying_axes(x: jax.Array) -> frozenset:
+    """Mesh axes a shard_map value varies over (jax 0.10: manual_axis_type; older: vma)."""
+    aval = jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)
+    return frozenset(manual.varying if manual is not None else getattr(aval, "vma", ()))
+
+
+FP8_LAYER_GROUPS = ("attention", "dense_ffn", "shared", "experts")
+
+
+def layer_matmuls(precision: PrecisionConfig) -> dict[str, Matmul]:
+    """The Matmul of each layer group; fp8 only where `precision.fp8_layers` says. Embedding,
+    output head, router, norms and the attention softmax never use fp8 (as in DeepSeek-V3)."""
+    dtype = jnp.dtype(precision.compute_dtype)
+    fp8 = None if precision.fp8 == "none" else precision.fp8
+    chosen = set(precision.fp8_layer_groups)
+    return {group: Matmul(dtype, fp8 if group in chosen else None, precision.fp8_block_size)
+            for group in FP8_LAYER_GROUPS}
 
 
 @struct.dataclass
@@ -54,8 +103,9 @@ def ffn_specs(d_model: int, ffn_dim: int, init_std: float) -> FFN:
     )
 
 
-def swiglu(p: FFN, x: jax.Array, dtype) -> jax.Array:
-    """down(silu(x @ gate) * (x @ up)); x [..., D] -> [..., D] in the compute dtype."""
-    gate = project("...d,df->...f", x, p.w_gate, dtype)
-    up = project("...d,df->...f", x, p.w_up, dtype)
-    return project("...f,fd->...d", jax.nn.silu(gate) * up, p.w_down, dtype)
+def swiglu(p: FFN, x: jax.Array, matmul: Matmul) -> jax.Array:
+    """down(silu(x @ gate) * (x @ up)); x [..., D] -> [..., D] in the compute dtype.
+
+    Also the batched expert form: x [E, S, D] with weights [E, D, F] and [E, F, D]."""
+    hidden = jax.nn.silu(matmul(x, p.w_gate)) * matmul(x, p.w_up)
+    return matmul(hidden, p.w_down)

@@ -15,7 +15,7 @@ from jax.sharding import PartitionSpec
 from moejax import sharding
 from moejax.config import Config
 from moejax.model import dispatch
-from moejax.model.layers import FFN, ffn_specs, swiglu
+from moejax.model.layers import FFN, ffn_specs, layer_matmuls, swiglu
 from moejax.model.router import Routing, balance_losses, expert_counts, route
 from moejax.params import ParamSpec, normal_init
 
@@ -62,18 +62,22 @@ def route_tokens(x: jax.Array, router_w, bias, temperature, cfg: Config) -> Rout
     return local_route(x, router_w, bias, jnp.asarray(temperature, jnp.float32))
 
 
-def moe_ffn(p: MoE, x: jax.Array, bias: jax.Array, temperature, cfg: Config, dtype):
-    """x [B, T, D] -> (y [B, T, D], layer statistics); bias [E] is the router's selection bias."""
+def moe_ffn(p: MoE, x: jax.Array, bias: jax.Array, temperature, cfg: Config, matmuls=None):
+    """x [B, T, D] -> (y [B, T, D], layer statistics); bias [E] is the router's selection bias.
+
+    `matmuls` maps layer groups to their Matmul (default: from cfg.precision)."""
+    matmuls = matmuls or layer_matmuls(cfg.precision)
     e = cfg.moe
     with jax.named_scope("route"):
         routing = route_tokens(x, p.router, bias, temperature, cfg)
         stats = balance_losses(routing, e.num_experts, e.top_k)
         stats["expert_counts"] = expert_counts(routing.expert_ids, e.num_experts)
-    experts = (p.w_gate, p.w_up, p.w_down)
+    experts = FFN(p.w_gate, p.w_up, p.w_down)
     moe_impl = dispatch.dense_moe if e.dispatch == "dense" else dispatch.capacity_moe
-    y, dropped = moe_impl(x, routing.expert_ids, routing.weights, experts, e, dtype)
+    y, dropped = moe_impl(x, routing.expert_ids, routing.weights, experts, e,
+                          matmuls["experts"], cfg.precision.fp8_dispatch)
     stats["dropped_fraction"] = dropped / routing.expert_ids.size
     if p.shared is not None:
         with jax.named_scope("shared_experts"):
-            y = y + swiglu(p.shared, x, dtype)
+            y = y + swiglu(p.shared, x, matmuls["shared"])
     return y.astype(x.dtype), stats

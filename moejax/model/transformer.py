@@ -15,7 +15,7 @@ from flax import struct
 from moejax import params as P
 from moejax.config import Config
 from moejax.model.attention import Attention, attention_specs, causal_attention
-from moejax.model.layers import FFN, ffn_specs, rms_norm, rope_tables, swiglu
+from moejax.model.layers import FFN, ffn_specs, layer_matmuls, rms_norm, rope_tables, swiglu
 from moejax.model.moe import MoE, moe_ffn, moe_specs
 from moejax.sharding import constrain
 
@@ -99,21 +99,22 @@ def forward(params: Transformer, tokens: jax.Array, cfg: Config, router_state=No
     """tokens [B, T] int -> (logits [B, T, V] float32, aux dict of MoE statistics)."""
     m = cfg.model
     dtype = jnp.dtype(cfg.precision.compute_dtype)
+    matmuls = layer_matmuls(cfg.precision)
     router_state = init_router_state(cfg) if router_state is None else router_state
     rope = rope_tables(tokens.shape[1], m.head_dim, m.rope_theta)
 
     def attention_block(block: Block, x):
         h = rms_norm(x, block.attn_norm, m.norm_eps)
-        x = x + causal_attention(block.attn, h, rope, m, dtype).astype(x.dtype)
+        x = x + causal_attention(block.attn, h, rope, m, matmuls["attention"]).astype(x.dtype)
         return constrain(x, ACTIVATION_AXES), rms_norm(x, block.ffn_norm, m.norm_eps)
 
     def dense_layer(block: Block, x, _):
         x, h = attention_block(block, x)
-        return constrain(x + swiglu(block.ffn, h, dtype).astype(x.dtype), ACTIVATION_AXES), None
+        return constrain(x + swiglu(block.ffn, h, matmuls["dense_ffn"]).astype(x.dtype), ACTIVATION_AXES), None
 
     def moe_layer(block: Block, x, bias):
         x, h = attention_block(block, x)
-        y, stats = moe_ffn(block.ffn, h, bias, router_state.temperature, cfg, dtype)
+        y, stats = moe_ffn(block.ffn, h, bias, router_state.temperature, cfg, matmuls)
         return constrain(x + y, ACTIVATION_AXES), stats
 
     x = constrain(params.embed[tokens].astype(jnp.float32), ACTIVATION_AXES)

@@ -10,6 +10,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from moejax.config import Config
 from moejax.model.transformer import RouterState, init_params, init_router_state
+from moejax.training.loss_scale import LossScaleState, init_loss_scale
 
 
 @struct.dataclass
@@ -18,6 +19,7 @@ class TrainState:
     params: object  # Transformer, float32 master weights
     opt_state: optax.OptState  # AdamW moments, sharded like the parameters (ZeRO-3)
     router: RouterState  # selection bias and temperature: state, never seen by the optimizer
+    loss_scale: LossScaleState | None = None  # float16 compute only: dynamic loss scaling
 
 
 def init_train_state(cfg: Config, key: jax.Array, mesh, optimizer) -> TrainState:
@@ -31,6 +33,8 @@ def init_train_state(cfg: Config, key: jax.Array, mesh, optimizer) -> TrainState
         params=params,
         opt_state=opt_state,
         router=jax.device_put(init_router_state(cfg), replicated),
+        loss_scale=(jax.device_put(init_loss_scale(cfg.precision.loss_scale_init), replicated)
+                    if cfg.precision.uses_loss_scaling else None),
     )
 
 

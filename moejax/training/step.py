@@ -10,6 +10,7 @@ import optax
 
 from moejax.config import Config
 from moejax.model.transformer import RouterState, loss_fn
+from moejax.training import loss_scale as ls
 from moejax.training.optim import learning_rate_schedule, make_optimizer
 from moejax.training.state import TrainState
 
@@ -40,24 +41,50 @@ def load_statistics(expert_counts: jax.Array, bias: jax.Array) -> dict[str, jax.
     }
 
 
+def _gradients(state: TrainState, batch: dict, cfg: Config, router: RouterState):
+    """(loss, metrics, grads); with float16 compute the loss is scaled and the grads unscaled."""
+    if state.loss_scale is None:
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, batch, cfg, router)
+        return loss, metrics, grads
+
+    def scaled(params):
+        loss, metrics = loss_fn(params, batch, cfg, router)
+        return ls.scale_loss(loss, state.loss_scale), (loss, metrics)
+
+    (_, (loss, metrics)), grads = jax.value_and_grad(scaled, has_aux=True)(state.params)
+    return loss, metrics, ls.unscale_grads(grads, state.loss_scale)
+
+
 def train_step(state: TrainState, batch: dict, cfg: Config, optimizer):
-    """state, batch {"tokens": [B, T + 1]} -> (new state, metrics)."""
+    """state, batch {"tokens": [B, T + 1]} -> (new state, metrics).
+
+    With float16 compute, a step whose gradients are not all finite changes nothing but the
+    loss scale (halved) and the skipped-step count."""
     router = state.router.replace(temperature=router_temperature(cfg, state.step))
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, metrics), grads = grad_fn(state.params, batch, cfg, router)
+    loss, metrics, grads = _gradients(state, batch, cfg, router)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     if cfg.num_moe_layers:
         bias = update_router_bias(router.bias, metrics["expert_counts"], cfg.moe.bias_update_rate)
         router = router.replace(bias=bias)
         metrics.update(load_statistics(metrics["expert_counts"], router.bias))
+    loss_scale = state.loss_scale
+    if loss_scale is not None:
+        finite = ls.all_finite(grads)
+        params, opt_state, router = ls.select_update(
+            finite, (params, opt_state, router), (state.params, state.opt_state, state.router))
+        loss_scale = ls.update_loss_scale(loss_scale, finite,
+                                          cfg.precision.loss_scale_growth_interval)
+        metrics.update(loss_scale=loss_scale.scale, skipped_steps=loss_scale.skipped_steps)
     metrics.update(
         loss=loss,
         grad_norm=optax.tree.norm(grads),
         learning_rate=learning_rate_schedule(cfg)(state.step),
         router_temperature=router.temperature,
     )
-    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, router=router)
+    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                           router=router, loss_scale=loss_scale)
     return new_state, metrics
 
 

@@ -1,0 +1,123 @@
+"""fp8 in the model (both recipes, fp8 dispatch) and float16 with dynamic loss scaling."""
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import max_relative_error, tiny_config
+from jax.sharding import NamedSharding, PartitionSpec
+
+import moejax
+from moejax import params as P
+from moejax.config import MeshConfig
+from moejax.model.moe import moe_ffn, moe_specs
+from moejax.sharding import batch_sharding
+from moejax.training.optim import make_optimizer
+from moejax.training.state import init_train_state
+from moejax.training.step import train_step
+
+E4M3_UNIT_ROUNDOFF = 2.0**-4
+
+
+def frobenius_relative(actual, expected) -> float:
+    return float(jnp.linalg.norm(actual - expected) / jnp.linalg.norm(expected))
+
+
+@functools.cache
+def model_and_batch():
+    cfg = tiny_config("moe.num_shared_experts=1")
+    params = moejax.init_params(cfg, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (8, 17), 0, 256)
+    return cfg, params, {"tokens": tokens}
+
+
+@pytest.mark.parametrize("recipe", ["tensor", "block"])
+def test_fp8_model_stays_close_to_float32(recipe):
+    cfg, params, batch = model_and_batch()
+    fp8_cfg = tiny_config("moe.num_shared_experts=1", f"precision.fp8={recipe}",
+                          "precision.fp8_block_size=16")
+    reference, _ = moejax.forward(params, batch["tokens"], cfg)
+    logits, _ = moejax.forward(params, batch["tokens"], fp8_cfg)
+    # Each fp8 GEMM has relative error <= sqrt(2) u (moejax/fp8.py); with four GEMM layers in
+    # sequence and normalisation between them the logits stay within 4 sqrt(2) u.
+    error = frobenius_relative(logits, reference)
+    print(f"{recipe}: logits relative error {error:.4f}")
+    assert 0 < error <= 4 * np.sqrt(2) * E4M3_UNIT_ROUNDOFF
+    grads = jax.grad(lambda p, c: moejax.loss_fn(p, batch, c)[0])
+    fp8_grads, f32_grads = grads(params, fp8_cfg), grads(params, cfg)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(fp8_grads))
+    assert frobenius_relative(fp8_grads.moe_blocks.ffn.w_down, f32_grads.moe_blocks.ffn.w_down) < 0.25
+
+
+def test_tensor_fp8_train_step_lowers_to_e4m3_and_e5m2_dots():
+    cfg = tiny_config("precision.fp8=tensor", "mesh.expert=1", "mesh.data=-1")
+    mesh = moejax.make_mesh(cfg.mesh)
+    optimizer = make_optimizer(cfg)
+    state = init_train_state(cfg, jax.random.key(0), mesh, optimizer)
+    batch = {"tokens": jnp.zeros((8, 17), jnp.int32)}
+    with jax.set_mesh(mesh):
+        hlo = jax.jit(lambda s, b: train_step(s, b, cfg, optimizer)).lower(state, batch).as_text()
+    dots = [line for line in hlo.splitlines() if "dot_general" in line]
+    e4m3_by_e4m3 = [d for d in dots if d.count("f8E4M3FN") >= 2]
+    with_e5m2 = [d for d in dots if "f8E5M2" in d and "f8E4M3FN" in d]
+    # forward: 4 attention + 3 dense-FFN + 3 shared + 3 expert GEMMs per layer kind; backward
+    # has two e5m2 x e4m3 GEMMs per forward GEMM.
+    assert len(e4m3_by_e4m3) >= 10 and len(with_e5m2) >= 2 * len(e4m3_by_e4m3) - 1
+    assert not [d for d in dots if d.count("f8E5M2") >= 2]
+
+
+def test_fp8_dispatch_sends_one_byte_per_element():
+    cfg = tiny_config().replace(mesh=MeshConfig(2, 1, 4))
+    fp8_cfg = cfg.replace(precision=cfg.precision.__class__(
+        **{**cfg.precision.__dict__, "fp8_dispatch": True}))
+    mesh = moejax.make_mesh(cfg.mesh)
+    params = P.init(moe_specs(cfg), jax.random.key(0), mesh)
+    x = jax.device_put(jax.random.normal(jax.random.key(1), (8, 16, cfg.model.d_model)),
+                       batch_sharding(mesh))
+    bias = jax.device_put(jnp.zeros(cfg.moe.num_experts), NamedSharding(mesh, PartitionSpec()))
+
+    def layer(c):
+        return jax.jit(lambda p, x, b: moe_ffn(p, x, b, 1.0, c)[0])
+
+    with jax.set_mesh(mesh):
+        reference = layer(cfg)(params, x, bias)
+        quantized = layer(fp8_cfg)(params, x, bias)
+        lowered = layer(fp8_cfg).lower(params, x, bias).as_text()
+    error = frobenius_relative(quantized, reference)
+    print(f"fp8 dispatch: layer output relative error {error:.4f}")
+    assert 0 < error <= E4M3_UNIT_ROUNDOFF  # one e4m3 rounding of the expert inputs
+    # The program's all-to-alls (StableHLO): token payloads [.., D] go out as e4m3 (1 byte per
+    # element) and come back in float32; the [.., 1] per-token scales travel beside them.
+    # (XLA:CPU then widens fp8 collectives to f16 when compiling; GPUs send fp8 as is.)
+    payloads = re.findall(r"all_to_all.*?\(tensor<([\dx]+)x(\w+)>\)", lowered)
+    wide = [dtype for shape, dtype in payloads if shape.endswith(f"x{cfg.model.d_model}")]
+    assert wide == ["f8E4M3FN", "f32"]
+
+
+def test_float16_loss_scaling_skips_overflowing_steps_and_recovers():
+    cfg = tiny_config("precision.compute_dtype=float16", "precision.loss_scale_init=1e12",
+                      "mesh.expert=1", "mesh.data=-1", "train.warmup_steps=0")
+    mesh = moejax.make_mesh(cfg.mesh)
+    optimizer = make_optimizer(cfg)
+    state = init_train_state(cfg, jax.random.key(0), mesh, optimizer)
+    batch = {"tokens": jax.random.randint(jax.random.key(1), (8, 17), 0, 256)}
+    step = jax.jit(lambda s, b: train_step(s, b, cfg, optimizer))
+    with jax.set_mesh(mesh):
+        first, metrics = step(state, batch)
+        # 1e12 x the loss overflows float16 (max 65504): nothing but the scale may change
+        assert int(metrics["skipped_steps"]) == 1 and float(metrics["loss_scale"]) == 5e11
+        assert max_relative_error(first.params, state.params) == 0.0
+        assert int(first.step) == 1
+        history, current = [], first
+        for _ in range(40):
+            current, metrics = step(current, batch)
+            history.append((int(metrics["skipped_steps"]), float(metrics["loss"])))
+    skipped = history[-1][0]
+    print(f"float16: {skipped} steps skipped before the scale fit, final scale "
+          f"{float(current.loss_scale.scale):.3g}")
+    assert 10 < skipped < 40  # ~log2(1e12 / 65504 x ...) back-offs, then training resumes
+    assert float(current.loss_scale.scale) < 65504
+    assert np.isfinite(history[-1][1]) and history[-1][1] < history[skipped][1]
