@@ -15,15 +15,21 @@ class Checkpoints:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max(keep, 1), enable_async_checkpointing=True, create=True
         )
+        # Replica-parallel saving compiles one small slicing program per array (seconds per
+        # save on small models); every array here is written by its primary replica instead.
+        arrays = ocp.type_handlers.ArrayHandler(use_replica_parallel=False)
+        registry = ocp.type_handlers.create_type_handler_registry((jax.Array, arrays))
+        handlers = {"state": ocp.PyTreeCheckpointHandler(type_handler_registry=registry),
+                    "data": ocp.JsonCheckpointHandler()}
         self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_names=("state", "data"))
+                                             item_handlers=handlers)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, state, data_state: dict) -> None:
         """Start an asynchronous save (device arrays are copied to host before it returns)."""
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+        args = ocp.args.Composite(state=ocp.args.PyTreeSave(state),
                                   data=ocp.args.JsonSave(data_state))
         self.manager.save(step, args=args, force=True)
 
@@ -32,8 +38,10 @@ class Checkpoints:
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like_state
         )
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                  data=ocp.args.JsonRestore())
+        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
+        args = ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(abstract, restore_args=restore_args),
+            data=ocp.args.JsonRestore())
         restored = self.manager.restore(step, args=args)
         return restored.state, restored.data
 
