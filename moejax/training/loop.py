@@ -141,30 +141,24 @@ class _Loop:
     writer: MetricsWriter
     stop: StopSignal
     progress: bool
+    peak_flops: float = 0.0  # FLOP/s of one device, for MFU
+    window: tuple[int, float] | None = None  # (step, time) of the last train record
+    losses: list = dataclasses.field(default_factory=list)  # (step, loss) of each record
 
     def run(self, state, max_steps: int | None) -> dict:
         t = self.cfg.train
         start_step = int(state.step)
         last_step = min(t.steps, max_steps) if max_steps else t.steps
-        tokens_per_step = t.global_batch_size * t.seq_len
-        peak = t.peak_flops_per_device or measure_peak_flops()
-        flops_per_step = flops_per_token(self.cfg) * tokens_per_step
+        self.peak_flops = t.peak_flops_per_device or measure_peak_flops()
         bar = tqdm(total=t.steps, initial=start_step, disable=not self.progress, unit="step",
                    dynamic_ncols=True)
-        step, losses, clock, held_out = start_step, [], time.perf_counter(), None
+        step, held_out = start_step, None
         while step < last_step and self.stop.received is None:
-            state, metrics = self.step_fn(state, global_batch(self.mesh, next(self.train_iter)["tokens"]))
+            batch = global_batch(self.mesh, next(self.train_iter)["tokens"])
+            state, metrics = self.step_fn(state, batch)
             step += 1
-            if step % t.log_every == 0 or step == last_step:
-                metrics = jax.device_get(metrics)
-                elapsed, clock = time.perf_counter() - clock, time.perf_counter()
-                steps_done = t.log_every if step % t.log_every == 0 else step % t.log_every
-                rate = steps_done * tokens_per_step / elapsed
-                metrics.update(tokens_per_second=rate,
-                               mfu=rate / tokens_per_step * flops_per_step / (peak * jax.device_count()))
-                losses.append((step, float(metrics["loss"])))
-                self.writer.write(step, "train", metrics)
-                bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{rate:,.0f}")
+            if step == start_step + 1 or step % t.log_every == 0 or step == last_step:
+                self._log(step, metrics, bar)
             bar.update(1)
             if t.eval_every and step % t.eval_every == 0 and step < last_step:
                 held_out = self._evaluate(state, step)
@@ -175,8 +169,26 @@ class _Loop:
             self.checkpoints.save(step, state, self.train_iter.get_state())
         if step == t.steps or held_out is None:
             held_out = self._evaluate(state, step)
-        return {"step": step, "stopped_by": self.stop.received, "train_losses": losses,
-                "final_train_loss": losses[-1][1] if losses else None, "held_out": held_out}
+        return {"step": step, "stopped_by": self.stop.received, "train_losses": self.losses,
+                "final_train_loss": self.losses[-1][1] if self.losses else None,
+                "held_out": held_out}
+
+    def _log(self, step: int, metrics: dict, bar) -> None:
+        """Write one train record: the step's metrics plus throughput since the last record.
+        The first step of a run compiles the step function, so it carries no throughput."""
+        metrics = jax.device_get(metrics)
+        now = time.perf_counter()
+        if self.window is not None:
+            since_step, since_time = self.window
+            tokens = (step - since_step) * self.cfg.train.global_batch_size * self.cfg.train.seq_len
+            metrics["tokens_per_second"] = tokens / (now - since_time)
+            metrics["mfu"] = (metrics["tokens_per_second"] * flops_per_token(self.cfg)
+                              / (self.peak_flops * jax.device_count()))
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}",
+                            tok_s=f"{metrics['tokens_per_second']:,.0f}")
+        self.window = (step, now)
+        self.losses.append((step, float(metrics["loss"])))
+        self.writer.write(step, "train", metrics)
 
     def _evaluate(self, state, step: int) -> dict:
         result = evaluate(self.cfg, self.mesh, state, self.eval_batches, self.eval_fn, self.corpus)
