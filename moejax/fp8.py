@@ -246,6 +246,14 @@ def _tensor_backward(residuals, grad, config: _GemmConfig):
     return grad_x.astype(config.x_dtype), grad_w.astype(config.w_dtype)
 
 
+def varying_axes(x: jax.Array) -> frozenset:
+    """Mesh axes a value varies over inside shard_map (jax 0.10: manual_axis_type; older
+    versions: vma); empty outside shard_map."""
+    aval = jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)
+    return frozenset(manual.varying if manual is not None else getattr(aval, "vma", ()))
+
+
 def _chunked_scaled_matmul(a_q, a_scales, b_q, b_scales, block_size: int):
     """DeepSeek-style fp8 GEMM with per-chunk scales and f32 partial-sum promotion.
 
@@ -277,6 +285,9 @@ def _chunked_scaled_matmul(a_q, a_scales, b_q, b_scales, block_size: int):
               jnp.moveaxis(a_scales, -1, 0), jnp.moveaxis(b_scales, -1, 0))
     groups, rows = a_q.shape[:2]
     zeros = jnp.zeros((groups, rows, b_q.shape[1]), jnp.float32)
+    # Inside shard_map the scan carry must vary over the same mesh axes as the partials.
+    axes = tuple(sorted(frozenset().union(*(varying_axes(c) for c in chunks))))
+    zeros = lax.pcast(zeros, axes, to="varying") if axes else zeros
     (accumulator, last_scaled_partial), _ = lax.scan(add_chunk, (zeros, zeros), chunks)
     return accumulator + last_scaled_partial
 

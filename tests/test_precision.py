@@ -121,3 +121,32 @@ def test_float16_loss_scaling_skips_overflowing_steps_and_recovers():
     assert 10 < skipped < 40  # ~log2(1e12 / 65504 x ...) back-offs, then training resumes
     assert float(current.loss_scale.scale) < 65504
     assert np.isfinite(history[-1][1]) and history[-1][1] < history[skipped][1]
+
+
+def test_block_fp8_on_a_mesh_matches_one_device():
+    """Block scales are per token tile and per weight block, so sharding the batch or the
+    experts changes no forward scale: the loss and all gradients but the routed experts' match
+    one device to float32 tolerance. The routed experts' weight gradients tile the rows of each
+    expert's buffer, whose grouping follows the shard layout: they agree to fp8 accuracy."""
+    overrides = ("precision.fp8=block", "precision.fp8_block_size=16")
+    cfg = tiny_config(*overrides)
+    _, params, batch = model_and_batch()
+    loss_and_grads = jax.value_and_grad(lambda p, c: moejax.loss_fn(p, batch, c)[0])
+    expected_loss, expected_grads = jax.jit(loss_and_grads, static_argnums=1)(params, cfg)
+    mesh_cfg = tiny_config(*overrides).replace(mesh=MeshConfig(2, 1, 4))
+    mesh = moejax.make_mesh(mesh_cfg.mesh)
+    with jax.set_mesh(mesh):
+        sharded = jax.device_put(params, P.shardings(moejax.model_specs(mesh_cfg), mesh))
+        loss, grads = jax.jit(loss_and_grads, static_argnums=1)(sharded, mesh_cfg)
+    assert abs(float(loss) - float(expected_loss)) <= 1e-5 * abs(float(expected_loss))
+    experts = ("w_gate", "w_up", "w_down")
+
+    def without_experts(g):
+        return g.replace(moe_blocks=g.moe_blocks.replace(
+            ffn=g.moe_blocks.ffn.replace(**dict.fromkeys(experts, jnp.zeros(())))))
+
+    assert max_relative_error(without_experts(grads), without_experts(expected_grads)) <= 1e-4
+    for name in experts:
+        error = frobenius_relative(getattr(grads.moe_blocks.ffn, name),
+                                   getattr(expected_grads.moe_blocks.ffn, name))
+        assert error <= 2 * E4M3_UNIT_ROUNDOFF, name

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from moejax.config import PrecisionConfig
-from moejax.fp8 import fp8_matmul
+from moejax.fp8 import fp8_matmul, varying_axes
 from moejax.params import ParamSpec, normal_init
 
 
@@ -57,19 +57,12 @@ def _same_varying_axes(x: jax.Array, w: jax.Array):
     """Inside shard_map, mark x and w as varying over the same mesh axes before a custom-vjp
     GEMM: a weight replicated over `data` then gets its gradient summed over `data` by the
     cast's transpose, as a plain matmul would (a custom vjp cannot do that by itself)."""
-    x_axes, w_axes = _varying_axes(x), _varying_axes(w)
+    x_axes, w_axes = varying_axes(x), varying_axes(w)
     if w_axes - x_axes:
         x = jax.lax.pcast(x, tuple(sorted(w_axes - x_axes)), to="varying")
     if x_axes - w_axes:
         w = jax.lax.pcast(w, tuple(sorted(x_axes - w_axes)), to="varying")
     return x, w
-
-
-def _varying_axes(x: jax.Array) -> frozenset:
-    """Mesh axes a shard_map value varies over (jax 0.10: manual_axis_type; older: vma)."""
-    aval = jax.typeof(x)
-    manual = getattr(aval, "manual_axis_type", None)
-    return frozenset(manual.varying if manual is not None else getattr(aval, "vma", ()))
 
 
 FP8_LAYER_GROUPS = ("attention", "dense_ffn", "shared", "experts")
