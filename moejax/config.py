@@ -33,6 +33,7 @@ class ModelConfig:
     num_heads: int = 4  # H
     num_kv_heads: int = 2  # K (grouped-query attention)
     head_dim: int = 32  # Q
+    qk_norm: bool = False  # RMSNorm on each query and key head before RoPE (Qwen3)
     ffn_dim: int = 512  # F of the dense FFN layers
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6

@@ -7,18 +7,21 @@ import jax.numpy as jnp
 from flax import struct
 
 from moejax.config import ModelConfig
-from moejax.model.layers import Matmul, apply_rope
-from moejax.params import ParamSpec, normal_init
+from moejax.model.layers import Matmul, apply_rope, rms_norm
+from moejax.params import ParamSpec, normal_init, ones_init
 
 
 @struct.dataclass
 class Attention:
-    """wq [D, H, Q], wk and wv [D, K, Q], wo [H, Q, D]."""
+    """wq [D, H, Q], wk and wv [D, K, Q], wo [H, Q, D]; q_norm and k_norm [Q] are the per-head
+    RMSNorm weights of model.qk_norm (None when it is off)."""
 
     wq: jax.Array
     wk: jax.Array
     wv: jax.Array
     wo: jax.Array
+    q_norm: jax.Array | None = None
+    k_norm: jax.Array | None = None
 
 
 def attention_specs(m: ModelConfig) -> Attention:
@@ -29,6 +32,8 @@ def attention_specs(m: ModelConfig) -> Attention:
         wk=ParamSpec((d, kv, q), ("embed", "kv_heads", "head_dim"), init),
         wv=ParamSpec((d, kv, q), ("embed", "kv_heads", "head_dim"), init),
         wo=ParamSpec((h, q, d), ("heads", "head_dim", "embed"), init),
+        q_norm=ParamSpec((q,), ("head_dim",), ones_init) if m.qk_norm else None,
+        k_norm=ParamSpec((q,), ("head_dim",), ones_init) if m.qk_norm else None,
     )
 
 
@@ -45,8 +50,10 @@ def causal_attention(p: Attention, x: jax.Array, rope: tuple, m: ModelConfig,
     groups = m.num_heads // m.num_kv_heads
     dtype = matmul.dtype
     cos, sin = rope
-    q = apply_rope(_heads(x, p.wq, matmul), cos, sin)
-    k = apply_rope(_heads(x, p.wk, matmul), cos, sin)
+    q, k = _heads(x, p.wq, matmul), _heads(x, p.wk, matmul)
+    if p.q_norm is not None:
+        q, k = rms_norm(q, p.q_norm, m.norm_eps), rms_norm(k, p.k_norm, m.norm_eps)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     v = _heads(x, p.wv, matmul)
     q = q.reshape(batch, seq, m.num_kv_heads, groups, m.head_dim)
     scores = jnp.einsum("btkgq,bskq->bkgts", q, k, preferred_element_type=jnp.float32)
