@@ -36,10 +36,6 @@ def ones_init(key, shape, dtype):
     return jnp.ones(shape, dtype)
 
 
-def zeros_init(key, shape, dtype):
-    return jnp.zeros(shape, dtype)
-
-
 @dataclasses.dataclass(frozen=True)
 class ParamSpec:
     """One parameter: shape, logical axes (one name per dimension), initializer and dtype."""
@@ -79,10 +75,6 @@ def abstract(specs, mesh=None):
 
 def shardings(specs, mesh):
     return jax.tree.map(lambda s: sharding.named_sharding(mesh, s.logical_axes), specs, is_leaf=is_spec)
-
-
-def logical_axes(specs):
-    return jax.tree.map(lambda s: s.logical_axes, specs, is_leaf=is_spec)
 
 
 def init(specs, key: jax.Array, mesh=None):
