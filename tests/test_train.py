@@ -154,6 +154,7 @@ def test_refuses_to_overwrite_or_resume_incompatibly(corpus_dir, tmp_path):
 def test_bad_data_gives_one_sentence(corpus_dir, tmp_path):
     with pytest.raises(data_lib.DataError, match="does not exist|not found|missing"):
         train(train_config(tmp_path / "nowhere"), tmp_path / "a", progress=False)
+    assert not (tmp_path / "a").exists()  # bad data leaves no run directory behind
     empty = tmp_path / "empty_corpus"
     data_lib.write_token_files({"train": [], "val": []}, empty)
     with pytest.raises(data_lib.DataError, match="empty"):

@@ -82,9 +82,9 @@ def train(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = Fals
 
     `announce` (e.g. print) receives a few start-up lines: run directory, model, data, mesh.
     """
+    corpus = load_corpus(cfg)  # before the run directory: bad data must leave nothing behind
     run_dir = prepare_run_dir(cfg, run_dir, resume)
     is_main = jax.process_index() == 0
-    corpus = load_corpus(cfg)
     mesh = sharding.make_mesh(cfg.mesh)
     if announce:
         _announce(announce, cfg, run_dir, corpus, mesh)
