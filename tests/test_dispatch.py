@@ -2,6 +2,7 @@
 the capacity path equals the dense oracle when nothing drops, and the compiled layer holds
 exactly two all-to-alls and no gather of expert weights."""
 
+import dataclasses
 import functools
 
 import jax
@@ -102,7 +103,7 @@ def test_capacity_equals_dense_oracle_without_drops(router):
     x = jax.random.normal(jax.random.key(1), (4, 16, cfg.model.d_model))
     bias = 0.1 * jax.random.normal(jax.random.key(2), (cfg.moe.num_experts,))
     y, stats = moe_ffn(params, x, bias, 1.0, cfg)
-    dense_cfg = cfg.replace(moe=cfg.moe.__class__(**{**cfg.moe.__dict__, "dispatch": "dense"}))
+    dense_cfg = cfg.replace(moe=dataclasses.replace(cfg.moe, dispatch="dense"))
     expected, _ = moe_ffn(params, x, bias, 1.0, dense_cfg)
     assert float(stats["dropped_fraction"]) == 0.0
     assert max_relative_error(y, expected) < 1e-5

@@ -5,11 +5,10 @@ import re
 import sys
 from pathlib import Path
 
+import ipykernel.kernelspec as ipykernel_spec
+import nbclient
+import nbformat
 import pytest
-
-nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
-ipykernel_spec = pytest.importorskip("ipykernel.kernelspec")
 from jupyter_client.kernelspec import KernelSpecManager
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "quickstart.ipynb"

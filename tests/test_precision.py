@@ -1,5 +1,6 @@
 """fp8 in the model (both recipes, fp8 dispatch) and float16 with dynamic loss scaling."""
 
+import dataclasses
 import functools
 import re
 
@@ -71,8 +72,7 @@ def test_tensor_fp8_train_step_lowers_to_e4m3_and_e5m2_dots():
 
 def test_fp8_dispatch_sends_one_byte_per_element():
     cfg = tiny_config().replace(mesh=MeshConfig(2, 1, 4))
-    fp8_cfg = cfg.replace(precision=cfg.precision.__class__(
-        **{**cfg.precision.__dict__, "fp8_dispatch": True}))
+    fp8_cfg = cfg.replace(precision=dataclasses.replace(cfg.precision, fp8_dispatch=True))
     mesh = moejax.make_mesh(cfg.mesh)
     params = P.init(moe_specs(cfg), jax.random.key(0), mesh)
     x = jax.device_put(jax.random.normal(jax.random.key(1), (8, 16, cfg.model.d_model)),
