@@ -34,8 +34,23 @@ class ModelConfig:
     num_kv_heads: int = 2  # K (grouped-query attention)
     head_dim: int = 32  # Q
     qk_norm: bool = False  # RMSNorm on each query and key head before RoPE (Qwen3)
+    attention: str = "gqa"  # gqa | mla (DeepSeek multi-head latent attention)
+    # MLA shapes (attention=mla; head_dim and num_kv_heads are then unused):
+    q_lora_rank: int = 0  # query latent width; 0 projects queries directly from the model width
+    kv_lora_rank: int = 64  # key/value latent width: what a generation cache stores per token
+    qk_nope_head_dim: int = 32  # per-head query/key dims without position information
+    qk_rope_head_dim: int = 16  # decoupled RoPE dims; one RoPE key is shared by all heads
+    v_head_dim: int = 32
+    mtp_depth: int = 0  # D multi-token-prediction modules (DeepSeek-V3: 1)
     ffn_dim: int = 512  # F of the dense FFN layers
     rope_theta: float = 10000.0
+    rope_scaling: str = "none"  # none | yarn (context extension of the RoPE dims)
+    yarn_factor: float = 1.0  # context length / yarn_original_max_len
+    yarn_beta_fast: float = 32.0  # rotations above which a frequency is kept (extrapolated)
+    yarn_beta_slow: float = 1.0  # rotations below which a frequency is divided by the factor
+    yarn_original_max_len: int = 4096  # the pre-training context length
+    yarn_mscale: float = 1.0  # cos/sin get mscale(factor, yarn_mscale) / mscale(factor, all_dim)
+    yarn_mscale_all_dim: float = 1.0  # MLA's softmax scale gets mscale(factor, all_dim)^2
     norm_eps: float = 1e-6
     init_std: float = 0.02
     remat: str = "none"  # none | full | dots
@@ -133,6 +148,11 @@ class TrainConfig:
     checkpoint_every: int = 100  # 0: only at the end (and on SIGTERM/SIGINT)
     keep_checkpoints: int = 2
     peak_flops_per_device: float = 0.0  # for MFU; 0 measures a large matmul at start-up
+    # multi-token prediction (model.mtp_depth > 0): loss weight lambda, then a lower one for the
+    # rest of the run (DeepSeek-V3: 0.3 for the first 10T of 14.8T tokens, then 0.1)
+    mtp_loss_weight: float = 0.3
+    mtp_loss_weight_final: float = 0.1
+    mtp_weight_switch_fraction: float = 0.676  # fraction of train.steps spent at the first weight
 
 
 @dataclass(frozen=True)
@@ -231,10 +251,7 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
     m, e = cfg.model, cfg.moe
     _check(m.remat in ("none", "full", "dots"),
            f"model.remat={m.remat!r} is unknown: use none, full or dots.")
-    _check(m.num_heads % m.num_kv_heads == 0,
-           f"model.num_heads={m.num_heads} is not divisible by model.num_kv_heads="
-           f"{m.num_kv_heads}: grouped-query attention needs whole groups of query heads.")
-    _check(m.head_dim % 2 == 0, f"model.head_dim={m.head_dim} must be even for RoPE.")
+    _validate_attention(m)
     _check(0 <= m.num_dense_layers <= m.num_layers,
            f"model.num_dense_layers={m.num_dense_layers} must be between 0 and "
            f"model.num_layers={m.num_layers}.")
@@ -262,6 +279,32 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
     _check(cfg.train.global_batch_size % batch_shards == 0,
            f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by the "
            f"{batch_shards} data-parallel shards (data x fsdp x expert = {sizes}): use a multiple.")
+
+
+def _validate_attention(m: ModelConfig) -> None:
+    _check(m.attention in ("gqa", "mla"),
+           f"model.attention={m.attention!r} is unknown: use gqa or mla.")
+    if m.attention == "gqa":
+        _check(m.num_heads % m.num_kv_heads == 0,
+               f"model.num_heads={m.num_heads} is not divisible by model.num_kv_heads="
+               f"{m.num_kv_heads}: grouped-query attention needs whole groups of query heads.")
+        _check(m.head_dim % 2 == 0, f"model.head_dim={m.head_dim} must be even for RoPE.")
+    else:
+        _check(m.qk_rope_head_dim % 2 == 0 and m.qk_rope_head_dim > 0,
+               f"model.qk_rope_head_dim={m.qk_rope_head_dim} must be positive and even for RoPE.")
+        _check(m.kv_lora_rank > 0 and m.q_lora_rank >= 0 and m.v_head_dim > 0
+               and m.qk_nope_head_dim >= 0,
+               "MLA needs model.kv_lora_rank and model.v_head_dim > 0 and non-negative "
+               "model.q_lora_rank and model.qk_nope_head_dim.")
+        _check(not m.qk_norm, "model.qk_norm is a grouped-query attention option: MLA already "
+               "normalises its latents; set model.qk_norm=false.")
+    _check(m.rope_scaling in ("none", "yarn"),
+           f"model.rope_scaling={m.rope_scaling!r} is unknown: use none or yarn.")
+    if m.rope_scaling == "yarn":
+        _check(m.yarn_factor >= 1.0 and m.yarn_original_max_len > 0,
+               f"YaRN needs model.yarn_factor >= 1 (got {m.yarn_factor}) and a positive "
+               "model.yarn_original_max_len.")
+    _check(m.mtp_depth >= 0, f"model.mtp_depth={m.mtp_depth} must not be negative.")
 
 
 def _validate_precision(p: PrecisionConfig) -> None:

@@ -27,6 +27,7 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "heads": None,
     "kv_heads": None,
     "head_dim": None,
+    "latent": None,  # MLA low-rank latent widths
     # activations
     "act_batch": BATCH_AXES,
     "act_seq": None,

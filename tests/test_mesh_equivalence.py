@@ -1,6 +1,6 @@
 """The key property: loss and every parameter gradient are the same on one device and on every
-supported mesh (to float32 tolerance), for both routers, with shared experts and first-k dense
-layers, when nothing is dropped."""
+supported mesh (to float32 tolerance), for both routers and both attentions (GQA, MLA with YaRN),
+with shared experts, first-k dense layers and multi-token prediction, when nothing is dropped."""
 
 import functools
 
@@ -17,12 +17,17 @@ from moejax.sharding import batch_sharding
 
 MESHES = {"data2_expert4": (2, 1, 4), "fsdp2_expert4": (1, 2, 4), "expert8": (1, 1, 8)}
 CONFIGS = {
-    # DeepSeek gate with group-limited routing, a shared expert, one first dense layer, and a
-    # nonzero selection bias; every router loss switched on so their gradients are compared too.
-    "deepseek_shared_dense": (
+    # DeepSeek-V3 in small: MLA with a query latent and YaRN, one MTP module, the sigmoid gate
+    # with group-limited routing, a shared expert, one first dense layer and a nonzero selection
+    # bias; every router loss switched on so their gradients are compared too.
+    "deepseek_v3": (
         "moe.router=deepseek", "moe.num_groups=4", "moe.topk_groups=2",
         "moe.num_shared_experts=1", "model.num_dense_layers=1", "moe.routed_scaling_factor=2.5",
         "moe.switch_loss_coef=0.01", "moe.seq_balance_loss_coef=0.01", "moe.z_loss_coef=0.001",
+        "model.attention=mla", "model.q_lora_rank=16", "model.kv_lora_rank=16",
+        "model.qk_nope_head_dim=8", "model.qk_rope_head_dim=4", "model.v_head_dim=8",
+        "model.rope_scaling=yarn", "model.yarn_factor=4", "model.yarn_original_max_len=8",
+        "model.mtp_depth=1",
     ),
     "softmax_topk": (
         "moe.router=softmax_topk", "moe.temperature=0.7", "moe.num_shared_experts=0",
@@ -81,10 +86,12 @@ def test_loss_and_grads_match_single_device(config_name, mesh_name):
         assert max_relative_error(metrics[name], expected_metrics[name]) <= 1e-5, name
     assert jnp.array_equal(metrics["expert_counts"], expected_metrics["expert_counts"])
     assert max_relative_error(grads, expected_grads) <= 1e-5
+    for name in (k for k in expected_metrics if k.startswith("mtp_cross_entropy")):
+        assert max_relative_error(metrics[name], expected_metrics[name]) <= 1e-5, name
 
 
 def test_weights_are_born_sharded():
-    cfg = tiny_config(*CONFIGS["deepseek_shared_dense"]).replace(mesh=MeshConfig(1, 2, 4))
+    cfg = tiny_config(*CONFIGS["deepseek_v3"]).replace(mesh=MeshConfig(1, 2, 4))
     mesh = moejax.make_mesh(cfg.mesh)
     params = moejax.init_params(cfg, jax.random.key(0), mesh)
     w_gate = params.moe_blocks.ffn.w_gate  # [L, E, D, F]: experts over `expert`, D over `fsdp`

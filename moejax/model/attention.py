@@ -1,4 +1,12 @@
-"""Causal grouped-query attention with RoPE (softmax in float32)."""
+"""Causal self-attention: grouped-query attention (GQA) or DeepSeek's multi-head latent attention
+(MLA), both with RoPE, softmax in float32, and an optional cache for generation.
+
+Every attention layer splits into `cache_entries` (what a generation cache stores per token: GQA
+the rotated keys and the values, MLA the normalised key/value latent and the one rotated RoPE
+key) and an attend step over those entries. Training attends over the entries of the sequence
+itself; generation writes the new entries into the cache at their positions and attends over the
+whole cache, with positions not yet written hidden by the causal mask.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +15,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from moejax.config import ModelConfig
-from moejax.model.layers import Matmul, apply_rope, rms_norm
+from moejax.model.layers import Matmul, apply_rope, rms_norm, rope_tables, yarn_mscale
 from moejax.params import ParamSpec, normal_init, ones_init
 
 
@@ -24,9 +32,32 @@ class Attention:
     k_norm: jax.Array | None = None
 
 
-def attention_specs(m: ModelConfig) -> Attention:
+@struct.dataclass
+class LatentAttention:
+    """MLA with H heads, Qn no-position and Qr RoPE query/key dims, V value dims.
+
+    Queries: wq_a [D, Rq] -> RMSNorm(q_a_norm [Rq]) -> wq_b [Rq, H, Qn + Qr], or wq [D, H, Qn + Qr]
+    directly when q_lora_rank is 0 (wq_a, q_a_norm and wq_b are then None).
+    Keys/values: wkv_a [D, Rkv + Qr] gives the latent (normalised by kv_a_norm [Rkv]) and the one
+    RoPE key shared by all heads; wkv_b [Rkv, H, Qn + V] expands the latent to per-head no-position
+    keys and values. wo [H, V, D]."""
+
+    wkv_a: jax.Array
+    kv_a_norm: jax.Array
+    wkv_b: jax.Array
+    wo: jax.Array
+    wq: jax.Array | None = None
+    wq_a: jax.Array | None = None
+    q_a_norm: jax.Array | None = None
+    wq_b: jax.Array | None = None
+
+
+def attention_specs(m: ModelConfig) -> Attention | LatentAttention:
     init = normal_init(m.init_std)
-    d, h, kv, q = m.d_model, m.num_heads, m.num_kv_heads, m.head_dim
+    d = m.d_model
+    if m.attention == "mla":
+        return _latent_attention_specs(m)
+    h, kv, q = m.num_heads, m.num_kv_heads, m.head_dim
     return Attention(
         wq=ParamSpec((d, h, q), ("embed", "heads", "head_dim"), init),
         wk=ParamSpec((d, kv, q), ("embed", "kv_heads", "head_dim"), init),
@@ -37,30 +68,149 @@ def attention_specs(m: ModelConfig) -> Attention:
     )
 
 
-def _heads(x: jax.Array, w: jax.Array, matmul: Matmul) -> jax.Array:
-    """x [B, T, D] @ w [D, H, Q] -> [B, T, H, Q] as one [D, H Q] matmul."""
-    d_model, heads, head_dim = w.shape
-    return matmul(x, w.reshape(d_model, heads * head_dim)).reshape(*x.shape[:2], heads, head_dim)
+def _latent_attention_specs(m: ModelConfig) -> LatentAttention:
+    init = normal_init(m.init_std)
+    d, h = m.d_model, m.num_heads
+    qk_dim = m.qk_nope_head_dim + m.qk_rope_head_dim
+    query = {"wq": ParamSpec((d, h, qk_dim), ("embed", "heads", "head_dim"), init)}
+    if m.q_lora_rank:
+        query = {
+            "wq_a": ParamSpec((d, m.q_lora_rank), ("embed", "latent"), init),
+            "q_a_norm": ParamSpec((m.q_lora_rank,), ("latent",), ones_init),
+            "wq_b": ParamSpec((m.q_lora_rank, h, qk_dim), ("latent", "heads", "head_dim"), init),
+        }
+    return LatentAttention(
+        wkv_a=ParamSpec((d, m.kv_lora_rank + m.qk_rope_head_dim), ("embed", "latent"), init),
+        kv_a_norm=ParamSpec((m.kv_lora_rank,), ("latent",), ones_init),
+        wkv_b=ParamSpec((m.kv_lora_rank, h, m.qk_nope_head_dim + m.v_head_dim),
+                        ("latent", "heads", "head_dim"), init),
+        wo=ParamSpec((h, m.v_head_dim, d), ("heads", "head_dim", "embed"), init),
+        **query,
+    )
 
 
-def causal_attention(p: Attention, x: jax.Array, rope: tuple, m: ModelConfig,
-                     matmul: Matmul) -> jax.Array:
-    """x [B, T, D] -> [B, T, D]; each of the K kv heads serves G = H / K query heads."""
+def cache_entry_shapes(m: ModelConfig) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Per-token shapes of the two cached arrays: GQA keys and values [K, Q] each; MLA the
+    latent [Rkv] and the RoPE key [Qr] (the compressed cache: no per-head arrays)."""
+    if m.attention == "mla":
+        return (m.kv_lora_rank,), (m.qk_rope_head_dim,)
+    return (m.num_kv_heads, m.head_dim), (m.num_kv_heads, m.head_dim)
+
+
+def rope_dim(m: ModelConfig) -> int:
+    return m.qk_rope_head_dim if m.attention == "mla" else m.head_dim
+
+
+def softmax_scale(m: ModelConfig) -> float:
+    """1/sqrt(query-key dims); DeepSeek's MLA also multiplies by YaRN's mscale squared."""
+    if m.attention == "gqa":
+        return m.head_dim**-0.5
+    scale = (m.qk_nope_head_dim + m.qk_rope_head_dim) ** -0.5
+    if m.rope_scaling == "yarn" and m.yarn_mscale_all_dim:
+        scale *= yarn_mscale(m.yarn_factor, m.yarn_mscale_all_dim) ** 2
+    return scale
+
+
+def _project(x: jax.Array, w: jax.Array, matmul: Matmul) -> jax.Array:
+    """x [B, T, D] @ w [D, *out] -> [B, T, *out] as one [D, prod(out)] matmul."""
+    out_shape = w.shape[1:]
+    return matmul(x, w.reshape(w.shape[0], -1)).reshape(*x.shape[:-1], *out_shape)
+
+
+def causal_attention(p, x: jax.Array, positions: jax.Array, m: ModelConfig, matmul: Matmul,
+                     cache: tuple[jax.Array, jax.Array] | None = None):
+    """x [B, T, D] at integer positions [T] -> (out [B, T, D], cache entries).
+
+    Without a cache, attends within x and returns its entries [B, T, ...]. With a cache (two
+    arrays [B, S, ...] as `cache_entry_shapes`), writes x's entries at `positions` (which must be
+    consecutive) and attends over all S slots; returns the updated cache."""
+    cos, sin = rope_tables(positions, rope_dim(m), m)
+    entries = cache_entries(p, x, (cos, sin), m, matmul)
+    key_positions = positions
+    if cache is not None:
+        entries = tuple(jax.lax.dynamic_update_slice_in_dim(c, e.astype(c.dtype), positions[0], 1)
+                        for c, e in zip(cache, entries))
+        key_positions = jnp.arange(cache[0].shape[1])
+    visible = key_positions[None, :] <= positions[:, None]  # [T, S] causal mask
+    if m.attention == "mla":
+        out = _latent_attend(p, x, (cos, sin), entries, visible, m, matmul,
+                             absorbed=cache is not None)
+    else:
+        out = _grouped_attend(p, x, (cos, sin), entries, visible, m, matmul)
+    return out, entries
+
+
+def cache_entries(p, x: jax.Array, rope: tuple, m: ModelConfig, matmul: Matmul):
+    """What a cache keeps for the tokens of x [B, T, D]: GQA (rotated keys, values)
+    [B, T, K, Q] each; MLA (normalised latent [B, T, Rkv], rotated shared RoPE key [B, T, Qr])."""
+    if m.attention == "mla":
+        compressed = matmul(x, p.wkv_a)
+        latent, key_rope = jnp.split(compressed, [m.kv_lora_rank], axis=-1)
+        return rms_norm(latent, p.kv_a_norm, m.norm_eps), apply_rope(key_rope, *rope)
+    k = _project(x, p.wk, matmul)
+    if p.k_norm is not None:
+        k = rms_norm(k, p.k_norm, m.norm_eps)
+    return apply_rope(k, *rope), _project(x, p.wv, matmul)
+
+
+def _softmax(scores: jax.Array, visible: jax.Array, dtype) -> jax.Array:
+    """Masked softmax over the last (key) axis of float32 scores [..., T, S]."""
+    return jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1).astype(dtype)
+
+
+def _grouped_attend(p: Attention, x, rope, entries, visible, m: ModelConfig, matmul: Matmul):
+    """Each of the K kv heads serves G = H / K query heads."""
     batch, seq, _ = x.shape
     groups = m.num_heads // m.num_kv_heads
     dtype = matmul.dtype
-    cos, sin = rope
-    q, k = _heads(x, p.wq, matmul), _heads(x, p.wk, matmul)
+    k, v = entries
+    q = _project(x, p.wq, matmul)
     if p.q_norm is not None:
-        q, k = rms_norm(q, p.q_norm, m.norm_eps), rms_norm(k, p.k_norm, m.norm_eps)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    v = _heads(x, p.wv, matmul)
-    q = q.reshape(batch, seq, m.num_kv_heads, groups, m.head_dim)
-    scores = jnp.einsum("btkgq,bskq->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = scores * m.head_dim**-0.5
-    causal = jnp.tril(jnp.ones((seq, seq), dtype=bool))
-    scores = jnp.where(causal, scores, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+        q = rms_norm(q, p.q_norm, m.norm_eps)
+    q = apply_rope(q, *rope).reshape(batch, seq, m.num_kv_heads, groups, m.head_dim)
+    scores = jnp.einsum("btkgq,bskq->bkgts", q, k.astype(q.dtype),
+                        preferred_element_type=jnp.float32) * softmax_scale(m)
+    probs = _softmax(scores, visible, dtype)
     out = jnp.einsum("bkgts,bskq->btkgq", probs, v.astype(dtype))
     return matmul(out.reshape(batch, seq, m.num_heads * m.head_dim),
                   p.wo.reshape(m.num_heads * m.head_dim, m.d_model))
+
+
+def _latent_queries(p: LatentAttention, x, rope, m: ModelConfig, matmul: Matmul):
+    """-> (no-position queries [B, T, H, Qn], rotated RoPE queries [B, T, H, Qr])."""
+    if p.wq_a is None:
+        q = _project(x, p.wq, matmul)
+    else:
+        q = _project(rms_norm(matmul(x, p.wq_a), p.q_a_norm, m.norm_eps), p.wq_b, matmul)
+    q_nope, q_rope = jnp.split(q, [m.qk_nope_head_dim], axis=-1)
+    return q_nope, apply_rope(q_rope, *rope)
+
+
+def _latent_attend(p: LatentAttention, x, rope, entries, visible, m: ModelConfig,
+                   matmul: Matmul, absorbed: bool):
+    """Scores = q_nope . k_nope + q_rope . k_rope, with k_nope and v expanded from the latent.
+
+    `absorbed` (generation) never expands the cached latents: it folds the key expansion into
+    the queries (q_nope @ wk_b^T, per head) and the value expansion after the weighted sum,
+    so each step reads only the [S, Rkv + Qr] cache. Both forms are the same function."""
+    batch, seq, _ = x.shape
+    dtype = matmul.dtype
+    latent, key_rope = (e.astype(dtype) for e in entries)
+    q_nope, q_rope = _latent_queries(p, x, rope, m, matmul)
+    rope_scores = jnp.einsum("bthr,bsr->bhts", q_rope, key_rope.astype(q_rope.dtype),
+                             preferred_element_type=jnp.float32)
+    if absorbed:
+        wk_b, wv_b = jnp.split(p.wkv_b.astype(dtype), [m.qk_nope_head_dim], axis=-1)
+        q_latent = jnp.einsum("bthn,chn->bthc", q_nope.astype(dtype), wk_b)
+        nope_scores = jnp.einsum("bthc,bsc->bhts", q_latent, latent,
+                                 preferred_element_type=jnp.float32)
+        probs = _softmax((nope_scores + rope_scores) * softmax_scale(m), visible, dtype)
+        out = jnp.einsum("bthc,chv->bthv", jnp.einsum("bhts,bsc->bthc", probs, latent), wv_b)
+    else:
+        k_nope, v = jnp.split(_project(latent, p.wkv_b, matmul), [m.qk_nope_head_dim], axis=-1)
+        nope_scores = jnp.einsum("bthn,bshn->bhts", q_nope.astype(dtype), k_nope,
+                                 preferred_element_type=jnp.float32)
+        probs = _softmax((nope_scores + rope_scores) * softmax_scale(m), visible, dtype)
+        out = jnp.einsum("bhts,bshv->bthv", probs, v.astype(dtype))
+    return matmul(out.reshape(batch, seq, m.num_heads * m.v_head_dim),
+                  p.wo.reshape(m.num_heads * m.v_head_dim, m.d_model))

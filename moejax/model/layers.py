@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
-from moejax.config import PrecisionConfig
+from moejax.config import ModelConfig, PrecisionConfig
 from moejax.fp8 import fp8_matmul, varying_axes
 from moejax.params import ParamSpec, normal_init
 
@@ -20,17 +22,56 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return (normed * weight.astype(jnp.float32)).astype(x.dtype)
 
 
-def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-    """cos and sin tables [T, Q/2] for rotary position embeddings (float32)."""
-    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-    angles = jnp.arange(seq_len, dtype=jnp.float32)[:, None] * inv_freq[None, :]
-    return jnp.cos(angles), jnp.sin(angles)
+def rope_tables(positions: jax.Array, dim: int, m: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """cos and sin tables [T, dim/2] (float32) at integer `positions` [T] for `dim` rotary dims,
+    with YaRN's frequencies and cos/sin scale when model.rope_scaling is yarn."""
+    inv_freq, scale = rope_frequencies(dim, m)
+    angles = positions.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq)[None, :]
+    return jnp.cos(angles) * scale, jnp.sin(angles) * scale
+
+
+def rope_frequencies(dim: int, m: ModelConfig) -> tuple[np.ndarray, float]:
+    """Inverse frequencies [dim/2] (float32) and the cos/sin scale (1 without YaRN).
+
+    YaRN keeps the high frequencies (more than beta_fast rotations over the original context),
+    divides the low ones (fewer than beta_slow rotations) by the factor, and ramps linearly
+    between them over the dimension index."""
+    exponents = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
+    inv_freq = (1.0 / np.float32(m.rope_theta) ** exponents).astype(np.float32)
+    if m.rope_scaling != "yarn":
+        return inv_freq, 1.0
+
+    def dim_of_rotations(rotations: float) -> float:
+        """The dimension index whose wavelength fits `rotations` times in the original context."""
+        wavelengths = m.yarn_original_max_len / (rotations * 2 * math.pi)
+        return dim * math.log(wavelengths) / (2 * math.log(m.rope_theta))
+
+    low = max(math.floor(dim_of_rotations(m.yarn_beta_fast)), 0)
+    high = min(math.ceil(dim_of_rotations(m.yarn_beta_slow)), dim - 1)
+    high = high + 0.001 if high == low else high  # avoid a zero-width ramp
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+    inv_freq = inv_freq / m.yarn_factor * ramp + inv_freq * (1 - ramp)
+    return inv_freq.astype(np.float32), yarn_cos_sin_scale(m)
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature correction 0.1 * mscale * ln(factor) + 1 (1 for factor <= 1)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def yarn_cos_sin_scale(m: ModelConfig) -> float:
+    if m.yarn_mscale and m.yarn_mscale_all_dim:
+        return yarn_mscale(m.yarn_factor, m.yarn_mscale) / yarn_mscale(m.yarn_factor,
+                                                                       m.yarn_mscale_all_dim)
+    return yarn_mscale(m.yarn_factor)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate x [B, T, H, Q] by position; pairs are (i, i + Q/2) (the "rotate half" layout)."""
+    """Rotate x [B, T, H, Q] (or [B, T, Q]) by position with tables [T, Q/2]; pairs are
+    (i, i + Q/2) (the "rotate half" layout)."""
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    if x.ndim == 4:
+        cos, sin = cos[:, None, :], sin[:, None, :]
     rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return rotated.astype(x.dtype)
 

@@ -14,8 +14,14 @@ from flax import struct
 
 from moejax import params as P
 from moejax.config import Config
-from moejax.model.attention import Attention, attention_specs, causal_attention
-from moejax.model.layers import FFN, ffn_specs, layer_matmuls, rms_norm, rope_tables, swiglu
+from moejax.model.attention import (
+    Attention,
+    LatentAttention,
+    attention_specs,
+    cache_entry_shapes,
+    causal_attention,
+)
+from moejax.model.layers import FFN, ffn_specs, layer_matmuls, rms_norm, swiglu
 from moejax.model.moe import MoE, moe_ffn, moe_specs
 from moejax.sharding import constrain
 
@@ -29,9 +35,23 @@ REMAT_POLICIES = {
 @struct.dataclass
 class Block:
     attn_norm: jax.Array  # [D]
-    attn: Attention
+    attn: Attention | LatentAttention
     ffn_norm: jax.Array  # [D]
     ffn: FFN | MoE
+
+
+@struct.dataclass
+class MTPModule:
+    """One multi-token-prediction depth (leaves stacked [D_mtp, ...]): the next token's embedding
+    and the previous depth's hidden state, each RMSNorm-ed, concatenated (embedding first, as
+    in the released DeepSeek-V3 weights), projected [2D, D], then one block and a final norm
+    before the shared output head."""
+
+    embed_norm: jax.Array  # [D]
+    hidden_norm: jax.Array  # [D]
+    proj: jax.Array  # [2D, D]
+    block: Block
+    final_norm: jax.Array  # [D]
 
 
 @struct.dataclass
@@ -41,14 +61,25 @@ class Transformer:
     moe_blocks: Block | None  # leaves stacked [L_moe, ...]
     final_norm: jax.Array  # [D]
     lm_head: jax.Array  # [D, V]
+    mtp: MTPModule | None = None  # leaves stacked [D_mtp, ...]; last, so that adding it keeps
+    # the other parameters' initial values (init keys are split per leaf in tree order)
 
 
 @struct.dataclass
 class RouterState:
     """Router state that is not trained by gradients."""
 
-    bias: jax.Array  # [L_moe, E] float32 selection bias (aux-loss-free balancing)
+    bias: jax.Array  # [L_moe + D_mtp, E] float32 selection bias (aux-loss-free balancing)
     temperature: jax.Array  # [] float32, softmax_topk temperature
+
+
+@struct.dataclass
+class KVCache:
+    """Generation cache: per stack the two arrays of `attention.cache_entry_shapes`, stacked
+    [L, B, S, ...] (S = the longest sequence the cache can hold)."""
+
+    dense: tuple[jax.Array, jax.Array] | None
+    moe: tuple[jax.Array, jax.Array] | None
 
 
 def model_specs(cfg: Config) -> Transformer:
@@ -56,18 +87,26 @@ def model_specs(cfg: Config) -> Transformer:
     norm = P.ParamSpec((m.d_model,), ("embed",), P.ones_init)
     init = P.normal_init(m.init_std)
 
-    def stack(ffn, num_layers):
+    def block(ffn):
+        return Block(attn_norm=norm, attn=attention_specs(m), ffn_norm=norm, ffn=ffn)
+
+    def stack(tree, num_layers):
         if num_layers == 0:
             return None
-        block = Block(attn_norm=norm, attn=attention_specs(m), ffn_norm=norm, ffn=ffn)
-        return jax.tree.map(lambda s: P.stacked(s, num_layers), block, is_leaf=P.is_spec)
+        return jax.tree.map(lambda s: P.stacked(s, num_layers), tree, is_leaf=P.is_spec)
 
+    dense_ffn = ffn_specs(m.d_model, m.ffn_dim, m.init_std)
+    moe_ffn_spec = moe_specs(cfg) if cfg.num_moe_layers else None
+    mtp = MTPModule(embed_norm=norm, hidden_norm=norm,
+                    proj=P.ParamSpec((2 * m.d_model, m.d_model), (None, "embed"), init),
+                    block=block(moe_ffn_spec or dense_ffn), final_norm=norm)
     return Transformer(
         embed=P.ParamSpec((m.vocab_size, m.d_model), ("vocab", "embed"), init),
-        dense_blocks=stack(ffn_specs(m.d_model, m.ffn_dim, m.init_std), cfg.num_dense_layers),
-        moe_blocks=stack(moe_specs(cfg) if cfg.num_moe_layers else None, cfg.num_moe_layers),
+        dense_blocks=stack(block(dense_ffn), cfg.num_dense_layers),
+        moe_blocks=stack(block(moe_ffn_spec), cfg.num_moe_layers),
         final_norm=norm,
         lm_head=P.ParamSpec((m.d_model, m.vocab_size), ("embed", "vocab"), init),
+        mtp=stack(mtp, m.mtp_depth),
     )
 
 
@@ -80,53 +119,151 @@ def init_params(cfg: Config, key: jax.Array, mesh=None) -> Transformer:
     return P.init(specs, key, mesh)
 
 
+def num_router_layers(cfg: Config) -> int:
+    """MoE layers with a router: the MoE stack, then one per MTP depth (when the model has MoE)."""
+    return cfg.num_moe_layers + (cfg.model.mtp_depth if cfg.num_moe_layers else 0)
+
+
 def init_router_state(cfg: Config) -> RouterState:
     return RouterState(
-        bias=jnp.zeros((cfg.num_moe_layers, max(cfg.moe.num_experts, 1)), jnp.float32),
+        bias=jnp.zeros((num_router_layers(cfg), max(cfg.moe.num_experts, 1)), jnp.float32),
         temperature=jnp.asarray(cfg.moe.temperature, jnp.float32),
     )
 
 
+def init_cache(cfg: Config, batch_size: int, max_len: int, dtype=jnp.float32) -> KVCache:
+    """An empty generation cache for `batch_size` sequences of up to `max_len` tokens."""
+    shapes = cache_entry_shapes(cfg.model)
+
+    def stack(num_layers):
+        if num_layers == 0:
+            return None
+        return tuple(jnp.zeros((num_layers, batch_size, max_len, *s), dtype) for s in shapes)
+
+    return KVCache(dense=stack(cfg.num_dense_layers), moe=stack(cfg.num_moe_layers))
+
+
 def _run_stack(blocks: Block, x, per_layer, layer_fn, cfg: Config):
-    """Scan `layer_fn(block, x, per_layer_input) -> (x, stats)` over the stacked blocks."""
+    """Scan `layer_fn(block, x, per_layer_input) -> (x, outputs)` over the stacked blocks."""
     body = lambda carry, inputs: layer_fn(inputs[0], carry, inputs[1])
     if cfg.model.remat != "none":
         body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.model.remat])
     return jax.lax.scan(body, x, (blocks, per_layer))
 
 
-def forward(params: Transformer, tokens: jax.Array, cfg: Config, router_state=None):
-    """tokens [B, T] int -> (logits [B, T, V] float32, aux dict of MoE statistics)."""
-    m = cfg.model
-    dtype = jnp.dtype(cfg.precision.compute_dtype)
-    matmuls = layer_matmuls(cfg.precision)
-    router_state = init_router_state(cfg) if router_state is None else router_state
-    rope = rope_tables(tokens.shape[1], m.head_dim, m.rope_theta)
+class _Layers:
+    """The layer functions of one forward pass (positions, precision and router state fixed)."""
 
-    def attention_block(block: Block, x):
+    def __init__(self, cfg: Config, positions: jax.Array, router_state: RouterState):
+        self.cfg, self.positions, self.router_state = cfg, positions, router_state
+        self.matmuls = layer_matmuls(cfg.precision)
+
+    def attention(self, block: Block, x, cache=None):
+        """Pre-norm attention with residual -> (x, normed x for the FFN, cache entries)."""
+        m = self.cfg.model
         h = rms_norm(x, block.attn_norm, m.norm_eps)
-        x = x + causal_attention(block.attn, h, rope, m, matmuls["attention"]).astype(x.dtype)
-        return constrain(x, ACTIVATION_AXES), rms_norm(x, block.ffn_norm, m.norm_eps)
+        out, entries = causal_attention(block.attn, h, self.positions, m,
+                                        self.matmuls["attention"], cache)
+        x = constrain(x + out.astype(x.dtype), ACTIVATION_AXES)
+        return x, rms_norm(x, block.ffn_norm, m.norm_eps), entries
 
-    def dense_layer(block: Block, x, _):
-        x, h = attention_block(block, x)
-        return constrain(x + swiglu(block.ffn, h, matmuls["dense_ffn"]).astype(x.dtype), ACTIVATION_AXES), None
+    def dense(self, block: Block, x, cache=None):
+        x, h, entries = self.attention(block, x, cache)
+        y = swiglu(block.ffn, h, self.matmuls["dense_ffn"]).astype(x.dtype)
+        return constrain(x + y, ACTIVATION_AXES), None, entries
 
-    def moe_layer(block: Block, x, bias):
-        x, h = attention_block(block, x)
-        y, stats = moe_ffn(block.ffn, h, bias, router_state.temperature, cfg, matmuls)
-        return constrain(x + y, ACTIVATION_AXES), stats
+    def moe(self, block: Block, x, bias, cache=None):
+        x, h, entries = self.attention(block, x, cache)
+        y, stats = moe_ffn(block.ffn, h, bias, self.router_state.temperature, self.cfg,
+                           self.matmuls)
+        return constrain(x + y, ACTIVATION_AXES), stats, entries
+
+
+def _decoder(params: Transformer, tokens, positions, cfg: Config, router_state, cache=None):
+    """tokens [B, T] at positions [T] -> (hidden [B, T, D] before the final norm, per-layer MoE
+    statistics or None, updated cache or None)."""
+    router_state = init_router_state(cfg) if router_state is None else router_state
+    layers = _Layers(cfg, positions, router_state)
+    cached = cache is not None
+
+    def dense_layer(block, x, layer_cache):
+        x, _, entries = layers.dense(block, x, layer_cache)
+        return x, entries if cached else None
+
+    def moe_layer(block, x, inputs):
+        bias, layer_cache = inputs
+        x, stats, entries = layers.moe(block, x, bias, layer_cache)
+        return x, (stats, entries if cached else None)
 
     x = constrain(params.embed[tokens].astype(jnp.float32), ACTIVATION_AXES)
+    new_cache = {"dense": None, "moe": None}
     if params.dense_blocks is not None:
-        x, _ = _run_stack(params.dense_blocks, x, jnp.zeros(cfg.num_dense_layers), dense_layer, cfg)
+        x, new_cache["dense"] = _run_stack(params.dense_blocks, x,
+                                           cache.dense if cached else None, dense_layer, cfg)
     layer_stats = None
     if params.moe_blocks is not None:
-        x, layer_stats = _run_stack(params.moe_blocks, x, router_state.bias, moe_layer, cfg)
-    x = rms_norm(x, params.final_norm, m.norm_eps)
-    logits = jnp.einsum("btd,dv->btv", x.astype(dtype), params.lm_head.astype(dtype),
-                        preferred_element_type=jnp.float32)
-    return logits, _aux_outputs(layer_stats, cfg)
+        bias = router_state.bias[:cfg.num_moe_layers]
+        x, (layer_stats, new_cache["moe"]) = _run_stack(
+            params.moe_blocks, x, (bias, cache.moe if cached else None), moe_layer, cfg)
+    return x, layer_stats, KVCache(**new_cache) if cached else None
+
+
+def output_logits(params: Transformer, hidden: jax.Array, final_norm: jax.Array,
+                  cfg: Config) -> jax.Array:
+    """hidden [B, T, D] -> logits [B, T, V] float32 through the (shared) output head."""
+    dtype = jnp.dtype(cfg.precision.compute_dtype)
+    x = rms_norm(hidden, final_norm, cfg.model.norm_eps)
+    return jnp.einsum("btd,dv->btv", x.astype(dtype), params.lm_head.astype(dtype),
+                      preferred_element_type=jnp.float32)
+
+
+def forward(params: Transformer, tokens: jax.Array, cfg: Config, router_state=None):
+    """tokens [B, T] int -> (logits [B, T, V] float32, aux dict of MoE statistics)."""
+    positions = jnp.arange(tokens.shape[1])
+    hidden, layer_stats, _ = _decoder(params, tokens, positions, cfg, router_state)
+    return output_logits(params, hidden, params.final_norm, cfg), _aux_outputs(layer_stats, cfg)
+
+
+def forward_cached(params: Transformer, tokens: jax.Array, start: jax.Array, cache: KVCache,
+                   cfg: Config, router_state=None):
+    """Generation: tokens [B, T] at positions start .. start + T - 1, attending to everything
+    in `cache` before them -> (logits [B, T, V] float32, the cache with these tokens added)."""
+    positions = start + jnp.arange(tokens.shape[1])
+    hidden, _, cache = _decoder(params, tokens, positions, cfg, router_state, cache)
+    return output_logits(params, hidden, params.final_norm, cfg), cache
+
+
+def _mtp_losses(params: Transformer, hidden, tokens, cfg: Config, router_state):
+    """Cross-entropy of each MTP depth k = 1..D and its MoE statistics.
+
+    Depth k sees positions i < T - k: the previous depth's hidden state at i and the embedding
+    of token i + k, and predicts token i + k + 1 (tokens [B, T + 1] holds inputs and targets)."""
+    router_state = init_router_state(cfg) if router_state is None else router_state
+    seq = tokens.shape[1] - 1
+    m = cfg.model
+    losses, stats = [], []
+    for depth in range(1, m.mtp_depth + 1):
+        module = jax.tree.map(lambda leaf, d=depth: leaf[d - 1], params.mtp)
+        length = seq - depth
+        layers = _Layers(cfg, jnp.arange(length), router_state)
+        next_embed = params.embed[tokens[:, depth:depth + length]].astype(jnp.float32)
+        joined = jnp.concatenate([rms_norm(next_embed, module.embed_norm, m.norm_eps),
+                                  rms_norm(hidden[:, :length], module.hidden_norm, m.norm_eps)],
+                                 axis=-1)
+        dtype = jnp.dtype(cfg.precision.compute_dtype)  # a small GEMM: no fp8, like the head
+        x = constrain(jnp.matmul(joined.astype(dtype), module.proj.astype(dtype),
+                                 preferred_element_type=jnp.float32), ACTIVATION_AXES)
+        if cfg.num_moe_layers:
+            bias = router_state.bias[cfg.num_moe_layers + depth - 1]
+            hidden, layer_stats, _ = layers.moe(module.block, x, bias)
+            stats.append(layer_stats)
+        else:
+            hidden, _, _ = layers.dense(module.block, x)
+        logits = output_logits(params, hidden, module.final_norm, cfg)
+        targets = tokens[:, depth + 1:depth + 1 + length]
+        losses.append(jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, targets)))
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *stats) if stats else None
+    return losses, stacked
 
 
 def _aux_outputs(layer_stats, cfg: Config) -> dict:
@@ -146,30 +283,58 @@ def _aux_outputs(layer_stats, cfg: Config) -> dict:
     return aux
 
 
-def loss_fn(params: Transformer, batch: dict, cfg: Config, router_state=None):
-    """Next-token cross-entropy plus the weighted router losses.
+def loss_fn(params: Transformer, batch: dict, cfg: Config, router_state=None,
+            mtp_weight=None):
+    """Next-token cross-entropy plus the weighted router losses, plus (with model.mtp_depth = D)
+    the multi-token-prediction loss (lambda / D) * sum_k (CE_k + router losses_k).
 
     batch["tokens"] is [B, T + 1]: inputs are tokens[:, :-1], targets tokens[:, 1:].
-    Returns (loss, metrics) with every loss term reported separately.
+    `mtp_weight` is lambda (default train.mtp_loss_weight; the train step passes the scheduled
+    value). Returns (loss, metrics) with every loss term reported separately; the MTP modules'
+    expert counts follow the main model's in metrics["expert_counts"] [L_moe + D, E].
     """
     tokens = batch["tokens"]
-    logits, aux = forward(params, tokens[:, :-1], cfg, router_state)
+    positions = jnp.arange(tokens.shape[1] - 1)
+    hidden, layer_stats, _ = _decoder(params, tokens[:, :-1], positions, cfg, router_state)
+    logits = output_logits(params, hidden, params.final_norm, cfg)
+    aux = _aux_outputs(layer_stats, cfg)
     cross_entropy = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]))
     metrics = {"cross_entropy": cross_entropy, **aux}
-    return cross_entropy + aux["aux_loss"], metrics
+    loss = cross_entropy + aux["aux_loss"]
+    if cfg.model.mtp_depth:
+        mtp_weight = cfg.train.mtp_loss_weight if mtp_weight is None else mtp_weight
+        losses, mtp_stats = _mtp_losses(params, hidden, tokens, cfg, router_state)
+        mtp_total = sum(losses)
+        if mtp_stats is not None:
+            mtp_aux = _aux_outputs(mtp_stats, cfg)
+            mtp_total = mtp_total + mtp_aux["aux_loss"]
+            metrics["mtp_aux_loss"] = mtp_aux["aux_loss"]
+            metrics["expert_counts"] = jnp.concatenate(
+                [aux["expert_counts"], mtp_aux["expert_counts"]])
+        loss = loss + mtp_weight / cfg.model.mtp_depth * mtp_total
+        metrics.update({f"mtp_cross_entropy_{k}": ce for k, ce in enumerate(losses, start=1)})
+        metrics["mtp_loss_weight"] = jnp.asarray(mtp_weight, jnp.float32)
+    return loss, metrics
 
 
 def count_params(cfg: Config) -> dict[str, int]:
     """Total and active (per token) parameter counts, from the declarations alone.
 
     Active counts k of the E routed experts of each MoE layer, and everything else in full.
+    `total` and `active` are the main model's; the MTP modules (which share the embedding and
+    the output head) are counted apart as `mtp` and `mtp_active`.
     """
     specs = model_specs(cfg)
-    total = P.count(specs)
-    routed = 0
-    if specs.moe_blocks is not None:
-        ffn = specs.moe_blocks.ffn
-        routed = ffn.w_gate.size + ffn.w_up.size + ffn.w_down.size
-    inactive = routed - routed * cfg.moe.top_k // max(cfg.moe.num_experts, 1)
-    return {"total": total, "active": total - inactive, "routed_experts": routed,
-            "embedding": specs.embed.size, "lm_head": specs.lm_head.size}
+    mtp = P.count(specs.mtp) if specs.mtp is not None else 0
+    total = P.count(specs) - mtp
+    inactive_fraction = 1 - cfg.moe.top_k / max(cfg.moe.num_experts, 1)
+
+    def routed(moe) -> int:
+        return moe.w_gate.size + moe.w_up.size + moe.w_down.size
+
+    main_routed = routed(specs.moe_blocks.ffn) if specs.moe_blocks is not None else 0
+    mtp_routed = routed(specs.mtp.block.ffn) if mtp and cfg.num_moe_layers else 0
+    return {"total": total, "active": total - round(main_routed * inactive_fraction),
+            "routed_experts": main_routed, "embedding": specs.embed.size,
+            "lm_head": specs.lm_head.size, "mtp": mtp,
+            "mtp_active": mtp - round(mtp_routed * inactive_fraction)}

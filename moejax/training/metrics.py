@@ -16,12 +16,18 @@ from moejax.model.transformer import count_params
 
 def flops_per_token(cfg: Config) -> float:
     """Training FLOPs per token of the ACTIVE parameters: 6 N_active (matmul weights, without
-    the embedding lookup) + 12 L H Q T for attention scores and values (forward + backward)."""
+    the embedding lookup) + 6 L H T (Qk + Qv) for attention scores and values (forward +
+    backward), with the MTP modules counted as extra layers."""
     m = cfg.model
     counts = count_params(cfg)
-    matmul_params = counts["active"] - counts["embedding"]
-    attention = 12 * m.num_layers * m.num_heads * m.head_dim * cfg.train.seq_len
-    return 6.0 * matmul_params + attention
+    matmul_params = counts["active"] - counts["embedding"] + counts["mtp_active"]
+    if m.attention == "mla":
+        qk_dim, v_dim = m.qk_nope_head_dim + m.qk_rope_head_dim, m.v_head_dim
+    else:
+        qk_dim = v_dim = m.head_dim
+    layers = m.num_layers + m.mtp_depth
+    attention = 6 * layers * m.num_heads * (qk_dim + v_dim) * cfg.train.seq_len
+    return 6.0 * matmul_params + attention + 6.0 * m.mtp_depth * counts["lm_head"]
 
 
 def measure_peak_flops(size: int | None = None, repeats: int = 5) -> float:

@@ -21,6 +21,14 @@ def router_temperature(cfg: Config, step: jax.Array) -> jax.Array:
     return cfg.moe.temperature * t.temperature_decay ** (step // t.temperature_decay_every)
 
 
+def mtp_loss_weight(cfg: Config, step: jax.Array) -> jax.Array:
+    """lambda of the multi-token-prediction loss: the first weight for the first
+    mtp_weight_switch_fraction of the run, then the final weight."""
+    t = cfg.train
+    switch_step = int(t.mtp_weight_switch_fraction * t.steps)
+    return jnp.where(step < switch_step, t.mtp_loss_weight, t.mtp_loss_weight_final)
+
+
 def update_router_bias(bias: jax.Array, expert_counts: jax.Array, rate: float) -> jax.Array:
     """Aux-loss-free balancing: bias [L, E] += rate * sign(mean load - load).
 
@@ -43,13 +51,14 @@ def load_statistics(expert_counts: jax.Array, bias: jax.Array) -> dict[str, jax.
 
 def _gradients(state: TrainState, batch: dict, cfg: Config, router: RouterState):
     """(loss, metrics, grads); with float16 compute the loss is scaled and the grads unscaled."""
+    mtp_weight = mtp_loss_weight(cfg, state.step)
     if state.loss_scale is None:
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, batch, cfg, router)
+            state.params, batch, cfg, router, mtp_weight)
         return loss, metrics, grads
 
     def scaled(params):
-        loss, metrics = loss_fn(params, batch, cfg, router)
+        loss, metrics = loss_fn(params, batch, cfg, router, mtp_weight)
         return ls.scale_loss(loss, state.loss_scale), (loss, metrics)
 
     (_, (loss, metrics)), grads = jax.value_and_grad(scaled, has_aux=True)(state.params)
