@@ -121,7 +121,10 @@ def _announce(announce, cfg: Config, run_dir: Path, corpus: Corpus, mesh) -> Non
     announce(f"run directory: {run_dir}")
     announce(f"model: {counts['total']:,} parameters, {counts['active']:,} active per token; "
              f"{cfg.num_dense_layers} dense + {cfg.num_moe_layers} MoE layers, "
-             f"{cfg.moe.num_experts} experts (top-{cfg.moe.top_k}, {cfg.moe.router} router)")
+             f"{cfg.moe.num_experts} experts (top-{cfg.moe.top_k}, {cfg.moe.router} router), "
+             f"{cfg.model.attention.upper()} attention"
+             + (f"; {cfg.model.mtp_depth} MTP module(s), {counts['mtp']:,} parameters"
+                if cfg.model.mtp_depth else ""))
     announce(f"data: {len(corpus.train_tokens):,} train / {len(corpus.val_tokens):,} held-out "
              f"tokens; {cfg.train.global_batch_size} x {cfg.train.seq_len} tokens per step")
     announce(f"mesh: {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} "
