@@ -10,10 +10,12 @@ import orbax.checkpoint as ocp
 
 
 class Checkpoints:
-    def __init__(self, directory: str | Path, keep: int):
+    def __init__(self, directory: str | Path, keep: int | None = None):
+        """`keep`: how many checkpoints saving keeps; None (for readers) deletes nothing."""
         self.directory = Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max(keep, 1), enable_async_checkpointing=True, create=True
+            max_to_keep=None if keep is None else max(keep, 1), enable_async_checkpointing=True,
+            create=True,
         )
         # Replica-parallel saving compiles one small slicing program per array (seconds per
         # save on small models); every array here is written by its primary replica instead.
@@ -44,6 +46,13 @@ class Checkpoints:
             data=ocp.args.JsonRestore())
         restored = self.manager.restore(step, args=args)
         return restored.state, restored.data
+
+    def restore_model(self, step: int, like: dict) -> dict:
+        """Only {"params": ..., "router": ...} of the state at `step` (no optimizer state),
+        placed as `like`'s ShapeDtypeStructs (with shardings) say."""
+        restore_args = ocp.checkpoint_utils.construct_restore_args(like)
+        restore = ocp.args.PyTreeRestore(like, restore_args=restore_args, partial_restore=True)
+        return self.manager.restore(step, args=ocp.args.Composite(state=restore)).state
 
     def close(self) -> None:
         """Wait for pending saves to finish, then release the manager."""
