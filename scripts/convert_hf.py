@@ -1,12 +1,15 @@
-"""Convert checkpoints between Hugging Face (Mixtral, Qwen3-MoE) and moejax.
+"""Convert checkpoints between Hugging Face (Mixtral, Qwen3-MoE, DeepSeek-V3) and moejax.
 
     python scripts/convert_hf.py to-moejax HF_DIR OUT_DIR [precision.param_dtype=bfloat16 ...]
-    python scripts/convert_hf.py to-hf MOEJAX_DIR HF_DIR --architecture Qwen3MoeForCausalLM
+    python scripts/convert_hf.py to-hf MOEJAX_DIR HF_DIR --architecture DeepseekV3ForCausalLM
 
-HF_DIR is a local checkpoint directory (config.json and safetensors files). A moejax directory
-holds config.yaml and safetensors files named by parameter path, one tensor per layer of each
-parameter ("moe_blocks.3.ffn.w_gate" [E, D, F]); load it with moejax.convert.load_moejax(dir).
-It stores parameters only (no optimizer state). Errors print one line and exit with status 2.
+HF_DIR is a local checkpoint directory (config.json and safetensors files; DeepSeek's block-fp8
+release is dequantised, its MTP layers are kept unless model.mtp_depth=0 is given). A moejax
+directory holds config.yaml and safetensors files named by parameter path, one tensor per layer
+of each parameter ("moe_blocks.3.ffn.w_gate" [E, D, F]), plus the router state (DeepSeek's
+e_score_correction_bias lives there); load it with
+moejax.convert.load_moejax(dir, with_router_state=True). It stores no optimizer state. Errors
+print one line and exit with status 2.
 """
 
 from __future__ import annotations
@@ -55,11 +58,13 @@ def main(argv=None) -> int:
     try:
         _refuse_non_empty(args.out_dir)
         if args.command == "to-moejax":
-            cfg, params = load_hf(args.hf_dir, overrides=args.overrides)
-            files = save_moejax(cfg, params, args.out_dir)
+            cfg, params, router_state = load_hf(args.hf_dir, overrides=args.overrides,
+                                                with_router_state=True)
+            files = save_moejax(cfg, params, args.out_dir, router_state=router_state)
         else:
-            cfg, params = load_moejax(args.moejax_dir)
-            files = save_hf(cfg, params, args.out_dir, args.architecture, dtype=args.dtype)
+            cfg, params, router_state = load_moejax(args.moejax_dir, with_router_state=True)
+            files = save_hf(cfg, params, args.out_dir, args.architecture,
+                            router_state=router_state, dtype=args.dtype)
     except (ConversionError, ConfigError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

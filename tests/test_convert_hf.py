@@ -1,6 +1,7 @@
 """Hugging Face checkpoint interop: tiny random Mixtral and Qwen3-MoE models built in torch,
 saved with save_pretrained, loaded into moejax and compared (logits, router choices), exported
-back and reloaded (bit-equal, and loadable by transformers), plus the conversion errors."""
+back and reloaded (bit-equal, and loadable by transformers), YaRN, plus the conversion errors
+(DeepSeek-V3 has its own file, test_convert_deepseek.py)."""
 
 import dataclasses
 import importlib.util
@@ -19,7 +20,7 @@ import moejax
 import moejax.convert
 from moejax.config import MeshConfig
 from moejax.convert import ConversionError, config_from_hf, load_hf, save_hf
-from moejax.convert.architectures import ARCHITECTURES
+from moejax.convert.architectures import ARCHITECTURES, LayoutOptions
 from moejax.convert.hf import param_specs
 from moejax.convert.layout import leaf_specs
 from moejax.model.router import route
@@ -146,7 +147,7 @@ def test_layout_covers_every_parameter_exactly_once(case):
     specs = param_specs(case.cfg)
     for fused in (False, True):
         counts = {path: np.zeros(spec.shape) for path, spec in leaf_specs(specs)[0].items()}
-        for tensor in arch.layout(case.cfg, fused, 1.0):
+        for tensor in arch.layout(case.cfg, LayoutOptions(fused_experts=fused)):
             for placement in tensor.placements:
                 ones = np.ones(tensor.shape)
                 counts[placement.leaf][placement.index] += placement.to_moejax(ones)
@@ -234,11 +235,12 @@ def _copy_with_config(src: Path, dst: Path, **changes) -> Path:
 
 
 def test_unsupported_architectures_are_named(mixtral_dir, tmp_path):
-    deepseek = _copy_with_config(mixtral_dir, tmp_path / "ds",
-                                 architectures=["DeepseekV3ForCausalLM"])
-    with pytest.raises(ConversionError, match=r"'DeepseekV3ForCausalLM'.*MLA attention.*"
-                       r"\['MixtralForCausalLM', 'Qwen3MoeForCausalLM'\]"):
-        load_hf(deepseek)
+    qwen2 = _copy_with_config(mixtral_dir, tmp_path / "qwen2",
+                              architectures=["Qwen2MoeForCausalLM"])
+    with pytest.raises(ConversionError, match=r"'Qwen2MoeForCausalLM'.*shared expert is gated.*"
+                       r"\['DeepseekV3ForCausalLM', 'MixtralForCausalLM', "
+                       r"'Qwen3MoeForCausalLM'\]"):
+        load_hf(qwen2)
     llama = _copy_with_config(mixtral_dir, tmp_path / "llama", architectures=["LlamaForCausalLM"])
     with pytest.raises(ConversionError, match=r"'LlamaForCausalLM'.*supported architectures"):
         load_hf(llama)
@@ -291,6 +293,42 @@ def test_unsupported_features_are_refused(tmp_path):
                        "model.qk_norm=false"):
         save_hf(mixtral_cfg, None, tmp_path / "out", "Qwen3MoeForCausalLM")
     assert not (tmp_path / "out").exists()
+
+
+def test_yarn_is_read_and_written(tmp_path):
+    """Mixtral with YaRN: transformers rescales the frequencies and scales cos/sin by
+    mscale(f, mscale) / mscale(f, mscale_all_dim), as moejax's grouped-query attention does."""
+    yarn = {"rope_type": "yarn", "rope_theta": 500.0, "factor": 4.0, "beta_fast": 8.0,
+            "beta_slow": 1.0, "mscale": 0.707, "mscale_all_dim": 1.0,
+            "original_max_position_embeddings": 8}
+
+    def mixtral(rope):  # head_dim given: transformers' YaRN needs it
+        return transformers.MixtralForCausalLM(transformers.MixtralConfig(
+            num_hidden_layers=1, num_local_experts=4, intermediate_size=16, head_dim=8,
+            rope_parameters=rope, max_position_embeddings=32, **COMMON)).float().eval()
+
+    model = mixtral(yarn)
+    _randomize(model, seed=7)
+    model.save_pretrained(tmp_path / "hf")
+    cfg, params = load_hf(tmp_path / "hf", overrides=F32)
+    m = cfg.model
+    assert (m.rope_scaling, m.yarn_factor, m.yarn_original_max_len) == ("yarn", 4.0, 8)
+    assert (m.yarn_mscale, m.yarn_mscale_all_dim, m.yarn_beta_fast) == (0.707, 1.0, 8.0)
+    tokens = np.random.default_rng(0).integers(0, m.vocab_size, (BATCH, SEQ_LEN))
+    with torch.no_grad():
+        hf_logits = model(torch.as_tensor(tokens)).logits.numpy()
+    logits, _ = moejax.forward(params, jnp.asarray(tokens), cfg)
+    np.testing.assert_allclose(logits, hf_logits, rtol=0, atol=1e-4)
+    plain = mixtral({"rope_type": "default", "rope_theta": 500.0})
+    plain.load_state_dict(model.state_dict())
+    with torch.no_grad():  # YaRN changes these logits, so matching them needs YaRN
+        assert np.abs(plain(torch.as_tensor(tokens)).logits.numpy() - hf_logits).max() > 1e-3
+    save_hf(cfg, params, tmp_path / "out", "MixtralForCausalLM")
+    assert load_hf(tmp_path / "out", overrides=F32)[0] == cfg
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(exported(torch.as_tensor(tokens)).logits.numpy(), hf_logits,
+                                   rtol=0, atol=1e-6)
 
 
 def test_pre_v5_config_keys_are_read():

@@ -1,5 +1,6 @@
-"""Checkpoint conversion: Hugging Face checkpoints (Mixtral, Qwen3-MoE) <-> moejax parameters,
-and moejax's own parameter checkpoint format used by scripts/convert_hf.py."""
+"""Checkpoint conversion: Hugging Face checkpoints (Mixtral, Qwen3-MoE, DeepSeek-V3, including
+its block-fp8 release and MTP layers) <-> moejax parameters and router state, and moejax's own
+parameter checkpoint format used by scripts/convert_hf.py."""
 
 from moejax.convert.architectures import ARCHITECTURES, UNSUPPORTED
 from moejax.convert.hf import config_from_hf, load_hf, save_hf

@@ -1,26 +1,35 @@
-"""Hugging Face checkpoints <-> moejax (config, params).
+"""Hugging Face checkpoints <-> moejax (config, params, router state).
 
 `load_hf` reads a local checkpoint directory (config.json plus model.safetensors, or shards
-listed in model.safetensors.index.json) of a supported architecture; `save_hf` writes one that
-transformers' `from_pretrained` loads. Expert weights are written one tensor per expert (the
-layout of the released checkpoints, which transformers 4.x and 5.x both read); both that layout
-and transformers >= 5's fused `gate_up_proj`/`down_proj` layout are read.
+listed in model.safetensors.index.json) of a supported architecture (Mixtral, Qwen3-MoE,
+DeepSeek-V3), streaming it file by file and dequantising block-fp8 weights (DeepSeek's released
+checkpoints); `save_hf` writes one that transformers' `from_pretrained` loads. Expert weights
+are written one tensor per expert (the layout of the released checkpoints, which transformers
+4.x and 5.x both read); both that layout and transformers >= 5's fused
+`gate_up_proj`/`down_proj` layout are read.
+
+DeepSeek-V3's multi-token-prediction layers (model.layers.{num_hidden_layers + k}) are read into
+params.mtp when the checkpoint has them (transformers' own save_pretrained drops them), and its
+`e_score_correction_bias` into the router state (`with_router_state=True`).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from moejax import params as P
 from moejax.config import MESH_AXES, Config, ConfigError, MeshConfig, load_config
-from moejax.convert import shards
+from moejax.convert import quantization, shards
 from moejax.convert.architectures import ARCHITECTURES, Architecture, architecture
+from moejax.convert.common import LayoutOptions
 from moejax.convert.layout import ConversionError, TensorMap
-from moejax.model.transformer import model_specs
+from moejax.model.transformer import RouterState, init_router_state, model_specs
 
 # Tensors that some checkpoints carry but that moejax recomputes (RoPE frequency tables).
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -60,13 +69,30 @@ def mesh_section(mesh) -> tuple[list[str], int]:
     return [f"mesh.{axis}={mesh.shape[axis]}" for axis in MESH_AXES], mesh.size
 
 
-def config_from_hf(hf_config: dict, overrides=(), mesh=None) -> Config:
+def declared_mtp_layers(hf_config: dict) -> int:
+    return int(hf_config.get("num_nextn_predict_layers") or 0)
+
+
+def mtp_depth(hf_config: dict, tensor_names: Iterable[str]) -> int:
+    """num_nextn_predict_layers when the checkpoint holds the first MTP layer's tensors
+    (model.layers.{num_hidden_layers}.*), else 0."""
+    prefix = f"model.layers.{hf_config['num_hidden_layers']}."
+    present = any(name.startswith(prefix) for name in tensor_names)
+    return declared_mtp_layers(hf_config) if present else 0
+
+
+def config_from_hf(hf_config: dict, overrides=(), mesh=None, *,
+                   tensor_names: Iterable[str] = ()) -> Config:
     """The moejax Config of an HF config.json dict, then the dotted `overrides`; the mesh
-    section is that of `mesh` (see mesh_section)."""
+    section is that of `mesh` (see mesh_section). model.mtp_depth comes from the checkpoint's
+    `tensor_names` (see mtp_depth): 0 without them."""
     arch = hf_architecture(hf_config)
+    quantization.block_size(hf_config)  # refuses quantisation schemes moejax cannot read
     mesh_overrides, num_devices = mesh_section(mesh)
     try:
         mapped = arch.overrides_from_hf(hf_config)
+        if arch.has_mtp:
+            mapped.append(f"model.mtp_depth={mtp_depth(hf_config, tensor_names)}")
     except KeyError as err:
         raise ConversionError(f"config.json of this {arch.name} lacks the key {err.args[0]!r} "
                               "that moejax needs.") from None
@@ -77,10 +103,20 @@ def config_from_hf(hf_config: dict, overrides=(), mesh=None) -> Config:
                               f"config: {err}") from None
 
 
-def _choose_layout(arch: Architecture, cfg: Config, names: set[str]) -> list[TensorMap]:
+def _skipped_mtp_layer(name: str, hf_config: dict, cfg: Config) -> bool:
+    """Whether `name` belongs to an MTP layer the checkpoint declares but the config leaves out
+    (override model.mtp_depth=0 to load the main model only)."""
+    first = hf_config["num_hidden_layers"] + cfg.model.mtp_depth
+    last = hf_config["num_hidden_layers"] + declared_mtp_layers(hf_config)
+    return any(name.startswith(f"model.layers.{i}.") for i in range(first, last))
+
+
+def _choose_layout(arch: Architecture, cfg: Config, hf_config: dict, names: set[str],
+                   block) -> list[TensorMap]:
     """The per-expert layout or the fused one, whichever the checkpoint's tensor names match;
     tensors that moejax has no place for are an error (they would be silently dropped)."""
-    candidates = [arch.layout(cfg, fused, 1.0) for fused in (False, True)]
+    interleave = bool(hf_config.get("rope_interleave", True))  # null means false to transformers
+    candidates = [arch.layout(cfg, LayoutOptions(fused, 1.0, interleave)) for fused in (False, True)]
     missing = [[t.name for t in layout if t.name not in names] for layout in candidates]
     best = min(range(len(candidates)), key=lambda i: len(missing[i]))
     if missing[best]:
@@ -88,7 +124,13 @@ def _choose_layout(arch: Architecture, cfg: Config, names: set[str]) -> list[Ten
             f"the checkpoint lacks {len(missing[best])} tensors that its config.json implies, "
             f"e.g. {missing[best][0]!r}: the weights do not match config.json.")
     known = {t.name for t in candidates[best]}
-    extra = sorted(n for n in names - known if not n.endswith(IGNORED_SUFFIXES))
+    if block is not None:
+        known |= {name + quantization.SCALE_SUFFIX for name in known}
+    extra = sorted(n for n in names - known if not n.endswith(IGNORED_SUFFIXES)
+                   and not _skipped_mtp_layer(n, hf_config, cfg))
+    if extra and extra[0].endswith(quantization.SCALE_SUFFIX) and block is None:
+        raise ConversionError(f"the checkpoint has fp8 scales such as {extra[0]!r} but config.json "
+                              "has no fp8 quantization_config: add the one it was saved with.")
     if extra:
         raise ConversionError(
             f"the checkpoint has {len(extra)} tensors that moejax has no place for, e.g. "
@@ -103,41 +145,57 @@ def param_specs(cfg: Config):
         model_specs(cfg), is_leaf=P.is_spec)
 
 
-def load_hf(path, mesh=None, *, overrides=()) -> tuple[Config, object]:
-    """(config, params) of a local Hugging Face checkpoint directory.
+def _imported_router_state(cfg: Config) -> RouterState:
+    """Zero selection bias (DeepSeek checkpoints overwrite it) and temperature 1 (HF routers
+    have none: an exported temperature is folded into the router weights)."""
+    return init_router_state(cfg).replace(temperature=jnp.ones((), jnp.float32))
+
+
+def load_hf(path, mesh=None, *, overrides=(), with_router_state: bool = False):
+    """(config, params), or (config, params, router_state) with `with_router_state`, of a
+    local Hugging Face checkpoint directory.
 
     `overrides` are dotted moejax config overrides applied after the mapping (for example
-    "precision.compute_dtype=float32" or "precision.param_dtype=bfloat16"); parameters are
-    stored in precision.param_dtype. With a `mesh` the parameters are placed with the model's
-    shardings and the config's mesh section matches the mesh.
+    "precision.compute_dtype=float32", "precision.param_dtype=bfloat16", or "model.mtp_depth=0"
+    to leave out DeepSeek's MTP layers); parameters are stored in precision.param_dtype. With a
+    `mesh` the parameters are placed with the model's shardings (the router state replicated)
+    and the config's mesh section matches the mesh.
     """
     directory = Path(path)
     hf_config = read_hf_config(directory)
-    cfg = config_from_hf(hf_config, overrides, mesh)
+    arch = hf_architecture(hf_config)
+    block = quantization.block_size(hf_config)
     files = shards.tensor_files(directory)
-    layout = _choose_layout(hf_architecture(hf_config), cfg, set(files))
+    cfg = config_from_hf(hf_config, overrides, mesh, tensor_names=files)
+    layout = _choose_layout(arch, cfg, hf_config, set(files), block)
     specs = param_specs(cfg)
-    host = shards.read_host_params(files, layout, specs, np.dtype(cfg.precision.param_dtype))
-    return cfg, shards.place_params(host, specs, mesh)
+    initial_state = _imported_router_state(cfg)
+    host = shards.host_arrays(specs, np.dtype(cfg.precision.param_dtype), initial_state)
+    shards.read_tensors(files, layout, host, block)
+    router_state = shards.place_router_state(host, initial_state, mesh)
+    params = shards.place_params(host, specs, mesh)
+    return (cfg, params, router_state) if with_router_state else (cfg, params)
 
 
 def save_hf(config: Config, params, path, architecture: str = "MixtralForCausalLM", *,
             router_state=None, dtype: str | None = None,
             max_shard_bytes: int = shards.DEFAULT_MAX_SHARD_BYTES) -> list[Path]:
-    """Write `params` as a Hugging Face checkpoint of `architecture` into directory `path`;
-    returns the safetensors files written.
+    """Write `params` (and the router state) as a Hugging Face checkpoint of `architecture`
+    into directory `path`; returns the safetensors files written.
 
-    The softmax temperature (router_state.temperature, else config.moe.temperature) is folded
-    into the router weights, since HF routers have none. Tensors keep the parameters' dtype
-    unless `dtype` (e.g. "bfloat16") is given.
+    `router_state` defaults to init_router_state(config). Softmax routers get its temperature
+    folded into their weights, since HF routers have none; DeepSeek-V3 gets its selection bias
+    as `e_score_correction_bias` (float32). Other tensors keep the parameters' dtype unless
+    `dtype` (e.g. "bfloat16") is given.
     """
     arch = _exportable_architecture(config, architecture)
-    temperature = float(config.moe.temperature if router_state is None
-                        else router_state.temperature)
+    router_state = _checked_router_state(config, router_state)
+    options = LayoutOptions(router_temperature=float(router_state.temperature))
     directory = Path(path)
-    layout = arch.layout(config, False, temperature)
-    written = shards.write_checkpoint(directory, layout, params, dtype=dtype,
-                                      max_shard_bytes=max_shard_bytes, metadata={"format": "pt"})
+    written = shards.write_checkpoint(directory, arch.layout(config, options),
+                                      shards.checkpoint_leaves(params, router_state),
+                                      dtype=dtype, max_shard_bytes=max_shard_bytes,
+                                      metadata={"format": "pt"})
     tensor_dtype = np.dtype(dtype) if dtype else np.dtype(jax.tree.leaves(params)[0].dtype)
     hf_config = {**arch.config_to_hf(config), "dtype": tensor_dtype.name,
                  "torch_dtype": tensor_dtype.name}
@@ -152,3 +210,14 @@ def _exportable_architecture(config: Config, name: str) -> Architecture:
         raise ConversionError(f"this moejax config cannot be written as {name}: "
                               f"{', '.join(problems)} has no equivalent there.")
     return arch
+
+
+def _checked_router_state(config: Config, router_state) -> RouterState:
+    expected = init_router_state(config)
+    if router_state is None:
+        return expected
+    if tuple(router_state.bias.shape) != tuple(expected.bias.shape):
+        raise ConversionError(
+            f"router_state.bias has shape {tuple(router_state.bias.shape)} but this config "
+            f"needs {tuple(expected.bias.shape)} (one row per MoE layer, then per MTP depth).")
+    return router_state

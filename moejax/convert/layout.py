@@ -6,6 +6,11 @@ A layout is a list of `TensorMap`s. Each names one checkpoint tensor and one or 
 leading indices into that stacked leaf (layer, and expert for per-expert tensors) and the
 conversions in both directions. Layouts are pure data computed from a `Config`; the file
 reading and writing lives in `moejax.convert.shards`.
+
+Leaf paths under ROUTER_STATE name the leaves of a `moejax.RouterState` rather than parameters
+(DeepSeek's `e_score_correction_bias` is a row of its selection bias). A tensor with
+`duplicate_of` set is a second copy of another tensor's values (DeepSeek's MTP layers repeat the
+embedding and the output head): it is written on export and checked equal on import.
 """
 
 from __future__ import annotations
@@ -19,7 +24,10 @@ import numpy as np
 from moejax.params import is_spec
 
 LeafPath = tuple[str, ...]  # attribute names from the Transformer root down to one leaf
-BLOCK_STACKS = ("dense_blocks", "moe_blocks")  # leaves under these are stacked [layers, ...]
+# leaves under these are stacked [layers, ...] (the MTP modules [depth, ...])
+BLOCK_STACKS = ("dense_blocks", "moe_blocks", "mtp")
+ROUTER_STATE = "router_state"  # leaf paths (ROUTER_STATE, field) name RouterState's leaves
+ROUTER_BIAS: LeafPath = (ROUTER_STATE, "bias")  # [L_moe + D_mtp, E] float32
 
 
 class ConversionError(ValueError):
@@ -42,10 +50,18 @@ class TensorMap:
     name: str
     shape: tuple[int, ...]  # in the checkpoint
     placements: tuple[Placement, ...]
+    dtype: str | None = None  # written in this dtype whatever the export dtype (router bias)
+    duplicate_of: str | None = None  # the tensor whose values this one repeats
 
     @property
     def writable(self) -> bool:
         return len(self.placements) == 1 and self.placements[0].to_checkpoint is not None
+
+
+def single(name: str, leaf: LeafPath, index: tuple[int, ...], to_moejax, to_checkpoint,
+           shape: tuple[int, ...], **options) -> TensorMap:
+    """A checkpoint tensor that is exactly one (slice of a) leaf."""
+    return TensorMap(name, shape, (Placement(leaf, index, to_moejax, to_checkpoint),), **options)
 
 
 def leaf_specs(specs) -> tuple[dict[LeafPath, object], object]:
@@ -93,9 +109,27 @@ def fused_gate_up_half(x: np.ndarray, half: int) -> np.ndarray:
     return np.swapaxes(x[:, half * width:(half + 1) * width], 1, 2)
 
 
+def rope_halves_from_pairs(x: np.ndarray, rope_dim: int) -> np.ndarray:
+    """Reorder the last `rope_dim` (> 0) entries of the last axis from adjacent RoPE pairs
+    (2i, 2i + 1), as DeepSeek's interleaved weights are rotated, to moejax's halves
+    (i, i + rope_dim / 2): the even entries first, then the odd ones. Scores q . k do not
+    change when the query and the key dims move alike."""
+    rest, rope = x[..., :-rope_dim], x[..., -rope_dim:]
+    return np.concatenate([rest, rope[..., 0::2], rope[..., 1::2]], axis=-1)
+
+
+def rope_pairs_from_halves(x: np.ndarray, rope_dim: int) -> np.ndarray:
+    """The inverse of rope_halves_from_pairs."""
+    rest, rope = x[..., :-rope_dim], x[..., -rope_dim:]
+    half = rope_dim // 2
+    pairs = np.stack([rope[..., :half], rope[..., half:]], axis=-1).reshape(rope.shape)
+    return np.concatenate([rest, pairs], axis=-1)
+
+
 def native_layout(specs) -> list[TensorMap]:
-    """moejax's own layout: one tensor per leaf, split per layer for the block stacks
-    ("moe_blocks.3.ffn.w_gate" [E, D, F]); names follow the attribute paths."""
+    """moejax's own layout: one tensor per leaf, split per layer for the block stacks and per
+    depth for the MTP modules ("moe_blocks.3.ffn.w_gate" [E, D, F], "mtp.0.proj" [2D, D]);
+    names follow the attribute paths."""
     maps = []
     for path, spec in leaf_specs(specs)[0].items():
         if path[0] not in BLOCK_STACKS:

@@ -18,6 +18,10 @@ from moejax.config import ModelConfig
 from moejax.model.layers import Matmul, apply_rope, rms_norm, rope_tables, yarn_mscale
 from moejax.params import ParamSpec, normal_init, ones_init
 
+# DeepSeek normalises both MLA latents with eps 1e-6 whatever model.norm_eps says (its reference
+# code and transformers' DeepseekV3 agree), so checkpoints with another norm eps import exactly.
+LATENT_NORM_EPS = 1e-6
+
 
 @struct.dataclass
 class Attention:
@@ -146,7 +150,7 @@ def cache_entries(p, x: jax.Array, rope: tuple, m: ModelConfig, matmul: Matmul):
     if m.attention == "mla":
         compressed = matmul(x, p.wkv_a)
         latent, key_rope = jnp.split(compressed, [m.kv_lora_rank], axis=-1)
-        return rms_norm(latent, p.kv_a_norm, m.norm_eps), apply_rope(key_rope, *rope)
+        return rms_norm(latent, p.kv_a_norm, LATENT_NORM_EPS), apply_rope(key_rope, *rope)
     k = _project(x, p.wk, matmul)
     if p.k_norm is not None:
         k = rms_norm(k, p.k_norm, m.norm_eps)
@@ -181,7 +185,7 @@ def _latent_queries(p: LatentAttention, x, rope, m: ModelConfig, matmul: Matmul)
     if p.wq_a is None:
         q = _project(x, p.wq, matmul)
     else:
-        q = _project(rms_norm(matmul(x, p.wq_a), p.q_a_norm, m.norm_eps), p.wq_b, matmul)
+        q = _project(rms_norm(matmul(x, p.wq_a), p.q_a_norm, LATENT_NORM_EPS), p.wq_b, matmul)
     q_nope, q_rope = jnp.split(q, [m.qk_nope_head_dim], axis=-1)
     return q_nope, apply_rope(q_rope, *rope)
 
