@@ -1,14 +1,19 @@
 """moejax: pure-functional JAX training of DeepSeek-V3-style Mixture-of-Experts transformers.
 
 The curated public API; everything else is importable from its module but may change.
+Generation lives in `moejax.generate` (generate, load_model), Hugging Face conversion in
+`moejax.convert` (load_hf, save_hf).
 """
 
 from moejax.config import Config, ConfigError, load_config
 from moejax.model.transformer import (
+    KVCache,
     RouterState,
     Transformer,
     count_params,
     forward,
+    forward_cached,
+    init_cache,
     init_params,
     init_router_state,
     loss_fn,
@@ -20,10 +25,13 @@ from moejax.training.loop import train
 __all__ = [
     "Config",
     "ConfigError",
+    "KVCache",
     "RouterState",
     "Transformer",
     "count_params",
     "forward",
+    "forward_cached",
+    "init_cache",
     "init_params",
     "init_router_state",
     "load_config",

@@ -18,8 +18,10 @@ def test_every_preset_loads_and_has_abstract_params(name):
     cfg = moejax.load_config(name, num_devices=8)
     counts = moejax.count_params(cfg)
     shapes = jax.eval_shape(lambda: abstract(model_specs(cfg)))
-    assert sum(math.prod(s.shape) for s in jax.tree.leaves(shapes)) == counts["total"]
+    assert sum(math.prod(s.shape) for s in jax.tree.leaves(shapes)) == (counts["total"]
+                                                                        + counts["mtp"])
     assert 0 < counts["active"] <= counts["total"]
+    assert 0 <= counts["mtp_active"] <= counts["mtp"]
     print(f"{name}: {counts['total']:,} parameters, {counts['active']:,} active per token")
 
 
