@@ -4,6 +4,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import moejax
 
@@ -37,3 +38,11 @@ def subprocess_env(num_devices: int) -> dict:
     same fast-compile setting as this test process)."""
     flags = f"--xla_force_host_platform_device_count={num_devices} --xla_backend_optimization_level=0"
     return {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
+
+
+def assert_trees_bit_equal(actual, expected) -> None:
+    """Same tree structure, and every leaf the same dtype, shape and bits."""
+    assert jax.tree.structure(actual) == jax.tree.structure(expected)
+    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
+        assert a.dtype == e.dtype and a.shape == e.shape
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(e))

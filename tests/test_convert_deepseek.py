@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from helpers import assert_trees_bit_equal
 from jax.sharding import NamedSharding, PartitionSpec
 from safetensors.torch import load_file, save_file
 
@@ -143,13 +144,6 @@ def grouped(built) -> Case:
     return built("q_latent_grouped")
 
 
-def _assert_bit_equal(actual, expected):
-    assert jax.tree.structure(actual) == jax.tree.structure(expected)
-    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
-        assert a.dtype == e.dtype and a.shape == e.shape
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(e))
-
-
 def test_config_mapping(case):
     m, e = case.cfg.model, case.cfg.moe
     assert (m.attention, m.num_layers, m.num_dense_layers, m.mtp_depth) == ("mla", 3, 1, 0)
@@ -228,8 +222,8 @@ def test_export_then_import_is_identity(case, tmp_path):
     assert len(files) > 1 and (tmp_path / "model.safetensors.index.json").exists()
     cfg, params, state = load_hf(tmp_path, overrides=F32, with_router_state=True)
     assert cfg == case.cfg
-    _assert_bit_equal(params, case.params)
-    _assert_bit_equal(state, case.router_state)
+    assert_trees_bit_equal(params, case.params)
+    assert_trees_bit_equal(state, case.router_state)
 
 
 def test_exported_checkpoint_loads_in_transformers(case, tmp_path):
@@ -253,10 +247,10 @@ def test_bfloat16_export_keeps_the_bias_float32(case, tmp_path):
     assert tensors["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == torch.float32
     assert tensors["model.layers.1.self_attn.kv_b_proj.weight"].dtype == torch.bfloat16
     _, params, state = load_hf(tmp_path, overrides=F32, with_router_state=True)
-    _assert_bit_equal(state, case.router_state)
+    assert_trees_bit_equal(state, case.router_state)
     rounded = jax.tree.map(lambda x: np.asarray(x).astype(ml_dtypes.bfloat16).astype(np.float32),
                            case.params)
-    _assert_bit_equal(params, rounded)
+    assert_trees_bit_equal(params, rounded)
 
 
 def test_load_onto_a_mesh(grouped):
@@ -268,8 +262,8 @@ def test_load_onto_a_mesh(grouped):
     for leaf, sharding in zip(jax.tree.leaves(params), jax.tree.leaves(expected)):
         assert leaf.sharding == sharding
     assert state.bias.sharding == NamedSharding(mesh, PartitionSpec())
-    _assert_bit_equal(params, grouped.params)
-    _assert_bit_equal(state, grouped.router_state)
+    assert_trees_bit_equal(params, grouped.params)
+    assert_trees_bit_equal(state, grouped.router_state)
 
 
 # Multi-token prediction: transformers drops the MTP layers, so they are tested by round trip.
@@ -310,8 +304,8 @@ def test_mtp_export_then_import_is_identity(mtp_model, tmp_path):
                                    torch.tensor(np.asarray(getattr(params.mtp, norm)[0])))
     loaded_cfg, loaded, loaded_state = load_hf(tmp_path, overrides=F32, with_router_state=True)
     assert loaded_cfg == cfg
-    _assert_bit_equal(loaded, params)
-    _assert_bit_equal(loaded_state, state)
+    assert_trees_bit_equal(loaded, params)
+    assert_trees_bit_equal(loaded_state, state)
 
 
 def test_mtp_layers_can_be_left_out(mtp_model, tmp_path):
@@ -320,7 +314,7 @@ def test_mtp_layers_can_be_left_out(mtp_model, tmp_path):
     main_cfg, main, main_state = load_hf(tmp_path, overrides=(*F32, "model.mtp_depth=0"),
                                          with_router_state=True)
     assert main_cfg.model.mtp_depth == 0 and main.mtp is None
-    _assert_bit_equal(main, params.replace(mtp=None))
+    assert_trees_bit_equal(main, params.replace(mtp=None))
     np.testing.assert_array_equal(main_state.bias, state.bias[:-1])
 
 
@@ -388,7 +382,7 @@ def test_block_fp8_checkpoint_is_dequantised(grouped, tmp_path):
     assert cfg == grouped.cfg
     np.testing.assert_allclose(_logits(params, tokens, cfg, state), hf_logits, rtol=0, atol=1e-4)
     _, reference = load_hf(tmp_path / "dequantized", overrides=F32)
-    _assert_bit_equal(params, reference)
+    assert_trees_bit_equal(params, reference)
     # the fp8 rounding is visible: these are not the original weights
     assert not np.array_equal(params.dense_blocks.ffn.w_down,
                               grouped.params.dense_blocks.ffn.w_down)
@@ -524,9 +518,9 @@ def test_script_round_trip_keeps_the_router_state(mtp_model, tmp_path):
     assert script.main(["to-moejax", str(tmp_path / "source"), str(native), *F32]) == 0
     native_cfg, native_params, native_state = load_moejax(native, with_router_state=True)
     assert native_cfg.model == cfg.model and native_cfg.moe == cfg.moe
-    _assert_bit_equal(native_params, params)
-    _assert_bit_equal(native_state, state)
+    assert_trees_bit_equal(native_params, params)
+    assert_trees_bit_equal(native_state, state)
     assert script.main(["to-hf", str(native), str(hf), "--architecture", NAME]) == 0
     _, hf_params, hf_state = load_hf(hf, overrides=F32, with_router_state=True)
-    _assert_bit_equal(hf_params, params)
-    _assert_bit_equal(hf_state, state)
+    assert_trees_bit_equal(hf_params, params)
+    assert_trees_bit_equal(hf_state, state)

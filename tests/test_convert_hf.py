@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from helpers import assert_trees_bit_equal
 
 import moejax
 import moejax.convert
@@ -96,13 +97,6 @@ def case(request, tmp_path_factory) -> Case:
                 cfg, params, np.asarray(logits))
 
 
-def _assert_bit_equal(actual, expected):
-    assert jax.tree.structure(actual) == jax.tree.structure(expected)
-    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
-        assert a.dtype == e.dtype and a.shape == e.shape
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(e))
-
-
 def test_config_mapping(case):
     m, e = case.cfg.model, case.cfg.moe
     assert (m.d_model, m.num_heads, m.num_kv_heads, m.vocab_size) == (32, 4, 2, 64)
@@ -159,7 +153,7 @@ def test_export_then_import_is_identity(case, tmp_path):
     assert len(files) > 1 and (tmp_path / "model.safetensors.index.json").exists()
     cfg, params = load_hf(tmp_path, overrides=F32)
     assert cfg == case.cfg
-    _assert_bit_equal(params, case.params)
+    assert_trees_bit_equal(params, case.params)
 
 
 def test_bfloat16_checkpoints_round_trip(case, tmp_path):
@@ -169,9 +163,9 @@ def test_bfloat16_checkpoints_round_trip(case, tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
     rounded = jax.tree.map(lambda x: x.astype(jnp.bfloat16), case.params)
     _, params = load_hf(tmp_path, overrides=F32)
-    _assert_bit_equal(params, jax.tree.map(lambda x: x.astype(jnp.float32), rounded))
+    assert_trees_bit_equal(params, jax.tree.map(lambda x: x.astype(jnp.float32), rounded))
     _, params = load_hf(tmp_path, overrides=(*F32, "precision.param_dtype=bfloat16"))
-    _assert_bit_equal(params, rounded)
+    assert_trees_bit_equal(params, rounded)
 
 
 def test_exported_checkpoint_loads_in_transformers(case, tmp_path):
@@ -188,7 +182,7 @@ def test_fused_expert_layout_loads_the_same(case, tmp_path):
     model = transformers.AutoModelForCausalLM.from_pretrained(case.hf_dir)
     model.save_pretrained(tmp_path, save_original_format=False)
     _, params = load_hf(tmp_path, overrides=F32)
-    _assert_bit_equal(params, case.params)
+    assert_trees_bit_equal(params, case.params)
 
 
 def test_router_temperature_is_folded_into_exported_router(case, tmp_path):
@@ -207,12 +201,12 @@ def test_load_onto_a_mesh_shards_the_parameters(case, tmp_path):
     expected = moejax.params.shardings(moejax.model_specs(cfg), mesh)
     for leaf, sharding in zip(jax.tree.leaves(params), jax.tree.leaves(expected)):
         assert leaf.sharding == sharding
-    _assert_bit_equal(params, case.params)
+    assert_trees_bit_equal(params, case.params)
     # saved from 8 devices, the native checkpoint still loads without a mesh (on one device)
     moejax.convert.save_moejax(cfg, params, tmp_path)
     native_cfg, native_params = moejax.convert.load_moejax(tmp_path)
     assert native_cfg.mesh == MeshConfig() and native_cfg.model == cfg.model
-    _assert_bit_equal(native_params, case.params)
+    assert_trees_bit_equal(native_params, case.params)
 
 
 # Errors and config mapping details.
@@ -357,10 +351,10 @@ def test_script_round_trip(case, tmp_path):
     assert script.main(["to-moejax", str(case.hf_dir), str(native)]) == 0
     cfg, params = moejax.convert.load_moejax(native)
     assert cfg.model == case.cfg.model and cfg.moe == case.cfg.moe
-    _assert_bit_equal(params, case.params)
+    assert_trees_bit_equal(params, case.params)
     assert script.main(["to-hf", str(native), str(hf), "--architecture", case.architecture]) == 0
     _, params = load_hf(hf, overrides=F32)
-    _assert_bit_equal(params, case.params)
+    assert_trees_bit_equal(params, case.params)
 
 
 def test_script_bad_input_is_one_line_and_exit_code_2(mixtral_dir, tmp_path, capsys):
