@@ -1,6 +1,9 @@
 """Shared test helpers (conftest.py has already set up 8 fake CPU devices)."""
 
+import functools
+import importlib.util
 import os
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -46,3 +49,14 @@ def assert_trees_bit_equal(actual, expected) -> None:
     for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
         assert a.dtype == e.dtype and a.shape == e.shape
         np.testing.assert_array_equal(np.asarray(a), np.asarray(e))
+
+
+@functools.cache
+def load_script(name: str):
+    """scripts/<name>.py as a module, so tests call its main(argv) in-process (a subprocess
+    would pay jax's import again)."""
+    path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -5,7 +5,6 @@ moejax and compared (logits, router choices); exported back and reloaded (bit-eq
 loadable by transformers); MTP layers, block-fp8 weights, and the conversion errors."""
 
 import dataclasses
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -17,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from helpers import assert_trees_bit_equal
+from helpers import assert_trees_bit_equal, load_script
 from jax.sharding import NamedSharding, PartitionSpec
 from safetensors.torch import load_file, save_file
 
@@ -502,18 +501,10 @@ def test_configs_deepseek_cannot_express_are_refused(grouped, tmp_path):
 # scripts/convert_hf.py, run in-process.
 
 
-def _script():
-    path = Path(__file__).resolve().parent.parent / "scripts" / "convert_hf.py"
-    spec = importlib.util.spec_from_file_location("convert_hf_script", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_script_round_trip_keeps_the_router_state(mtp_model, tmp_path):
     cfg, params, state = mtp_model
     save_hf(cfg, params, tmp_path / "source", NAME, router_state=state)
-    script = _script()
+    script = load_script("convert_hf")
     native, hf = tmp_path / "native", tmp_path / "hf"
     assert script.main(["to-moejax", str(tmp_path / "source"), str(native), *F32]) == 0
     native_cfg, native_params, native_state = load_moejax(native, with_router_state=True)

@@ -4,7 +4,6 @@ back and reloaded (bit-equal, and loadable by transformers), YaRN, plus the conv
 (DeepSeek-V3 has its own file, test_convert_deepseek.py)."""
 
 import dataclasses
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from helpers import assert_trees_bit_equal
+from helpers import assert_trees_bit_equal, load_script
 
 import moejax
 import moejax.convert
@@ -334,19 +333,8 @@ def test_pre_v5_config_keys_are_read():
     assert (cfg.model.rope_theta, cfg.moe.num_experts, cfg.num_dense_layers) == (123.0, 8, 1)
 
 
-# scripts/convert_hf.py, run in-process (a subprocess would pay jax's import again).
-
-
-def _script():
-    path = Path(__file__).resolve().parent.parent / "scripts" / "convert_hf.py"
-    spec = importlib.util.spec_from_file_location("convert_hf_script", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_script_round_trip(case, tmp_path):
-    script = _script()
+    script = load_script("convert_hf")
     native, hf = tmp_path / "native", tmp_path / "hf"
     assert script.main(["to-moejax", str(case.hf_dir), str(native)]) == 0
     cfg, params = moejax.convert.load_moejax(native)
@@ -358,7 +346,7 @@ def test_script_round_trip(case, tmp_path):
 
 
 def test_script_bad_input_is_one_line_and_exit_code_2(mixtral_dir, tmp_path, capsys):
-    script = _script()
+    script = load_script("convert_hf")
     assert script.main(["to-moejax", str(tmp_path / "absent"), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "has no config.json" in err and err.count("\n") == 1

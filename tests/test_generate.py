@@ -4,7 +4,6 @@ loading every checkpoint kind, and scripts/generate.py end to end."""
 
 import dataclasses
 import functools
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import subprocess_env, tiny_config
+from helpers import load_script, subprocess_env, tiny_config
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 import moejax
@@ -236,15 +235,6 @@ def training_run(tmp_path_factory) -> Path:
     return run_dir
 
 
-@functools.cache
-def script():
-    path = REPO / "scripts" / "generate.py"
-    spec = importlib.util.spec_from_file_location("generate_script", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def script_prompt():
     return np.tile(np.frombuffer(SCRIPT_PROMPT.encode(), np.uint8), (BATCH, 1))
 
@@ -270,7 +260,7 @@ def test_script_samples_from_a_training_run(training_run, capsys):
     argv = [str(training_run), "--prompt", SCRIPT_PROMPT, "--max-new-tokens",
             str(NEW_TOKENS), "--num-samples", str(BATCH), "--temperature", "0.8",
             "--top-p", "0.95", "--seed", "4"]
-    assert script().main(argv) == 0
+    assert load_script("generate").main(argv) == 0
     out = capsys.readouterr().out
     expected = generate(c.params, c.cfg, script_prompt(), NEW_TOKENS,
                             key=jax.random.key(4), temperature=0.8, top_p=0.95,
@@ -285,7 +275,7 @@ def test_script_greedy_from_a_moejax_checkpoint(tmp_path, capsys):
     save_moejax(c.cfg, c.params, tmp_path / "native", router_state=c.router_state)
     argv = [str(tmp_path / "native"), "--prompt-ids", "100, 101 102 32",
             "--max-new-tokens", str(NEW_TOKENS), "--num-samples", str(BATCH)]
-    assert script().main(argv) == 0
+    assert load_script("generate").main(argv) == 0
     expected = generate(c.params, c.cfg, script_prompt(), NEW_TOKENS, key=jax.random.key(0),
                             router_state=c.router_state)
     lines = capsys.readouterr().out.splitlines()
@@ -321,7 +311,7 @@ def test_tokenizer_choice(tmp_path):
 
 
 def test_script_errors_are_one_line_with_status_2(tmp_path, capsys):
-    assert script().main([str(tmp_path), "--prompt", "x"]) == 2
+    assert load_script("generate").main([str(tmp_path), "--prompt", "x"]) == 2
     assert capsys.readouterr().err == (f"error: {tmp_path} is not a checkpoint: expected a "
                                        "training run directory (config.yaml and checkpoints/), a "
                                        "moejax checkpoint (config.yaml and safetensors) or a "
