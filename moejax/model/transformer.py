@@ -227,7 +227,9 @@ def forward(params: Transformer, tokens: jax.Array, cfg: Config, router_state=No
 def forward_cached(params: Transformer, tokens: jax.Array, start: jax.Array, cache: KVCache,
                    cfg: Config, router_state=None):
     """Generation: tokens [B, T] at positions start .. start + T - 1, attending to everything
-    in `cache` before them -> (logits [B, T, V] float32, the cache with these tokens added)."""
+    in `cache` before them -> (logits [B, T, V] float32, the cache with these tokens added).
+    start + T must not exceed the cache length: a traced `start` cannot be checked here, and a
+    write past the end would be clamped onto the last slots (moejax.generate checks it)."""
     positions = start + jnp.arange(tokens.shape[1])
     hidden, _, cache = _decoder(params, tokens, positions, cfg, router_state, cache)
     return output_logits(params, hidden, params.final_norm, cfg), cache
@@ -238,7 +240,6 @@ def _mtp_losses(params: Transformer, hidden, tokens, cfg: Config, router_state):
 
     Depth k sees positions i < T - k: the previous depth's hidden state at i and the embedding
     of token i + k, and predicts token i + k + 1 (tokens [B, T + 1] holds inputs and targets)."""
-    router_state = init_router_state(cfg) if router_state is None else router_state
     seq = tokens.shape[1] - 1
     m = cfg.model
     losses, stats = [], []
@@ -294,6 +295,7 @@ def loss_fn(params: Transformer, batch: dict, cfg: Config, router_state=None,
     expert counts follow the main model's in metrics["expert_counts"] [L_moe + D, E].
     """
     tokens = batch["tokens"]
+    router_state = init_router_state(cfg) if router_state is None else router_state
     positions = jnp.arange(tokens.shape[1] - 1)
     hidden, layer_stats, _ = _decoder(params, tokens[:, :-1], positions, cfg, router_state)
     logits = output_logits(params, hidden, params.final_norm, cfg)
