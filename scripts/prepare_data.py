@@ -1,10 +1,11 @@
 """Tokenize a corpus into train.bin / val.bin / meta.json for moejax training.
 
     python scripts/prepare_data.py OUT_DIR [FILES_OR_GLOBS...]
-        [--tokenizer byte|path/to/tokenizer.json] [--holdout-every 50]
+        [--tokenizer byte|path/to/tokenizer.json] [--holdout-every 50] [--overwrite]
 
 With no sources it tokenizes the running Python's standard library (.py files). Quote globs
-so the shell does not expand them; ``**`` matches across directories.
+so the shell does not expand them; ``**`` matches across directories. OUT_DIR must be new or
+empty; --overwrite replaces an existing corpus there once the new one is complete.
 """
 
 from __future__ import annotations
@@ -42,6 +43,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=data.DEFAULT_HOLDOUT_EVERY,
         help="files 0, N, 2N, ... (sorted order) go to the val split (default: %(default)s)",
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the corpus already in OUT_DIR (only once the new one is complete)",
+    )
     return parser.parse_args(argv)
 
 
@@ -51,11 +57,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.sources:
             corpus_dir = data.prepare_corpus(
-                args.sources, args.out_dir, args.tokenizer, args.holdout_every
+                args.sources,
+                args.out_dir,
+                args.tokenizer,
+                args.holdout_every,
+                overwrite=args.overwrite,
             )
         else:
             corpus_dir = data.prepare_stdlib_corpus(
-                args.out_dir, args.tokenizer, args.holdout_every
+                args.out_dir, args.tokenizer, args.holdout_every, overwrite=args.overwrite
             )
         meta = data.read_meta(corpus_dir)
     except (ValueError, OSError) as exc:

@@ -8,6 +8,11 @@ On-disk corpus format (``FORMAT_VERSION`` 1), one directory per corpus:
   per-split token/document counts and max token id. It is written last, so a directory
   without it is never a complete corpus.
 
+``prepare_corpus`` / ``prepare_stdlib_corpus`` build into a hidden sibling directory and move it
+into place only once it is complete and both splits hold tokens. A non-empty output directory is
+refused unless it holds nothing but a corpus and ``overwrite`` is set; then old and new swap in
+one atomic rename (Linux ``renameat2(RENAME_EXCHANGE)``; elsewhere two renames).
+
 Documents (source files) are tokenized one at a time and concatenated with no separator
 token; each document is made to end with exactly one trailing newline of its own (one is
 appended when the file does not already end with a newline). With the byte tokenizer
@@ -326,8 +331,16 @@ def _build_corpus(
     tokenizer: str | os.PathLike | Tokenizer,
     holdout_every: int,
     source_description: str,
+    overwrite: bool,
 ) -> Path:
+    """Tokenize into a hidden sibling directory, check it, then move it into place as out_dir.
+
+    Nothing appears at out_dir (not even missing parent directories) until the new corpus is
+    complete and every split holds tokens; an old corpus is replaced by one atomic swap.
+    """
     files_by_split = split_by_file(files, holdout_every)
+    target = Path(out_dir).resolve()  # a symlinked corpus is replaced where it really lives
+    _check_output_dir(target, overwrite)
     documents_by_split = {
         split: (path.read_bytes() for path in paths) for split, paths in files_by_split.items()
     }
@@ -337,14 +350,121 @@ def _build_corpus(
         "num_files": {split: len(paths) for split, paths in files_by_split.items()},
         "num_source_bytes": sum(path.stat().st_size for path in files),
     }
-    write_token_files(
-        documents_by_split,
-        out_dir,
-        tokenizer,
-        source_description=source_description,
-        extra_meta=extra_meta,
-    )
+    build_dir = Path(tempfile.mkdtemp(prefix=f".{target.name}.build-", dir=_nearest_dir(target)))
+    try:
+        os.chmod(build_dir, 0o755)  # mkdtemp creates 0700
+        meta = write_token_files(
+            documents_by_split,
+            build_dir,
+            tokenizer,
+            source_description=source_description,
+            extra_meta=extra_meta,
+        )
+        _check_splits_have_tokens(meta, files_by_split)
+        _move_corpus_into_place(build_dir, target, overwrite)
+    finally:
+        shutil.rmtree(build_dir, ignore_errors=True)  # the old corpus after a swap, else leftovers
     return Path(out_dir)
+
+
+# Names a corpus directory may hold; --overwrite replaces a directory only if it holds nothing else.
+_CORPUS_FILE_NAMES = frozenset({META_FILENAME, "train.bin", "val.bin"})
+
+
+def _is_corpus_file(name: str) -> bool:
+    """A corpus file, or a temporary one left by an interrupted ``write_token_files``."""
+    return name in _CORPUS_FILE_NAMES or (name.startswith(".") and name.endswith(".tmp"))
+
+
+def _check_output_dir(target: Path, overwrite: bool) -> None:
+    """Refuse a file, a directory holding anything but a corpus, and a corpus without overwrite."""
+    if target.exists() and not target.is_dir():
+        raise DataError(f"Output path {target} is a file; choose a directory path for the corpus.")
+    entries = sorted(os.listdir(target)) if target.is_dir() else []
+    foreign = [name for name in entries if not _is_corpus_file(name)]
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise DataError(
+            f"Output directory {target} is not empty and holds files that are not a corpus "
+            f"({shown}); choose a new or empty directory (--overwrite replaces only a corpus)."
+        )
+    if entries and not overwrite:
+        what = "a corpus" if _is_complete_corpus(target) else "an incomplete corpus"
+        raise DataError(
+            f"Output directory {target} already holds {what}; pass --overwrite "
+            "(overwrite=True) to replace it, or choose another directory."
+        )
+
+
+def _nearest_dir(target: Path) -> Path:
+    """target's parent, or its nearest existing ancestor (same filesystem, so rename works)."""
+    directory = target.parent
+    while not directory.is_dir():
+        directory = directory.parent
+    return directory
+
+
+def _check_splits_have_tokens(meta: Mapping[str, Any], files_by_split: Mapping[str, list]) -> None:
+    num_tokens = meta["num_tokens"]
+    if not any(num_tokens.values()):
+        num_files = sum(len(paths) for paths in files_by_split.values())
+        raise DataError(
+            f"All {num_files} source files are empty (0 tokens); pass files that hold text."
+        )
+    for split, count in num_tokens.items():
+        if count == 0:
+            raise DataError(
+                f"Split {split!r} would get 0 tokens because its {len(files_by_split[split])} "
+                "file(s) are empty; add non-empty files or change holdout_every "
+                "(--holdout-every) so that it gets some."
+            )
+
+
+def _move_corpus_into_place(build_dir: Path, target: Path, overwrite: bool) -> None:
+    """Rename build_dir to target; with overwrite a non-empty target swaps places with it
+    (build_dir then holds the old corpus, for the caller to delete)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if overwrite and target.is_dir() and os.listdir(target):
+        _exchange_directories(build_dir, target)
+        return
+    try:
+        os.rename(build_dir, target)  # replaces an empty directory, as POSIX rename allows
+    except OSError as exc:
+        raise DataError(
+            f"Could not move the new corpus into {target} ({exc.strerror}); "
+            "check that nothing else is writing there and run again."
+        ) from None
+
+
+def _exchange_directories(first: Path, second: Path) -> None:
+    """Swap two directories: atomically with Linux renameat2(RENAME_EXCHANGE), else with two
+    renames (a crash between them leaves second's old contents at a hidden ``.stale-`` name)."""
+    if _rename_exchange(first, second):
+        return
+    aside = second.with_name(f".{second.name}.stale-{os.getpid()}-{time.monotonic_ns()}")
+    os.rename(second, aside)
+    try:
+        os.rename(first, second)
+    except OSError:
+        os.rename(aside, second)  # put the old corpus back
+        raise
+    os.rename(aside, first)
+
+
+def _rename_exchange(first: Path, second: Path) -> bool:
+    """True if the kernel swapped the two paths in one step; False where it cannot."""
+    try:
+        import ctypes  # imported lazily: only replacing a corpus needs it
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (AttributeError, OSError, TypeError):  # not Linux/glibc
+        return False
+    at_current_dir, rename_exchange = -100, 2  # AT_FDCWD and RENAME_EXCHANGE from <fcntl.h>
+    result = renameat2(
+        at_current_dir, os.fsencode(first), at_current_dir, os.fsencode(second), rename_exchange
+    )
+    return result == 0
 
 
 def prepare_corpus(
@@ -352,20 +472,31 @@ def prepare_corpus(
     out_dir: str | os.PathLike,
     tokenizer: str | os.PathLike | Tokenizer = "byte",
     holdout_every: int = DEFAULT_HOLDOUT_EVERY,
+    *,
+    overwrite: bool = False,
 ) -> Path:
-    """Tokenize files/globs into out_dir (train.bin, val.bin, meta.json); returns out_dir."""
+    """Tokenize files/globs into out_dir (train.bin, val.bin, meta.json); returns out_dir.
+
+    out_dir must be missing or empty, or, with overwrite, hold nothing but a corpus (which is
+    replaced only once the new one is complete).
+    """
     files = resolve_sources(sources)
     shown_patterns = ", ".join(map(str, sources[:3])) + (", ..." if len(sources) > 3 else "")
     description = f"{len(files)} files from {shown_patterns}"
-    return _build_corpus(files, out_dir, tokenizer, holdout_every, description)
+    return _build_corpus(files, out_dir, tokenizer, holdout_every, description, overwrite)
 
 
 def prepare_stdlib_corpus(
     out_dir: str | os.PathLike,
     tokenizer: str | os.PathLike | Tokenizer = "byte",
     holdout_every: int = DEFAULT_HOLDOUT_EVERY,
+    *,
+    overwrite: bool = False,
 ) -> Path:
-    """Tokenize the running Python's standard-library ``.py`` files into out_dir; returns it."""
+    """Tokenize the running Python's standard-library ``.py`` files into out_dir; returns it.
+
+    out_dir rules as in ``prepare_corpus``.
+    """
     root = stdlib_dir()
     files = discover_stdlib_sources(root)
     description = (
@@ -373,7 +504,7 @@ def prepare_stdlib_corpus(
         f"under {root} (excluding site-packages, dist-packages and test* / idle_test dirs), "
         "sorted by relative path"
     )
-    return _build_corpus(files, out_dir, tokenizer, holdout_every, description)
+    return _build_corpus(files, out_dir, tokenizer, holdout_every, description, overwrite)
 
 
 # --------------------------------------------------------------------------------------------
@@ -455,14 +586,22 @@ def _discard_directory(directory: Path) -> None:
 def read_meta(corpus_dir: str | os.PathLike) -> dict[str, Any]:
     """The corpus's meta.json as a dict, after checking that the corpus exists and is complete."""
     corpus_dir = Path(corpus_dir)
-    fix = f"build it with `python scripts/prepare_data.py {corpus_dir}`"
+    build = f"build it with `python scripts/prepare_data.py {corpus_dir}`"
+    fix = f"rebuild it with `python scripts/prepare_data.py {corpus_dir} --overwrite`"
+    if corpus_dir.exists() and not corpus_dir.is_dir():
+        raise DataError(
+            f"Corpus path {corpus_dir} is a file, not a corpus directory; "
+            "point data.corpus_dir at the directory that prepare_data.py wrote."
+        )
     if not corpus_dir.is_dir():
-        raise DataError(f"Corpus directory {corpus_dir} does not exist; {fix}.")
+        raise DataError(f"Corpus directory {corpus_dir} does not exist; {build}.")
     meta_path = corpus_dir / META_FILENAME
+    if not meta_path.is_file() and not os.listdir(corpus_dir):
+        raise DataError(f"Corpus directory {corpus_dir} is empty; {build}.")
     if not meta_path.is_file():
         raise DataError(
-            f"Corpus directory {corpus_dir} has no {META_FILENAME} "
-            f"(not a corpus, or its preparation was interrupted); {fix}."
+            f"Corpus directory {corpus_dir} has no {META_FILENAME} (not a corpus, or its "
+            f"preparation was interrupted); point data.corpus_dir at a prepared corpus or {fix}."
         )
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
@@ -480,7 +619,7 @@ def load_split(corpus_dir: str | os.PathLike, split: str) -> np.memmap:
     """Read-only memory map of one split's token ids (dtype from meta.json); read lazily."""
     corpus_dir = Path(corpus_dir)
     meta = read_meta(corpus_dir)
-    fix = f"rebuild it with `python scripts/prepare_data.py {corpus_dir}`"
+    fix = f"rebuild it with `python scripts/prepare_data.py {corpus_dir} --overwrite`"
     if split not in meta["splits"]:
         raise DataError(
             f"Corpus {corpus_dir} has no split {split!r} (it has {sorted(meta['splits'])}); "
@@ -492,8 +631,9 @@ def load_split(corpus_dir: str | os.PathLike, split: str) -> np.memmap:
     size_bytes = token_path.stat().st_size
     if size_bytes == 0:
         raise DataError(
-            f"Token file {token_path} is empty (0 tokens); give the corpus more source files "
-            f"or a smaller holdout_every so split {split!r} gets data."
+            f"Token file {token_path} is empty (0 tokens); rebuild the corpus with "
+            f"`python scripts/prepare_data.py {corpus_dir} FILES... --overwrite` from more "
+            f"non-empty files or another --holdout-every so split {split!r} gets tokens."
         )
     expected_bytes = meta["splits"][split]["num_tokens"] * np.dtype(meta["dtype"]).itemsize
     if size_bytes != expected_bytes:
@@ -505,9 +645,13 @@ def load_split(corpus_dir: str | os.PathLike, split: str) -> np.memmap:
 
 
 def check_vocab(corpus_dir: str | os.PathLike, vocab_size: int) -> int:
-    """Raise DataError if a corpus token id is >= the model's vocab_size; returns the max id."""
+    """Raise DataError if a corpus token id is >= the model's vocab_size; returns the max id.
+
+    Scans the token files themselves (one pass over a memory map: ~6 ms per 100 MB in the page
+    cache) rather than trusting meta.json's record, so files that disagree with it are caught.
+    """
     meta = read_meta(corpus_dir)
-    max_token_id = max(info["max_token_id"] for info in meta["splits"].values())
+    max_token_id = max(int(load_split(corpus_dir, split).max()) for split in meta["splits"])
     if max_token_id >= vocab_size:
         raise DataError(
             f"Corpus {corpus_dir} contains token id {max_token_id} but model.vocab_size is "
@@ -515,6 +659,40 @@ def check_vocab(corpus_dir: str | os.PathLike, vocab_size: int) -> int:
             "or re-tokenize the corpus with a smaller vocabulary."
         )
     return max_token_id
+
+
+def check_corpus_fits(
+    train_tokens: np.ndarray,
+    val_tokens: np.ndarray,
+    *,
+    seq_len: int,
+    global_batch_size: int,
+    eval_batches: int,
+) -> None:
+    """Raise DataError unless each split has as many distinct windows of seq_len + 1 tokens as
+    one use of it reads: global_batch_size for train, eval_batches * global_batch_size for val."""
+    needs = {  # split: (tokens, windows needed, where that count comes from, settings to lower)
+        "train": (
+            train_tokens,
+            global_batch_size,
+            f"one batch of train.global_batch_size = {global_batch_size}",
+            "train.seq_len or train.global_batch_size",
+        ),
+        "val": (
+            val_tokens,
+            eval_batches * global_batch_size,
+            f"train.eval_batches x train.global_batch_size = {eval_batches} x {global_batch_size}",
+            "train.seq_len or train.eval_batches",
+        ),
+    }
+    for split, (tokens, windows_needed, reason, settings) in needs.items():
+        windows = max(len(tokens) - seq_len, 0)  # distinct starts of a seq_len + 1 window
+        if windows < windows_needed:
+            raise DataError(
+                f"The {split} split has {len(tokens)} tokens, room for {windows} windows of "
+                f"train.seq_len + 1 = {seq_len + 1} tokens, but {reason} needs {windows_needed}; "
+                f"lower {settings}, or use a larger corpus."
+            )
 
 
 # --------------------------------------------------------------------------------------------
