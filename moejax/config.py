@@ -84,7 +84,10 @@ class MeshConfig:
     expert: int = -1  # -1: whatever devices are left
 
     def axis_sizes(self, num_devices: int) -> tuple[int, int, int]:
-        """Resolve -1 to the remaining devices; raises ConfigError if the sizes cannot fit."""
+        """Resolve -1 to the remaining devices; raises ConfigError if the sizes cannot fit.
+
+        Explicit sizes may use fewer devices than are visible (e.g. a 1-device reference run on
+        an 8-device host); the mesh then takes the first of them."""
         sizes = [self.data, self.fsdp, self.expert]
         if any(s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
             raise ConfigError(
@@ -92,19 +95,19 @@ class MeshConfig:
                 "most one -1 (meaning 'the remaining devices')."
             )
         known = math.prod(s for s in sizes if s != -1)
-        if num_devices % known:
+        if known > num_devices:
+            raise ConfigError(
+                f"mesh {dict(zip(MESH_AXES, sizes))} needs {known} devices but only "
+                f"{num_devices} are available: make the product of the mesh sizes at most "
+                f"{num_devices}."
+            )
+        if -1 in sizes and num_devices % known:
             raise ConfigError(
                 f"mesh sizes {dict(zip(MESH_AXES, sizes))} do not divide the {num_devices} "
-                "available devices: choose sizes whose product divides the device count."
+                "available devices, so -1 has no whole size: choose sizes whose product divides "
+                "the device count, or give every axis explicitly."
             )
-        sizes = [num_devices // known if s == -1 else s for s in sizes]
-        if math.prod(sizes) != num_devices:
-            raise ConfigError(
-                f"mesh {dict(zip(MESH_AXES, sizes))} uses {math.prod(sizes)} devices but "
-                f"{num_devices} are available: make the product equal the device count or set "
-                "one axis to -1."
-            )
-        return tuple(sizes)
+        return tuple(num_devices // known if s == -1 else s for s in sizes)
 
 
 @dataclass(frozen=True)
@@ -148,6 +151,9 @@ class TrainConfig:
     checkpoint_every: int = 100  # 0: only at the end (and on SIGTERM/SIGINT)
     keep_checkpoints: int = 2
     peak_flops_per_device: float = 0.0  # for MFU; 0 measures a large matmul at start-up
+    # a step whose loss, gradients or updated parameters are not finite is skipped (the state
+    # is kept); this many skipped in a row stop the run as diverged
+    max_skipped_steps_in_row: int = 10
     # multi-token prediction (model.mtp_depth > 0): loss weight lambda, then a lower one for the
     # rest of the run (DeepSeek-V3: 0.3 for the first 10T of 14.8T tokens, then 0.1)
     mtp_loss_weight: float = 0.3
@@ -251,6 +257,7 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
     m, e = cfg.model, cfg.moe
     _check(m.remat in ("none", "full", "dots"),
            f"model.remat={m.remat!r} is unknown: use none, full or dots.")
+    _validate_sizes(cfg)
     _validate_attention(m)
     _check(0 <= m.num_dense_layers <= m.num_layers,
            f"model.num_dense_layers={m.num_dense_layers} must be between 0 and "
@@ -271,14 +278,50 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
         _check(e.num_experts % sizes["expert"] == 0,
                f"moe.num_experts={e.num_experts} is not divisible by the expert mesh axis "
                f"({sizes['expert']}): choose a number of experts that is a multiple of mesh.expert.")
-    t = cfg.train
-    _check(t.steps >= 1 and t.seq_len >= 1 and t.log_every >= 1,
-           "train.steps, train.seq_len and train.log_every must be positive.")
-    _check(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps} must not be negative.")
+    _validate_train(cfg.train)
     batch_shards = math.prod(sizes.values())
     _check(cfg.train.global_batch_size % batch_shards == 0,
            f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by the "
            f"{batch_shards} data-parallel shards (data x fsdp x expert = {sizes}): use a multiple.")
+
+
+def _validate_sizes(cfg: Config) -> None:
+    m, e = cfg.model, cfg.moe
+    sizes = {"model.vocab_size": m.vocab_size, "model.d_model": m.d_model,
+             "model.num_layers": m.num_layers, "model.num_heads": m.num_heads,
+             "model.ffn_dim": m.ffn_dim}
+    if m.attention == "gqa":
+        sizes.update({"model.num_kv_heads": m.num_kv_heads, "model.head_dim": m.head_dim})
+    if e.num_experts:
+        sizes["moe.expert_ffn_dim"] = e.expert_ffn_dim
+    for name, value in sizes.items():
+        _check(value >= 1, f"{name}={value} must be a positive size.")
+    _check(e.num_experts >= 0 and e.num_shared_experts >= 0,
+           "moe.num_experts and moe.num_shared_experts must not be negative.")
+    _check(0 < m.init_std <= 1, f"model.init_std={m.init_std} must be in (0, 1]: larger "
+           "weights saturate the softmax and the gradients vanish (0.02 is usual).")
+
+
+def _validate_train(t: TrainConfig) -> None:
+    _check(t.steps >= 1 and t.seq_len >= 1 and t.log_every >= 1,
+           "train.steps, train.seq_len and train.log_every must be positive.")
+    _check(t.global_batch_size >= 1 and t.eval_batches >= 1,
+           f"train.global_batch_size={t.global_batch_size} and train.eval_batches="
+           f"{t.eval_batches} must be positive.")
+    _check(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps} must not be negative.")
+    _check(t.learning_rate > 0 and math.isfinite(t.learning_rate),
+           f"train.learning_rate={t.learning_rate} must be a positive number (e.g. 3e-3).")
+    _check(0 <= t.min_learning_rate_ratio <= 1,
+           f"train.min_learning_rate_ratio={t.min_learning_rate_ratio} must be in [0, 1].")
+    _check(t.eval_every >= 0 and t.checkpoint_every >= 0 and t.keep_checkpoints >= 1,
+           "train.eval_every and train.checkpoint_every must not be negative, and "
+           "train.keep_checkpoints must be at least 1.")
+    _check(t.grad_clip >= 0 and t.weight_decay >= 0,
+           "train.grad_clip and train.weight_decay must not be negative.")
+    _check(t.peak_flops_per_device >= 0,
+           "train.peak_flops_per_device must not be negative (0 measures it at start-up).")
+    _check(t.max_skipped_steps_in_row >= 1,
+           f"train.max_skipped_steps_in_row={t.max_skipped_steps_in_row} must be at least 1.")
 
 
 def _validate_attention(m: ModelConfig) -> None:

@@ -8,10 +8,12 @@ width and over `expert` along the expert dimension; the batch is sharded over ev
 
 from __future__ import annotations
 
+import math
+
 import jax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-from moejax.config import MESH_AXES, MeshConfig
+from moejax.config import MESH_AXES, ConfigError, MeshConfig
 
 BATCH_AXES = ("data", "fsdp", "expert")
 
@@ -36,11 +38,20 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
 
 
 def make_mesh(mesh_cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
-    """A mesh with axes (data, fsdp, expert) of Auto type, sized from config (-1 = the rest)."""
+    """A mesh with axes (data, fsdp, expert) of Auto type, sized from config (-1 = the rest).
+
+    Explicit sizes whose product is below the device count take the first devices (a
+    1-device reference run on an 8-device host); every process must own some of them."""
     devices = jax.devices() if devices is None else devices
     sizes = mesh_cfg.axis_sizes(len(devices))
+    used = devices[:math.prod(sizes)]
+    if jax.process_count() > 1 and len({d.process_index for d in used}) < jax.process_count():
+        raise ConfigError(
+            f"mesh {dict(zip(MESH_AXES, sizes))} uses {len(used)} of {len(devices)} devices, "
+            f"leaving some of the {jax.process_count()} processes without one: use all devices "
+            "in a multi-process run.")
     return jax.make_mesh(
-        sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
+        sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=used
     )
 
 

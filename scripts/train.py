@@ -31,6 +31,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--coordinator", help="HOST:PORT of process 0, for multi-host runs")
     parser.add_argument("--num-processes", type=int)
     parser.add_argument("--process-id", type=int)
+    parser.add_argument("--startup-timeout", type=float,
+                        help="seconds a process waits for the others at start-up and at each "
+                             "barrier (default: MOEJAX_STARTUP_TIMEOUT or 1800)")
     return parser.parse_args(argv)
 
 
@@ -39,16 +42,18 @@ def main(argv=None) -> int:
     from moejax.training import distributed
 
     try:
-        distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-    except ValueError as err:
+        distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                               args.startup_timeout)
+    except (ValueError, distributed.StartupError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
     import jax
 
     from moejax.config import ConfigError, load_config
+    from moejax.training.checkpoint import CheckpointError
     from moejax.training.data import DataError
-    from moejax.training.loop import train
+    from moejax.training.loop import TrainingDiverged, train
     from moejax.training.rundir import RunDirError
 
     main_process = jax.process_index() == 0
@@ -56,15 +61,24 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.overrides)
         summary = train(cfg, args.run_dir, resume=args.resume, progress=not args.no_progress,
                         announce=print if main_process else None)
-    except (ConfigError, DataError, RunDirError) as err:
+    except (ConfigError, DataError, RunDirError, CheckpointError,
+            distributed.StartupError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except TrainingDiverged as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     if main_process:
         held_out = summary["held_out"]
         line = f"final held-out loss {held_out['loss']:.4f} nats/token"
         if "bits_per_byte" in held_out:
             line += f", {held_out['bits_per_byte']:.4f} bits/byte"
         print(f"{line} after {summary['step']} steps; results in {summary['run_dir']}")
+        if "mfu" in summary:
+            print(f"throughput {summary['tokens_per_second']:,.0f} tokens/s, MFU "
+                  f"{summary['mfu']:.2%} (active-parameter FLOPs over the peak)")
+        if summary["skipped_steps"]:
+            print(f"{summary['skipped_steps']} step(s) skipped for a non-finite loss or gradients")
         if summary["stopped_by"]:
             print(f"stopped by {summary['stopped_by']}; checkpoint saved, continue with "
                   f"--run-dir {summary['run_dir']} --resume")

@@ -65,8 +65,8 @@ def test_resume_continues_exactly(corpus_dir, tmp_path):
     assert [s for s, _ in first["train_losses"]] == [1, 2, 3]
     second = train(cfg, tmp_path / "run", resume=True, progress=False, max_steps=6)
     resumed = dict(second["train_losses"])
-    assert sorted(resumed) == [4, 5, 6]
-    for step in (4, 5, 6):
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]  # the summary covers the whole run
+    for step in (1, 2, 3, 4, 5, 6):
         assert abs(resumed[step] - expected[step]) <= 1e-6 * abs(expected[step])
     assert expected[6] < expected[1]
     a, b = final_params(cfg, straight_dir), final_params(cfg, tmp_path / "run")
@@ -100,8 +100,10 @@ def test_sigterm_saves_and_resume_matches(corpus_dir, tmp_path):
     resumed = train(train_config(corpus_dir), run_dir, resume=True, progress=False,
                     max_steps=target)
     for step, loss in resumed["train_losses"]:
-        assert step > stopped_at
         assert abs(loss - expected[step]) <= 1e-6 * abs(expected[step])
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
+    steps = [r["step"] for r in records if r["kind"] == "train"]
+    assert steps == sorted(set(steps)) and steps[-1] == target  # each step logged once
 
 
 def train_config_overrides(corpus_dir):
@@ -163,3 +165,49 @@ def test_bad_data_gives_one_sentence(corpus_dir, tmp_path):
         train(train_config(corpus_dir, "model.vocab_size=100"), tmp_path / "c", progress=False)
     with pytest.raises(ConfigError, match="unknown config key 'train.stepz'"):
         train_config(corpus_dir, "train.stepz=3")
+
+
+def test_stop_signal_on_a_checkpoint_step_saves_once(corpus_dir, tmp_path, monkeypatch):
+    """SIGTERM arriving while step 4 (a checkpoint step) is saved: the run saves step 4 once
+    (orbax refuses a second save of a step), exits cleanly, and says where it stopped."""
+    original_save = Checkpoints.save
+    saved = []
+
+    def save_then_signal(self, step, state, data_state):
+        original_save(self, step, state, data_state)
+        saved.append(step)
+        if step == 4:
+            signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(Checkpoints, "save", save_then_signal)
+    summary = train(train_config(corpus_dir, "train.checkpoint_every=2"), tmp_path / "run",
+                    progress=False, max_steps=8)
+    assert summary["stopped_by"] == "SIGTERM" and summary["step"] == 4
+    assert saved == [2, 4]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["step"] == 4
+
+
+def truncate_checkpoint(directory: Path) -> None:
+    for path in directory.rglob("*"):
+        if path.is_file() and path.stat().st_size > 1000:
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def test_truncated_newest_checkpoint_resumes_from_the_older_one(corpus_dir, tmp_path):
+    expected, _ = straight_losses(corpus_dir, 6)
+    cfg = train_config(corpus_dir, "train.checkpoint_every=2")
+    run_dir = tmp_path / "run"
+    train(cfg, run_dir, progress=False, max_steps=5)  # checkpoints 2, 4 and 5 (kept: 4, 5)
+    truncate_checkpoint(run_dir / "checkpoints" / "5")
+    lines = []
+    summary = train(cfg, run_dir, resume=True, progress=False, max_steps=6, announce=lines.append)
+    reports = [line for line in lines if "checkpoint 5" in line]
+    assert len(reports) == 2 and "cannot be read" in reports[0]
+    assert "resuming from step 4; unreadable checkpoint 5 kept as" in reports[1]
+    assert (run_dir / "checkpoints" / "unreadable-5").is_dir()  # set aside, never deleted
+    losses = dict(summary["train_losses"])
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6]
+    for step in (5, 6):  # recomputed from step 4 exactly
+        assert abs(losses[step] - expected[step]) <= 1e-6 * abs(expected[step])
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]

@@ -9,6 +9,21 @@ import jax
 import orbax.checkpoint as ocp
 
 
+class CheckpointError(RuntimeError):
+    """No checkpoint of a run can be read; the message says what to do instead."""
+
+
+def set_aside(directory: Path, step: int) -> Path:
+    """Rename an unreadable checkpoint to `unreadable-<step>` (kept for inspection, invisible to
+    orbax, whose steps are numeric names) so the resumed run can save that step again."""
+    target = directory / f"unreadable-{step}"
+    suffix = 1
+    while target.exists():
+        target, suffix = directory / f"unreadable-{step}-{suffix}", suffix + 1
+    (directory / str(step)).rename(target)
+    return target
+
+
 class Checkpoints:
     def __init__(self, directory: str | Path, keep: int | None = None):
         """`keep`: how many checkpoints saving keeps; None (for readers) deletes nothing."""
@@ -28,6 +43,27 @@ class Checkpoints:
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
+
+    def restore_newest_intact(self, like_state, report=print):
+        """(step, state, data state, unreadable steps) of the newest checkpoint that restores,
+        or None when there is none at all. Each unreadable newer one is reported in one line
+        and left where it is; raises CheckpointError when every checkpoint is unreadable."""
+        unreadable = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                state, data_state = self.restore(step, like_state)
+            except Exception as err:  # noqa: BLE001 (orbax/tensorstore raise many types)
+                reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+                report(f"checkpoint {step} in {self.directory} cannot be read ({reason}); "
+                       "trying the next older one")
+                unreadable.append(step)
+                continue
+            return step, state, data_state, unreadable
+        if unreadable:
+            raise CheckpointError(
+                f"no readable checkpoint in {self.directory}: steps {sorted(unreadable)} are all "
+                "damaged; restore a copy, or start a new run with a new --run-dir.")
+        return None
 
     def save(self, step: int, state, data_state: dict) -> None:
         """Start an asynchronous save (device arrays are copied to host before it returns)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -18,10 +19,16 @@ from moejax import sharding
 from moejax.config import Config
 from moejax.model.transformer import count_params
 from moejax.training import data as data_lib
-from moejax.training.checkpoint import Checkpoints
-from moejax.training.metrics import MetricsWriter, flops_per_token, measure_peak_flops
+from moejax.training import distributed
+from moejax.training.checkpoint import Checkpoints, set_aside
+from moejax.training.metrics import (
+    MetricsWriter,
+    flops_per_token,
+    measure_peak_flops,
+    truncate_metrics,
+)
 from moejax.training.optim import make_optimizer
-from moejax.training.rundir import prepare_run_dir
+from moejax.training.rundir import check_run_dir, write_run_config
 from moejax.training.state import init_train_state, state_shardings
 from moejax.training.step import HashableTree, compiled_eval_step, compiled_train_step
 
@@ -37,8 +44,12 @@ def load_corpus(cfg: Config) -> Corpus:
     corpus_dir = cfg.data.corpus_dir or data_lib.default_corpus_dir(cfg.data.cache_dir)
     data_lib.check_vocab(corpus_dir, cfg.model.vocab_size)
     byte_level = data_lib.read_meta(corpus_dir)["tokenizer"] == "byte"
-    return Corpus(data_lib.load_split(corpus_dir, "train"), data_lib.load_split(corpus_dir, "val"),
-                  1.0 if byte_level else None)
+    corpus = Corpus(data_lib.load_split(corpus_dir, "train"), data_lib.load_split(corpus_dir, "val"),
+                    1.0 if byte_level else None)
+    t = cfg.train
+    data_lib.check_corpus_fits(corpus.train_tokens, corpus.val_tokens, seq_len=t.seq_len,
+                               global_batch_size=t.global_batch_size, eval_batches=t.eval_batches)
+    return corpus
 
 
 class StopSignal:
@@ -76,44 +87,108 @@ def evaluate(cfg: Config, mesh, state, eval_batches, eval_fn, corpus: Corpus) ->
     return result
 
 
+class TrainingDiverged(RuntimeError):
+    """Too many steps in a row had a non-finite loss or gradients; the message says what to try."""
+
+
 def train(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = False,
           progress: bool = True, max_steps: int | None = None, announce=None) -> dict:
     """Train `cfg` and return a summary; `max_steps` stops early (as a preemption would).
 
-    `announce` (e.g. print) receives a few start-up lines: run directory, model, data, mesh.
+    `announce` (e.g. print) receives a few start-up lines: run directory, model, data, mesh,
+    and any unreadable checkpoint a resume skips. Everything that can be checked is checked
+    before the run directory changes: a failed start leaves it as it was (or absent).
     """
-    corpus = load_corpus(cfg)  # before the run directory: bad data must leave nothing behind
-    run_dir = prepare_run_dir(cfg, run_dir, resume)
+    corpus = load_corpus(cfg)
+    run_dir = check_run_dir(cfg, run_dir, resume)
     is_main = jax.process_index() == 0
+    report = announce or (lambda line: None)
     mesh = sharding.make_mesh(cfg.mesh)
+    peak_flops = cfg.train.peak_flops_per_device or measure_peak_flops()
     if announce:
         _announce(announce, cfg, run_dir, corpus, mesh)
+    distributed.barrier("before initialising the train state")
     optimizer = make_optimizer(cfg)
     state = init_train_state(cfg, jax.random.key(cfg.train.seed), mesh, optimizer)
-    checkpoints = Checkpoints(run_dir / "checkpoints", cfg.train.keep_checkpoints)
     train_iter = data_lib.make_train_iterator(
         corpus.train_tokens, seq_len=cfg.train.seq_len, global_batch_size=cfg.train.global_batch_size,
         process_index=jax.process_index(), process_count=jax.process_count(), seed=cfg.train.seed)
-    if resume and checkpoints.latest_step() is not None:
-        state, data_state = checkpoints.restore(checkpoints.latest_step(), state)
-        train_iter.set_state(data_state)
+    restored = _restore(run_dir, state, train_iter, report) if resume else None
+    resumed_step, state = restored if restored else (None, state)
     eval_batches = data_lib.make_eval_batches(
         corpus.val_tokens, seq_len=cfg.train.seq_len, batch_size=cfg.train.global_batch_size,
         num_batches=cfg.train.eval_batches, process_index=jax.process_index(),
         process_count=jax.process_count())
-    writer = MetricsWriter(run_dir, enabled=is_main)
     with jax.set_mesh(mesh), StopSignal() as stop:
         step_fn = compiled_train_step(cfg, mesh, HashableTree(state_shardings(state)))
         eval_fn = compiled_eval_step(cfg)
+        _compile(step_fn, eval_fn, state, global_batch(mesh, eval_batches[0]["tokens"]))
+        distributed.barrier("compiled")  # no process enters a collective long before another
+        write_run_config(cfg, run_dir)
+        previous = (truncate_metrics(run_dir, resumed_step)
+                    if resumed_step is not None and is_main else [])
+        writer = MetricsWriter(run_dir, enabled=is_main, resumed_step=resumed_step)
+        checkpoints = Checkpoints(run_dir / "checkpoints", cfg.train.keep_checkpoints)
         loop = _Loop(cfg, mesh, step_fn, eval_fn, train_iter, eval_batches, corpus, checkpoints,
-                     writer, stop, progress and is_main)
-        summary = loop.run(state, max_steps)
-    checkpoints.close()
-    writer.close()
+                     writer, stop, progress and is_main, peak_flops)
+        loop.losses = [(r["step"], r["loss"]) for r in previous if r["kind"] == "train"]
+        try:
+            summary = loop.run(state, max_steps)
+        finally:
+            checkpoints.close()
+            writer.close()
     summary["run_dir"] = str(run_dir)
     if is_main:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_json_atomically(run_dir / "summary.json", summary)
     return summary
+
+
+def _restore(run_dir: Path, state, train_iter, report):
+    """(step, state) of the newest readable checkpoint, with the data iterator moved to it; None
+    when the run has no checkpoint yet. Unreadable newer ones are reported and set aside."""
+    directory = run_dir / "checkpoints"
+    if not directory.exists():
+        return None
+    reader = Checkpoints(directory)
+    try:
+        found = reader.restore_newest_intact(state, report)
+    finally:
+        reader.close()
+    if found is None:
+        return None
+    step, state, data_state, unreadable = found
+    train_iter.set_state(data_state)
+    distributed.barrier("restored")
+    if jax.process_index() == 0:
+        for bad in unreadable:
+            report(f"resuming from step {step}; unreadable checkpoint {bad} kept as "
+                   f"{set_aside(directory, bad)}")
+    distributed.barrier("set aside unreadable checkpoints")
+    return step, state
+
+
+def _compile(step_fn, eval_fn, state, example_batch) -> None:
+    """Compile the train and eval steps ahead of time (the jit caches keep the results), so the
+    processes can meet at a barrier before the first step's collectives."""
+    step_fn.lower(state, example_batch).compile()
+    eval_fn.lower(state.params, example_batch, state.router).compile()
+
+
+def write_json_atomically(path: Path, value) -> None:
+    """Strict JSON (no bare NaN: non-finite numbers are written as null), replaced atomically."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(_json_safe(value), indent=2, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _json_safe(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def _announce(announce, cfg: Config, run_dir: Path, corpus: Corpus, mesh) -> None:
@@ -127,8 +202,8 @@ def _announce(announce, cfg: Config, run_dir: Path, corpus: Corpus, mesh) -> Non
                 if cfg.model.mtp_depth else ""))
     announce(f"data: {len(corpus.train_tokens):,} train / {len(corpus.val_tokens):,} held-out "
              f"tokens; {cfg.train.global_batch_size} x {cfg.train.seq_len} tokens per step")
-    announce(f"mesh: {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} "
-             f"device(s), {jax.process_count()} process(es)")
+    announce(f"mesh: {dict(mesh.shape)} over {mesh.devices.size} of {jax.device_count()} "
+             f"{jax.devices()[0].platform} device(s), {jax.process_count()} process(es)")
 
 
 @dataclasses.dataclass
@@ -144,15 +219,16 @@ class _Loop:
     writer: MetricsWriter
     stop: StopSignal
     progress: bool
-    peak_flops: float = 0.0  # FLOP/s of one device, for MFU
+    peak_flops: float  # FLOP/s of one device, for MFU
     window: tuple[int, float] | None = None  # (step, time) of the last train record
     losses: list = dataclasses.field(default_factory=list)  # (step, loss) of each record
+    saved_step: int | None = None
+    throughput: dict = dataclasses.field(default_factory=dict)  # latest tokens_per_second, mfu
 
     def run(self, state, max_steps: int | None) -> dict:
         t = self.cfg.train
         start_step = int(state.step)
         last_step = min(t.steps, max_steps) if max_steps else t.steps
-        self.peak_flops = t.peak_flops_per_device or measure_peak_flops()
         bar = tqdm(total=t.steps, initial=start_step, disable=not self.progress, unit="step",
                    dynamic_ncols=True)
         step, held_out = start_step, None
@@ -166,15 +242,32 @@ class _Loop:
             if t.eval_every and step % t.eval_every == 0 and step < last_step:
                 held_out = self._evaluate(state, step)
             if t.checkpoint_every and step % t.checkpoint_every == 0 and step < last_step:
-                self.checkpoints.save(step, state, self.train_iter.get_state())
+                self._save(step, state)
         bar.close()
-        if step > start_step or self.checkpoints.latest_step() is None:
-            self.checkpoints.save(step, state, self.train_iter.get_state())
+        if step != self.saved_step and (step > start_step or self.checkpoints.latest_step() is None):
+            self._save(step, state)
         if step == t.steps or held_out is None:
             held_out = self._evaluate(state, step)
         return {"step": step, "stopped_by": self.stop.received, "train_losses": self.losses,
                 "final_train_loss": self.losses[-1][1] if self.losses else None,
+                "skipped_steps": int(state.skipped.total), **self.throughput,
                 "held_out": held_out}
+
+    def _save(self, step: int, state) -> None:
+        """Checkpoint `step` once (a stop signal on a checkpoint step must not save it twice)."""
+        self._check_diverged(int(state.skipped.in_row), step)
+        self.checkpoints.save(step, state, self.train_iter.get_state())
+        self.saved_step = step
+
+    def _check_diverged(self, skipped_in_row: int, step: int) -> None:
+        limit = self.cfg.train.max_skipped_steps_in_row
+        if skipped_in_row >= limit:
+            raise TrainingDiverged(
+                f"training diverged: the last {skipped_in_row} steps (to step {step}) had a "
+                f"non-finite loss, gradients or parameters and were skipped (limit "
+                f"train.max_skipped_steps_in_row={limit}); checkpoints hold only finite states, "
+                f"so lower train.learning_rate (now {self.cfg.train.learning_rate:g}) or check "
+                "the data, then resume or start again.")
 
     def _log(self, step: int, metrics: dict, bar) -> None:
         """Write one train record: the step's metrics plus throughput since the last record.
@@ -186,12 +279,15 @@ class _Loop:
             tokens = (step - since_step) * self.cfg.train.global_batch_size * self.cfg.train.seq_len
             metrics["tokens_per_second"] = tokens / (now - since_time)
             metrics["mfu"] = (metrics["tokens_per_second"] * flops_per_token(self.cfg)
-                              / (self.peak_flops * jax.device_count()))
+                              / (self.peak_flops * self.mesh.devices.size))
+            self.throughput = {k: float(metrics[k]) for k in ("tokens_per_second", "mfu")}
             bar.set_postfix(loss=f"{metrics['loss']:.3f}",
                             tok_s=f"{metrics['tokens_per_second']:,.0f}")
         self.window = (step, now)
-        self.losses.append((step, float(metrics["loss"])))
         self.writer.write(step, "train", metrics)
+        loss = float(metrics["loss"])
+        self.losses.append((step, loss if math.isfinite(loss) else None))
+        self._check_diverged(int(metrics["skipped_in_row"]), step)
 
     def _evaluate(self, state, step: int) -> dict:
         result = evaluate(self.cfg, self.mesh, state, self.eval_batches, self.eval_fn, self.corpus)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -12,6 +13,8 @@ import numpy as np
 
 from moejax.config import Config
 from moejax.model.transformer import count_params
+
+METRICS_FILE = "metrics.jsonl"
 
 
 def flops_per_token(cfg: Config) -> float:
@@ -31,12 +34,14 @@ def flops_per_token(cfg: Config) -> float:
 
 
 def measure_peak_flops(size: int | None = None, repeats: int = 5) -> float:
-    """FLOP/s of one device on a large plain matmul (f32 on CPU, bf16 on accelerators)."""
-    device = jax.devices()[0]
+    """FLOP/s of one local device on a large plain matmul (f32 on CPU, bf16 on accelerators).
+
+    Call it outside any mesh context: the operand lives on this process's first device only."""
+    device = jax.local_devices()[0]
     on_cpu = device.platform == "cpu"
     size = size or (1024 if on_cpu else 8192)
-    dtype = jnp.float32 if on_cpu else jnp.bfloat16
-    a = jax.device_put(jnp.ones((size, size), dtype), device)
+    dtype = np.float32 if on_cpu else jnp.bfloat16
+    a = jax.device_put(np.ones((size, size), dtype), device)
     matmul = jax.jit(lambda x: x @ x)
     matmul(a).block_until_ready()
     times = []
@@ -48,22 +53,47 @@ def measure_peak_flops(size: int | None = None, repeats: int = 5) -> float:
 
 
 def to_python(value):
+    """A JSON-safe value: arrays become lists, and NaN/inf become None (JSON has no NaN)."""
     value = np.asarray(value)
-    return value.item() if value.ndim == 0 else value.tolist()
+    if value.ndim == 0:
+        item = value.item()
+        return None if isinstance(item, float) and not np.isfinite(item) else item
+    return [to_python(v) for v in value]
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / METRICS_FILE
+    return [json.loads(line) for line in path.open()] if path.exists() else []
+
+
+def truncate_metrics(run_dir: Path, last_step: int) -> list[dict]:
+    """Keep the records up to `last_step` (the checkpoint a resumed run continues from), so the
+    steps a stopped run logged after its checkpoint are not repeated; returns the kept ones."""
+    path = Path(run_dir) / METRICS_FILE
+    kept = [r for r in read_metrics(run_dir) if r["step"] <= last_step]
+    if path.exists():
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, path)
+    return kept
 
 
 class MetricsWriter:
     """Appends one JSON object per record to metrics.jsonl and mirrors scalars to TensorBoard;
     per-layer vectors are written as one TensorBoard scalar per layer."""
 
-    def __init__(self, run_dir: Path, enabled: bool = True):
+    def __init__(self, run_dir: Path, enabled: bool = True, resumed_step: int | None = None):
+        """`resumed_step`: the checkpoint step a resumed run continues from; TensorBoard then
+        drops the events the stopped run wrote after it (metrics.jsonl is truncated by
+        `truncate_metrics` before)."""
         self.enabled = enabled
         if not enabled:
             return
         from tensorboardX import SummaryWriter
 
-        self.jsonl = open(Path(run_dir) / "metrics.jsonl", "a")  # noqa: SIM115 (open for the run)
-        self.tensorboard = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        self.jsonl = open(Path(run_dir) / METRICS_FILE, "a")  # noqa: SIM115 (open for the run)
+        purge_step = None if resumed_step is None else resumed_step + 1
+        self.tensorboard = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=purge_step)
 
     def write(self, step: int, kind: str, metrics: dict) -> None:
         if not self.enabled:

@@ -8,16 +8,17 @@ import time
 from pathlib import Path
 
 import jax
-import numpy as np
 from omegaconf import OmegaConf
 
 from moejax.config import Config, config_to_dict, config_to_yaml
+from moejax.training import distributed
 
 CONFIG_FILE = "config.yaml"
 # Settings a resumed run may change: how long and how often, and the mesh (checkpoints reshard).
 RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
                      "train.checkpoint_every", "train.keep_checkpoints",
-                     "train.peak_flops_per_device", "mesh.data", "mesh.fsdp", "mesh.expert"}
+                     "train.peak_flops_per_device", "train.max_skipped_steps_in_row",
+                     "mesh.data", "mesh.fsdp", "mesh.expert"}
 
 
 class RunDirError(ValueError):
@@ -51,12 +52,8 @@ def _default_run_dir() -> Path:
 
 
 def _shared_time() -> float:
-    now = np.array(time.time(), np.float64)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        now = multihost_utils.broadcast_one_to_all(now)
-    return float(now)
+    """Process 0's clock, through the coordinator (no device collective before the barriers)."""
+    return float(distributed.broadcast_text("run start time", repr(time.time())))
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -65,13 +62,15 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def prepare_run_dir(cfg: Config, run_dir: str | Path | None, resume: bool) -> Path:
-    """Create or check the run directory and record the config in it (process 0 writes)."""
+def check_run_dir(cfg: Config, run_dir: str | Path | None, resume: bool) -> Path:
+    """The run directory to use, checked without writing anything: a fresh run needs a new or
+    empty writable directory, a resume one that holds a run of a compatible config."""
     if run_dir is None:
         if resume:
             raise RunDirError("--resume needs --run-dir naming the run to continue.")
         run_dir = _default_run_dir()
     run_dir = Path(run_dir)
+    _check_writable(run_dir)
     saved_config = run_dir / CONFIG_FILE
     if saved_config.exists():
         if not resume:
@@ -88,7 +87,26 @@ def prepare_run_dir(cfg: Config, run_dir: str | Path | None, resume: bool) -> Pa
     elif run_dir.exists() and any(run_dir.iterdir()):
         raise RunDirError(f"run directory {run_dir} is not empty and holds no moejax run: "
                           "choose a new or empty --run-dir.")
+    return run_dir
+
+
+def _check_writable(run_dir: Path) -> None:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"run directory {run_dir} is a file, not a directory: choose another "
+                          "--run-dir.")
+    existing = next(p for p in (run_dir, *run_dir.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise RunDirError(f"run directory {run_dir} cannot be made because {existing} is a file: "
+                          "choose another --run-dir.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise RunDirError(f"run directory {run_dir} is not writable ({existing} is read-only "
+                          "for this user): choose a writable --run-dir or fix its permissions.")
+
+
+def write_run_config(cfg: Config, run_dir: Path) -> None:
+    """Create the run directory and record the config in it (process 0 writes); called only
+    once the run has started (fresh) or its checkpoint has restored (resume), so a failed
+    start changes nothing."""
     if jax.process_index() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomically(saved_config, config_to_yaml(cfg))
-    return run_dir
+        _write_atomically(run_dir / CONFIG_FILE, config_to_yaml(cfg))

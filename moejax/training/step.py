@@ -68,8 +68,9 @@ def _gradients(state: TrainState, batch: dict, cfg: Config, router: RouterState)
 def train_step(state: TrainState, batch: dict, cfg: Config, optimizer):
     """state, batch {"tokens": [B, T + 1]} -> (new state, metrics).
 
-    With float16 compute, a step whose gradients are not all finite changes nothing but the
-    loss scale (halved) and the skipped-step count."""
+    A step whose loss, gradients or updated parameters are not all finite changes nothing but
+    the skipped-step counts (and, with float16 compute, halves the loss scale), so the state,
+    and every checkpoint of it, only ever holds finite values."""
     router = state.router.replace(temperature=router_temperature(cfg, state.step))
     loss, metrics, grads = _gradients(state, batch, cfg, router)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -78,22 +79,26 @@ def train_step(state: TrainState, batch: dict, cfg: Config, optimizer):
         bias = update_router_bias(router.bias, metrics["expert_counts"], cfg.moe.bias_update_rate)
         router = router.replace(bias=bias)
         metrics.update(load_statistics(metrics["expert_counts"], router.bias))
+    grads_finite = ls.all_finite(grads)
+    finite = grads_finite & jnp.isfinite(loss) & ls.all_finite(params)
+    params, opt_state, router = ls.select_update(
+        finite, (params, opt_state, router), (state.params, state.opt_state, state.router))
     loss_scale = state.loss_scale
     if loss_scale is not None:
-        finite = ls.all_finite(grads)
-        params, opt_state, router = ls.select_update(
-            finite, (params, opt_state, router), (state.params, state.opt_state, state.router))
-        loss_scale = ls.update_loss_scale(loss_scale, finite,
+        loss_scale = ls.update_loss_scale(loss_scale, grads_finite,
                                           cfg.precision.loss_scale_growth_interval)
-        metrics.update(loss_scale=loss_scale.scale, skipped_steps=loss_scale.skipped_steps)
+        metrics.update(loss_scale=loss_scale.scale)
+    skipped = state.skipped.after(~finite)
     metrics.update(
         loss=loss,
         grad_norm=optax.tree.norm(grads),
         learning_rate=learning_rate_schedule(cfg)(state.step),
         router_temperature=router.temperature,
+        skipped_steps=skipped.total,
+        skipped_in_row=skipped.in_row,
     )
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
-                           router=router, loss_scale=loss_scale)
+                           router=router, loss_scale=loss_scale, skipped=skipped)
     return new_state, metrics
 
 
