@@ -11,9 +11,12 @@ once every function is compiled. A process that never arrives is named in one li
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
+import sys
+import threading
 import time
 
 import jax
@@ -72,17 +75,43 @@ def _join(coordinator, num_processes, process_id) -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.config.update("jax_cpu_get_local_topology_timeout_minutes", minutes)
     jax.config.update("jax_cpu_get_global_topology_timeout_minutes", minutes + 1)
-    try:
-        jax.distributed.initialize(coordinator, num_processes, process_id,
-                                   initialization_timeout=math.ceil(_startup_timeout_s))
-    except (RuntimeError, ValueError) as err:  # JaxRuntimeError is a RuntimeError
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise StartupError(
-            f"could not join the run through coordinator {coordinator or '(auto-detected)'} "
-            f"within {_startup_timeout_s:.0f} s ({first_line}): start every process with the "
-            "same --coordinator and --num-processes, or raise --startup-timeout.") from None
+    where = f"coordinator {coordinator or '(auto-detected)'}"
+    with _exit_if_not_joined(where, process_id, num_processes):
+        try:
+            jax.distributed.initialize(
+                coordinator, num_processes, process_id,
+                initialization_timeout=math.ceil(_startup_timeout_s) + JAX_GRACE_S)
+        except (RuntimeError, ValueError) as err:  # JaxRuntimeError is a RuntimeError
+            first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise StartupError(
+                f"could not join the run through {where} ({first_line}): start every process "
+                "with the same --coordinator and --num-processes.") from None
     barrier("joined")
     jax.devices()
+
+
+# jax's own join deadline comes this much after ours: when a process never joins, jax aborts
+# the others with a C++ fatal error and a stack trace, so we must speak (and exit) first.
+JAX_GRACE_S = 30
+
+
+@contextlib.contextmanager
+def _exit_if_not_joined(where: str, process_id, num_processes):
+    def give_up():
+        print(f"error: not all {num_processes or 'the'} processes joined the run through {where} "
+              f"within {_startup_timeout_s:.0f} s (this is process {process_id}): start every "
+              "process with the same --coordinator and --num-processes, or raise "
+              "--startup-timeout (MOEJAX_STARTUP_TIMEOUT) if hosts start slowly.",
+              file=sys.stderr, flush=True)
+        os._exit(2)
+
+    watchdog = threading.Timer(_startup_timeout_s, give_up)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        yield
+    finally:
+        watchdog.cancel()
 
 
 def is_multiprocess() -> bool:
