@@ -25,7 +25,12 @@ import numpy as np
 
 from moejax import params as P
 from moejax.config import Config, load_config
-from moejax.model.transformer import forward_cached, init_cache, init_router_state
+from moejax.model.transformer import (
+    effective_router_state,
+    forward_cached,
+    init_cache,
+    init_router_state,
+)
 
 BYTE_VOCAB = 256  # the default byte-level tokenizer: token id = byte value
 
@@ -115,7 +120,8 @@ def generate(params, cfg: Config, prompt_tokens, max_new_tokens: int, *, key=Non
     distribution that token t + 1 follows (the uncached forward's logits of tokens[:, :-1]).
     temperature 0 is greedy; otherwise `key` is required, and new token i is drawn with
     jax.random.fold_in(key, i). `cache_len` (default P + N) is the number of positions the
-    cache holds. Runs on the default device, or under a mesh the caller set with
+    cache holds. `router_state` defaults to the one `params` carry, else the initial one (as in
+    moejax.forward). Runs on the default device, or under a mesh the caller set with
     `jax.set_mesh` (B must then divide over the batch shards).
     """
     prompt = _checked_prompt(prompt_tokens, cfg.model.vocab_size)
@@ -125,6 +131,9 @@ def generate(params, cfg: Config, prompt_tokens, max_new_tokens: int, *, key=Non
     cfg = generation_config(cfg)
     key = jax.random.key(0) if key is None else key  # greedy decoding draws nothing
     sampling = (jnp.float32(temperature), jnp.float32(top_p))
+    # passed apart from the parameters, so that either way of giving it compiles once
+    router_state = effective_router_state(params, cfg, router_state)
+    params = params.replace(router_state=None)
     first, prompt_logits, cache = _prefill(params, prompt, key, sampling, router_state, cfg=cfg,
                                            cache_len=cache_len, keep_logits=return_logits)
     tokens, logits = _decode(params, prompt, first, prompt_logits, cache, key, sampling,
@@ -166,10 +175,14 @@ def _check_request(prompt_len: int, max_new_tokens: int, cache_len: int, tempera
 @dataclasses.dataclass(frozen=True)
 class LoadedModel:
     cfg: Config
-    params: object  # Transformer on the default device
-    router_state: object  # RouterState
+    params: object  # Transformer on the default device, carrying its router state
     directory: Path  # where a tokenizer.json may sit
     description: str  # e.g. "training run runs/x, step 300"
+
+    @property
+    def router_state(self):
+        """The RouterState the parameters carry."""
+        return self.params.router_state
 
 
 def load_model(path) -> LoadedModel:
@@ -186,21 +199,19 @@ def load_model(path) -> LoadedModel:
     from moejax.convert import load_hf, load_moejax
 
     if (path / "config.yaml").is_file():
-        loaded = load_moejax(path, with_router_state=True)
-        return _loaded(*loaded, path, f"moejax checkpoint {path}")
+        return _loaded(*load_moejax(path), path, f"moejax checkpoint {path}")
     if (path / "config.json").is_file():
-        loaded = load_hf(path, with_router_state=True)
-        return _loaded(*loaded, path, f"Hugging Face checkpoint {path}")
+        return _loaded(*load_hf(path), path, f"Hugging Face checkpoint {path}")
     raise GenerationError(f"{path} is not a checkpoint: expected a training run directory "
                           "(config.yaml and checkpoints/), a moejax checkpoint (config.yaml and "
                           "safetensors) or a Hugging Face checkpoint (config.json).")
 
 
-def _loaded(cfg: Config, params, router_state, directory: Path, description: str) -> LoadedModel:
-    """Parameters and router state committed to the default device (as a restored training
-    checkpoint is), so that models loaded either way share compiled generation functions."""
-    params, router_state = jax.device_put((params, router_state), jax.devices()[0])
-    return LoadedModel(cfg, params, router_state, directory, description)
+def _loaded(cfg: Config, params, directory: Path, description: str) -> LoadedModel:
+    """Parameters (carrying their router state) committed to the default device (as a restored
+    training checkpoint is), so that models loaded either way share compiled generation
+    functions."""
+    return LoadedModel(cfg, jax.device_put(params, jax.devices()[0]), directory, description)
 
 
 def _run_location(path: Path) -> tuple[Path | None, int | None]:
@@ -244,7 +255,7 @@ def _load_run(run_dir: Path, step: int | None) -> LoadedModel:
         state = checkpoints.restore_model(step, like)
     finally:
         checkpoints.close()
-    return _loaded(cfg, state["params"], state["router"], run_dir,
+    return _loaded(cfg, state["params"].replace(router_state=state["router"]), run_dir,
                    f"training run {run_dir}, step {step}")
 
 

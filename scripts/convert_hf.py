@@ -7,9 +7,10 @@ HF_DIR is a local checkpoint directory (config.json and safetensors files; DeepS
 release is dequantised, its MTP layers are kept unless model.mtp_depth=0 is given). A moejax
 directory holds config.yaml and safetensors files named by parameter path, one tensor per layer
 of each parameter ("moe_blocks.3.ffn.w_gate" [E, D, F]), plus the router state (DeepSeek's
-e_score_correction_bias lives there); load it with
-moejax.convert.load_moejax(dir, with_router_state=True). It stores no optimizer state. Errors
-print one line and exit with status 2.
+e_score_correction_bias lives there); moejax.convert.load_moejax(dir) loads it, the parameters
+carrying the router state. It stores no optimizer state. The precision follows the HF
+checkpoint's dtype unless overridden (precision.compute_dtype=bfloat16). Errors print one line
+and exit with status 2.
 """
 
 from __future__ import annotations
@@ -58,13 +59,11 @@ def main(argv=None) -> int:
     try:
         _refuse_non_empty(args.out_dir)
         if args.command == "to-moejax":
-            cfg, params, router_state = load_hf(args.hf_dir, overrides=args.overrides,
-                                                with_router_state=True)
-            files = save_moejax(cfg, params, args.out_dir, router_state=router_state)
+            cfg, params = load_hf(args.hf_dir, overrides=args.overrides)
+            files = save_moejax(cfg, params, args.out_dir)  # the router state travels in params
         else:
-            cfg, params, router_state = load_moejax(args.moejax_dir, with_router_state=True)
-            files = save_hf(cfg, params, args.out_dir, args.architecture,
-                            router_state=router_state, dtype=args.dtype)
+            cfg, params = load_moejax(args.moejax_dir)
+            files = save_hf(cfg, params, args.out_dir, args.architecture, dtype=args.dtype)
     except (ConversionError, ConfigError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -86,7 +86,7 @@ def main(argv=None) -> int:
         print(f"generating from {model.description}", file=sys.stderr)
         tokens = generate(model.params, model.cfg, prompt, args.max_new_tokens,
                           key=jax.random.key(args.seed), temperature=args.temperature,
-                          top_p=args.top_p, router_state=model.router_state)
+                          top_p=args.top_p)
     except (GenerationError, ConversionError, ConfigError, DataError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,7 +1,8 @@
 """DeepSeek-V3 checkpoint interop: tiny random DeepseekV3ForCausalLM models built in torch (MLA,
 grouped sigmoid routing with a nonzero selection bias, shared experts, a leading dense layer;
-one with a query latent, one without and with YaRN), saved with save_pretrained, loaded into
-moejax and compared (logits, router choices); exported back and reloaded (bit-equal, and
+one with a query latent, one without and with YaRN), saved with save_pretrained in float32, loaded
+into moejax with the plain calls (the parameters carry the selection bias, the precision follows
+the checkpoint) and compared (logits, router choices); exported back and reloaded (bit-equal, and
 loadable by transformers); MTP layers, block-fp8 weights, and the conversion errors."""
 
 import dataclasses
@@ -33,7 +34,6 @@ from moejax.params import ParamSpec
 
 NAME = "DeepseekV3ForCausalLM"
 SEQ_LEN, BATCH = 16, 2
-F32 = ("precision.compute_dtype=float32",)
 COMMON = {"vocab_size": 64, "hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 4,
           "n_routed_experts": 8, "moe_intermediate_size": 16, "kv_lora_rank": 16,
           "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 8,
@@ -104,20 +104,21 @@ class Case:
     gates: dict  # HF MoE layer -> (router input [B, T, D], ids [B T, k], weights [B T, k])
     cfg: moejax.Config
     params: moejax.Transformer
-    router_state: moejax.RouterState
-    logits: np.ndarray
+    router_state: moejax.RouterState  # the one params carry
+    logits: np.ndarray  # of the plain moejax.forward(params, tokens, cfg)
 
 
 def _build_case(variant: str, directory: Path) -> Case:
     model = _hf_model(variant, seed=len(variant))
     model.save_pretrained(directory)
-    cfg, params, state = load_hf(directory, overrides=F32, with_router_state=True)
+    cfg, params = load_hf(directory)[:2]  # the plain calls, as a user makes them
     gates = _gate_hooks(model)
     tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (BATCH, SEQ_LEN))
     with torch.no_grad():
         hf_logits = model(torch.as_tensor(tokens)).logits.numpy()
-    return Case(variant, model, directory, tokens, hf_logits, dict(gates), cfg, params, state,
-                _logits(params, tokens, cfg, state))
+    logits, _ = moejax.forward(params, jnp.asarray(tokens), cfg)
+    return Case(variant, model, directory, tokens, hf_logits, dict(gates), cfg, params,
+                params.router_state, np.asarray(logits))
 
 
 @pytest.fixture(scope="module")
@@ -162,21 +163,44 @@ def test_config_mapping(case):
 
 
 def test_router_state_holds_the_correction_bias(case):
+    """Carried by the parameters, and returned as well on request (with_router_state)."""
     hf_bias = [layer.mlp.gate.e_score_correction_bias.numpy()
                for layer in case.hf_model.model.layers[1:]]
     assert case.router_state.bias.dtype == jnp.float32
     np.testing.assert_array_equal(case.router_state.bias, np.stack(hf_bias))
     assert float(case.router_state.temperature) == 1.0
-    assert len(load_hf(case.hf_dir, overrides=F32)) == 2  # (config, params) by default
+    assert len(load_hf(case.hf_dir)) == 2  # (config, params) by default
+    _, params, state = load_hf(case.hf_dir, with_router_state=True)
+    assert_trees_bit_equal(state, case.router_state)
+    assert_trees_bit_equal(params, case.params)
 
 
 def test_logits_match_transformers(case):
+    """load_hf then moejax.forward, nothing else: float32 like the checkpoint, the selection
+    bias carried by the parameters."""
     assert np.abs(case.hf_logits).max() > 0.5  # a comparison of near-zero logits proves little
+    assert case.cfg.precision.compute_dtype == case.cfg.precision.param_dtype == "float32"
     np.testing.assert_allclose(case.logits, case.hf_logits, rtol=0, atol=1e-4)
     # the selection bias matters here: without it the routing, hence the logits, differ
+    dropped = _logits(case.params.replace(router_state=None), case.tokens, case.cfg)
+    assert np.abs(dropped - case.hf_logits).max() > 1e-2
+    # an explicitly passed router state wins over the carried one
     no_bias = case.router_state.replace(bias=jnp.zeros_like(case.router_state.bias))
-    unbiased = _logits(case.params, case.tokens, case.cfg, no_bias)
-    assert np.abs(unbiased - case.hf_logits).max() > 1e-2
+    np.testing.assert_array_equal(_logits(case.params, case.tokens, case.cfg, no_bias), dropped)
+
+
+def test_loss_uses_the_carried_state_and_never_trains_it(grouped):
+    """loss_fn too reads the carried bias (its cross-entropy is that of the logits matching
+    transformers); the bias gets no gradient (state, not a parameter)."""
+    tokens = np.concatenate([grouped.tokens, grouped.tokens[:, :1]], axis=1)  # [B, T + 1]
+    loss = jax.jit(jax.grad(lambda p: moejax.loss_fn(p, {"tokens": jnp.asarray(tokens)},
+                                                     grouped.cfg), has_aux=True))
+    grads, metrics = loss(grouped.params)
+    log_probs = np.asarray(jax.nn.log_softmax(grouped.logits, axis=-1))
+    cross_entropy = -np.take_along_axis(log_probs, tokens[:, 1:, None], -1).mean()
+    np.testing.assert_allclose(metrics["cross_entropy"], cross_entropy, rtol=1e-5)
+    assert not np.asarray(grads.router_state.bias).any()
+    assert not np.asarray(grads.router_state.temperature).any()
 
 
 def test_router_choices_match_transformers(case):
@@ -216,13 +240,12 @@ def test_layout_covers_every_parameter_exactly_once(case):
 
 
 def test_export_then_import_is_identity(case, tmp_path):
-    files = save_hf(case.cfg, case.params, tmp_path, NAME, router_state=case.router_state,
-                    max_shard_bytes=20_000)
+    """The router state the parameters carry is exported with them."""
+    files = save_hf(case.cfg, case.params, tmp_path, NAME, max_shard_bytes=20_000)
     assert len(files) > 1 and (tmp_path / "model.safetensors.index.json").exists()
-    cfg, params, state = load_hf(tmp_path, overrides=F32, with_router_state=True)
+    cfg, params = load_hf(tmp_path)
     assert cfg == case.cfg
     assert_trees_bit_equal(params, case.params)
-    assert_trees_bit_equal(state, case.router_state)
 
 
 def test_exported_checkpoint_loads_in_transformers(case, tmp_path):
@@ -245,22 +268,25 @@ def test_bfloat16_export_keeps_the_bias_float32(case, tmp_path):
     tensors = load_file(tmp_path / "model.safetensors")
     assert tensors["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == torch.float32
     assert tensors["model.layers.1.self_attn.kv_b_proj.weight"].dtype == torch.bfloat16
-    _, params, state = load_hf(tmp_path, overrides=F32, with_router_state=True)
-    assert_trees_bit_equal(state, case.router_state)
-    rounded = jax.tree.map(lambda x: np.asarray(x).astype(ml_dtypes.bfloat16).astype(np.float32),
-                           case.params)
-    assert_trees_bit_equal(params, rounded)
+    cfg, params = load_hf(tmp_path)
+    assert (cfg.precision.param_dtype, cfg.precision.compute_dtype) == ("bfloat16", "bfloat16")
+    assert_trees_bit_equal(params.router_state, case.router_state)
+    rounded = jax.tree.map(lambda x: np.asarray(x).astype(ml_dtypes.bfloat16),
+                           case.params.replace(router_state=None))
+    assert_trees_bit_equal(params, rounded.replace(router_state=case.router_state))
 
 
 def test_load_onto_a_mesh(grouped):
     """Parameters sharded as the model declares them (MLA latents included), the router state
     replicated."""
     mesh = moejax.make_mesh(MeshConfig(data=1, fsdp=2, expert=4))
-    cfg, params, state = load_hf(grouped.hf_dir, mesh, overrides=F32, with_router_state=True)
+    cfg, params, state = load_hf(grouped.hf_dir, mesh, with_router_state=True)
     expected = moejax.params.shardings(moejax.model_specs(cfg), mesh)
-    for leaf, sharding in zip(jax.tree.leaves(params), jax.tree.leaves(expected)):
+    weights = params.replace(router_state=None)
+    for leaf, sharding in zip(jax.tree.leaves(weights), jax.tree.leaves(expected), strict=True):
         assert leaf.sharding == sharding
     assert state.bias.sharding == NamedSharding(mesh, PartitionSpec())
+    assert params.router_state is state
     assert_trees_bit_equal(params, grouped.params)
     assert_trees_bit_equal(state, grouped.router_state)
 
@@ -280,7 +306,7 @@ def mtp_model(grouped):
     bias = rng.normal(size=(cfg.num_moe_layers + 1, cfg.moe.num_experts))
     state = moejax.RouterState(bias=jnp.asarray(bias, jnp.float32),
                                temperature=jnp.ones((), jnp.float32))
-    return cfg, grouped.params.replace(mtp=mtp), state
+    return cfg, grouped.params.replace(mtp=mtp, router_state=state), state
 
 
 def test_mtp_export_then_import_is_identity(mtp_model, tmp_path):
@@ -301,7 +327,7 @@ def test_mtp_export_then_import_is_identity(mtp_model, tmp_path):
                           ("shared_head.norm", "final_norm")):
         torch.testing.assert_close(tensors[f"{mtp}.{hf_norm}.weight"],
                                    torch.tensor(np.asarray(getattr(params.mtp, norm)[0])))
-    loaded_cfg, loaded, loaded_state = load_hf(tmp_path, overrides=F32, with_router_state=True)
+    loaded_cfg, loaded, loaded_state = load_hf(tmp_path, with_router_state=True)
     assert loaded_cfg == cfg
     assert_trees_bit_equal(loaded, params)
     assert_trees_bit_equal(loaded_state, state)
@@ -310,10 +336,10 @@ def test_mtp_export_then_import_is_identity(mtp_model, tmp_path):
 def test_mtp_layers_can_be_left_out(mtp_model, tmp_path):
     cfg, params, state = mtp_model
     save_hf(cfg, params, tmp_path, NAME, router_state=state)
-    main_cfg, main, main_state = load_hf(tmp_path, overrides=(*F32, "model.mtp_depth=0"),
+    main_cfg, main, main_state = load_hf(tmp_path, overrides=("model.mtp_depth=0",),
                                          with_router_state=True)
     assert main_cfg.model.mtp_depth == 0 and main.mtp is None
-    assert_trees_bit_equal(main, params.replace(mtp=None))
+    assert_trees_bit_equal(main, params.replace(mtp=None, router_state=main_state))
     np.testing.assert_array_equal(main_state.bias, state.bias[:-1])
 
 
@@ -377,10 +403,10 @@ def test_block_fp8_checkpoint_is_dequantised(grouped, tmp_path):
     tokens = np.random.default_rng(1).integers(0, 64, (BATCH, SEQ_LEN))
     with torch.no_grad():
         hf_logits = model(torch.as_tensor(tokens)).logits.numpy()
-    cfg, params, state = load_hf(tmp_path / "fp8", overrides=F32, with_router_state=True)
+    cfg, params = load_hf(tmp_path / "fp8")
     assert cfg == grouped.cfg
-    np.testing.assert_allclose(_logits(params, tokens, cfg, state), hf_logits, rtol=0, atol=1e-4)
-    _, reference = load_hf(tmp_path / "dequantized", overrides=F32)
+    np.testing.assert_allclose(_logits(params, tokens, cfg), hf_logits, rtol=0, atol=1e-4)
+    _, reference = load_hf(tmp_path / "dequantized")
     assert_trees_bit_equal(params, reference)
     # the fp8 rounding is visible: these are not the original weights
     assert not np.array_equal(params.dense_blocks.ffn.w_down,
@@ -395,8 +421,8 @@ def test_rope_interleave_false_is_read_unpermuted(grouped, tmp_path):
     tokens = np.random.default_rng(2).integers(0, 64, (BATCH, SEQ_LEN))
     with torch.no_grad():
         hf_logits = model(torch.as_tensor(tokens)).logits.numpy()
-    cfg, params, state = load_hf(hf_dir, overrides=F32, with_router_state=True)
-    np.testing.assert_allclose(_logits(params, tokens, cfg, state), hf_logits, rtol=0, atol=1e-4)
+    cfg, params = load_hf(hf_dir)
+    np.testing.assert_allclose(_logits(params, tokens, cfg), hf_logits, rtol=0, atol=1e-4)
     wkv_a = np.asarray(params.moe_blocks.attn.wkv_a[0])
     interleaved = np.asarray(grouped.params.moe_blocks.attn.wkv_a[0])
     np.testing.assert_array_equal(wkv_a[:, :16], interleaved[:, :16])  # the latent: unchanged
@@ -506,12 +532,12 @@ def test_script_round_trip_keeps_the_router_state(mtp_model, tmp_path):
     save_hf(cfg, params, tmp_path / "source", NAME, router_state=state)
     script = load_script("convert_hf")
     native, hf = tmp_path / "native", tmp_path / "hf"
-    assert script.main(["to-moejax", str(tmp_path / "source"), str(native), *F32]) == 0
+    assert script.main(["to-moejax", str(tmp_path / "source"), str(native)]) == 0
     native_cfg, native_params, native_state = load_moejax(native, with_router_state=True)
     assert native_cfg.model == cfg.model and native_cfg.moe == cfg.moe
     assert_trees_bit_equal(native_params, params)
     assert_trees_bit_equal(native_state, state)
     assert script.main(["to-hf", str(native), str(hf), "--architecture", NAME]) == 0
-    _, hf_params, hf_state = load_hf(hf, overrides=F32, with_router_state=True)
+    _, hf_params, hf_state = load_hf(hf, with_router_state=True)
     assert_trees_bit_equal(hf_params, params)
     assert_trees_bit_equal(hf_state, state)

@@ -1,7 +1,8 @@
-"""Hugging Face checkpoint interop: tiny random Mixtral and Qwen3-MoE models built in torch,
-saved with save_pretrained, loaded into moejax and compared (logits, router choices), exported
-back and reloaded (bit-equal, and loadable by transformers), YaRN, plus the conversion errors
-(DeepSeek-V3 has its own file, test_convert_deepseek.py)."""
+"""Hugging Face checkpoint interop: tiny random float32 Mixtral and Qwen3-MoE models built in
+torch, saved with save_pretrained, loaded into moejax with the plain calls (no overrides: the
+precision follows the checkpoint) and compared (logits, router choices), exported back and
+reloaded (bit-equal, and loadable by transformers), YaRN, plus the conversion errors (DeepSeek-V3
+has its own file, test_convert_deepseek.py)."""
 
 import dataclasses
 import json
@@ -15,10 +16,11 @@ import pytest
 import torch
 import transformers
 from helpers import assert_trees_bit_equal, load_script
+from jax.sharding import NamedSharding, PartitionSpec
 
 import moejax
 import moejax.convert
-from moejax.config import MeshConfig
+from moejax.config import MeshConfig, PrecisionConfig
 from moejax.convert import ConversionError, config_from_hf, load_hf, save_hf
 from moejax.convert.architectures import ARCHITECTURES, LayoutOptions
 from moejax.convert.hf import param_specs
@@ -38,7 +40,6 @@ HF_MODELS = {
         num_hidden_layers=3, num_experts=8, moe_intermediate_size=16, intermediate_size=48,
         head_dim=16, mlp_only_layers=[0], norm_topk_prob=False, **COMMON)),
 }
-F32 = ("precision.compute_dtype=float32",)
 
 
 def _randomize(model: torch.nn.Module, seed: int) -> None:
@@ -84,7 +85,7 @@ def case(request, tmp_path_factory) -> Case:
     _randomize(model, seed=len(architecture))
     hf_dir = tmp_path_factory.mktemp(architecture)
     model.save_pretrained(hf_dir)
-    cfg, params = load_hf(hf_dir, overrides=F32)
+    cfg, params = load_hf(hf_dir)[:2]  # the plain calls, as a user makes them
     moe_layers = range(cfg.num_dense_layers, cfg.model.num_layers)
     captured = _router_inputs(model, set(moe_layers))
     tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (BATCH, SEQ_LEN))
@@ -110,8 +111,39 @@ def test_config_mapping(case):
 
 
 def test_logits_match_transformers(case):
+    """load_hf then moejax.forward, nothing else: float32 like the checkpoint, as transformers."""
     assert np.abs(case.hf_logits).max() > 0.5  # a comparison of near-zero logits proves little
+    assert case.cfg.precision.compute_dtype == case.cfg.precision.param_dtype == "float32"
     np.testing.assert_allclose(case.logits, case.hf_logits, rtol=0, atol=1e-4)
+
+
+def test_parameters_carry_the_router_state(case):
+    """Softmax routers: a zero bias and temperature 1 (HF routers have none), also returned
+    on request."""
+    state = case.params.router_state
+    np.testing.assert_array_equal(state.bias, np.zeros((case.cfg.num_moe_layers, 8)))
+    assert state.bias.dtype == jnp.float32 and float(state.temperature) == 1.0
+    _, params, returned = load_hf(case.hf_dir, with_router_state=True)
+    assert_trees_bit_equal(returned, state)
+    assert_trees_bit_equal(params, case.params)
+
+
+@pytest.mark.parametrize("key", ["dtype", "torch_dtype"])
+def test_precision_follows_the_checkpoint_dtype_unless_overridden(key):
+    """transformers >= 5 writes "dtype", older versions "torch_dtype"."""
+    hf_config = {k: v for k, v in _hf_config("MixtralForCausalLM").items()
+                 if k not in ("dtype", "torch_dtype")}
+    for dtype in ("float32", "bfloat16", "float16"):
+        precision = config_from_hf({**hf_config, key: dtype}).precision
+        assert (precision.param_dtype, precision.compute_dtype) == (dtype, dtype)
+    overridden = config_from_hf({**hf_config, key: "float32"},
+                                ["precision.compute_dtype=bfloat16"]).precision
+    assert (overridden.param_dtype, overridden.compute_dtype) == ("float32", "bfloat16")
+    defaults = PrecisionConfig()
+    for unnamed in ({}, {key: None}, {key: "auto"}):
+        precision = config_from_hf({**hf_config, **unnamed}).precision
+        assert (precision.param_dtype, precision.compute_dtype) == (defaults.param_dtype,
+                                                                    defaults.compute_dtype)
 
 
 def _hf_router_probs(router_output: np.ndarray) -> np.ndarray:
@@ -150,21 +182,29 @@ def test_layout_covers_every_parameter_exactly_once(case):
 def test_export_then_import_is_identity(case, tmp_path):
     files = save_hf(case.cfg, case.params, tmp_path, case.architecture, max_shard_bytes=20_000)
     assert len(files) > 1 and (tmp_path / "model.safetensors.index.json").exists()
-    cfg, params = load_hf(tmp_path, overrides=F32)
+    cfg, params = load_hf(tmp_path)
     assert cfg == case.cfg
     assert_trees_bit_equal(params, case.params)
 
 
+def _cast(params, dtype):
+    """The parameters in `dtype`, the router state they carry (always float32) unchanged."""
+    weights = jax.tree.map(lambda x: x.astype(dtype), params.replace(router_state=None))
+    return weights.replace(router_state=params.router_state)
+
+
 def test_bfloat16_checkpoints_round_trip(case, tmp_path):
-    """Released checkpoints are bfloat16: written and read back as float32 parameters (exact),
-    or kept as bfloat16 parameters."""
+    """Released checkpoints are bfloat16: read back as bfloat16 parameters computing in
+    bfloat16, or (overridden) as float32 parameters (exact)."""
     save_hf(case.cfg, case.params, tmp_path, case.architecture, dtype="bfloat16")
     assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
-    rounded = jax.tree.map(lambda x: x.astype(jnp.bfloat16), case.params)
-    _, params = load_hf(tmp_path, overrides=F32)
-    assert_trees_bit_equal(params, jax.tree.map(lambda x: x.astype(jnp.float32), rounded))
-    _, params = load_hf(tmp_path, overrides=(*F32, "precision.param_dtype=bfloat16"))
+    rounded = _cast(case.params, jnp.bfloat16)
+    cfg, params = load_hf(tmp_path)
+    assert (cfg.precision.param_dtype, cfg.precision.compute_dtype) == ("bfloat16", "bfloat16")
     assert_trees_bit_equal(params, rounded)
+    cfg, params = load_hf(tmp_path, overrides=("precision.param_dtype=float32",))
+    assert (cfg.precision.param_dtype, cfg.precision.compute_dtype) == ("float32", "bfloat16")
+    assert_trees_bit_equal(params, _cast(rounded, jnp.float32))
 
 
 def test_exported_checkpoint_loads_in_transformers(case, tmp_path):
@@ -180,7 +220,7 @@ def test_fused_expert_layout_loads_the_same(case, tmp_path):
     """transformers >= 5 can save experts fused (gate_up_proj [E, 2F, D], down_proj [E, D, F])."""
     model = transformers.AutoModelForCausalLM.from_pretrained(case.hf_dir)
     model.save_pretrained(tmp_path, save_original_format=False)
-    _, params = load_hf(tmp_path, overrides=F32)
+    _, params = load_hf(tmp_path)
     assert_trees_bit_equal(params, case.params)
 
 
@@ -188,18 +228,20 @@ def test_router_temperature_is_folded_into_exported_router(case, tmp_path):
     state = moejax.RouterState(bias=jnp.zeros((case.cfg.num_moe_layers, 8)),
                                temperature=jnp.asarray(0.5))
     save_hf(case.cfg, case.params, tmp_path, case.architecture, router_state=state)
-    _, params = load_hf(tmp_path, overrides=F32)
+    _, params = load_hf(tmp_path)
     np.testing.assert_array_equal(params.moe_blocks.ffn.router,
                                   2 * np.asarray(case.params.moe_blocks.ffn.router))
 
 
 def test_load_onto_a_mesh_shards_the_parameters(case, tmp_path):
     mesh = moejax.make_mesh(MeshConfig(data=1, fsdp=2, expert=4))
-    cfg, params = load_hf(case.hf_dir, mesh, overrides=F32)
+    cfg, params = load_hf(case.hf_dir, mesh)
     assert (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.expert) == (1, 2, 4)
     expected = moejax.params.shardings(moejax.model_specs(cfg), mesh)
-    for leaf, sharding in zip(jax.tree.leaves(params), jax.tree.leaves(expected)):
+    weights = params.replace(router_state=None)
+    for leaf, sharding in zip(jax.tree.leaves(weights), jax.tree.leaves(expected), strict=True):
         assert leaf.sharding == sharding
+    assert params.router_state.bias.sharding == NamedSharding(mesh, PartitionSpec())
     assert_trees_bit_equal(params, case.params)
     # saved from 8 devices, the native checkpoint still loads without a mesh (on one device)
     moejax.convert.save_moejax(cfg, params, tmp_path)
@@ -303,7 +345,7 @@ def test_yarn_is_read_and_written(tmp_path):
     model = mixtral(yarn)
     _randomize(model, seed=7)
     model.save_pretrained(tmp_path / "hf")
-    cfg, params = load_hf(tmp_path / "hf", overrides=F32)
+    cfg, params = load_hf(tmp_path / "hf")
     m = cfg.model
     assert (m.rope_scaling, m.yarn_factor, m.yarn_original_max_len) == ("yarn", 4.0, 8)
     assert (m.yarn_mscale, m.yarn_mscale_all_dim, m.yarn_beta_fast) == (0.707, 1.0, 8.0)
@@ -317,7 +359,7 @@ def test_yarn_is_read_and_written(tmp_path):
     with torch.no_grad():  # YaRN changes these logits, so matching them needs YaRN
         assert np.abs(plain(torch.as_tensor(tokens)).logits.numpy() - hf_logits).max() > 1e-3
     save_hf(cfg, params, tmp_path / "out", "MixtralForCausalLM")
-    assert load_hf(tmp_path / "out", overrides=F32)[0] == cfg
+    assert load_hf(tmp_path / "out")[0] == cfg
     exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     with torch.no_grad():
         np.testing.assert_allclose(exported(torch.as_tensor(tokens)).logits.numpy(), hf_logits,
@@ -341,7 +383,7 @@ def test_script_round_trip(case, tmp_path):
     assert cfg.model == case.cfg.model and cfg.moe == case.cfg.moe
     assert_trees_bit_equal(params, case.params)
     assert script.main(["to-hf", str(native), str(hf), "--architecture", case.architecture]) == 0
-    _, params = load_hf(hf, overrides=F32)
+    _, params = load_hf(hf)
     assert_trees_bit_equal(params, case.params)
 
 

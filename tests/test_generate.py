@@ -32,7 +32,7 @@ from moejax.generate import (
 )
 from moejax.training.checkpoint import Checkpoints
 from moejax.training.optim import make_optimizer
-from moejax.training.rundir import prepare_run_dir
+from moejax.training.rundir import write_run_config
 from moejax.training.state import TrainState
 
 REPO = Path(__file__).resolve().parent.parent
@@ -118,6 +118,15 @@ def test_cached_logits_equal_uncached_forward_at_every_position(name):
     scale = np.max(np.abs(expected), axis=(0, 2))
     print(f"{name}: max relative cached-vs-uncached difference {np.max(error / scale):.2e}")
     assert np.all(error <= 1e-5 * scale), error / scale
+
+
+def test_generate_uses_the_router_state_the_parameters_carry():
+    """As imported parameters carry it (moejax.convert.load_hf); the same compiled functions."""
+    c = case("gqa")
+    carrying = c.params.replace(router_state=c.router_state)
+    tokens, logits = generate(carrying, c.cfg, c.prompt, NEW_TOKENS, return_logits=True)
+    np.testing.assert_array_equal(tokens, c.tokens)
+    np.testing.assert_array_equal(logits, c.logits)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -224,7 +233,7 @@ def training_run(tmp_path_factory) -> Path:
     case's state at step 7 and, at step 3, the same parameters with a zero router bias."""
     c = case("gqa")
     run_dir = tmp_path_factory.mktemp("generate") / "run"
-    prepare_run_dir(c.cfg, run_dir, resume=False)
+    write_run_config(c.cfg, run_dir)
     opt_state = jax.jit(make_optimizer(c.cfg).init)(c.params)
     checkpoints = Checkpoints(run_dir / "checkpoints", keep=2)
     for step, router in ((3, moejax.init_router_state(c.cfg)), (7, c.router_state)):
@@ -244,13 +253,13 @@ def test_load_model_restores_a_training_run(training_run, tmp_path):
     latest = load_model(training_run)
     assert latest.description == f"training run {training_run}, step 7"
     assert latest.cfg.model == c.cfg.model and latest.cfg.moe == c.cfg.moe
-    assert_trees_equal(latest.params, c.params)
-    np.testing.assert_array_equal(latest.router_state.bias, c.router_state.bias)
+    assert_trees_equal(latest.params, c.params.replace(router_state=c.router_state))
+    assert latest.router_state is latest.params.router_state
     earlier = load_model(training_run / "checkpoints" / "3")
     assert earlier.description == f"training run {training_run}, step 3"
-    assert_trees_equal(earlier.params, c.params)
+    assert_trees_equal(earlier.params.replace(router_state=None), c.params)
     np.testing.assert_array_equal(earlier.router_state.bias, 0.0)
-    prepare_run_dir(c.cfg, tmp_path / "fresh", resume=False)  # a run that saved nothing yet
+    write_run_config(c.cfg, tmp_path / "fresh")  # a run that saved nothing yet
     with pytest.raises(GenerationError, match="holds no checkpoint yet"):
         load_model(tmp_path / "fresh")
 
@@ -290,8 +299,9 @@ def test_load_model_reads_a_hugging_face_checkpoint(tmp_path):
     params = random_params(cfg, 5)
     save_hf(cfg, params, tmp_path / "hf", "MixtralForCausalLM")
     model = load_model(tmp_path / "hf")
-    assert_trees_equal(model.params, params)
+    assert_trees_equal(model.params.replace(router_state=None), params)
     assert model.cfg.moe.num_experts == cfg.moe.num_experts
+    assert model.cfg.precision.compute_dtype == "float32"  # as the checkpoint
     assert model.description == f"Hugging Face checkpoint {tmp_path / 'hf'}"
 
 

@@ -10,7 +10,8 @@ are written one tensor per expert (the layout of the released checkpoints, which
 
 DeepSeek-V3's multi-token-prediction layers (model.layers.{num_hidden_layers + k}) are read into
 params.mtp when the checkpoint has them (transformers' own save_pretrained drops them), and its
-`e_score_correction_bias` into the router state (`with_router_state=True`).
+`e_score_correction_bias` into the router state, which the loaded parameters carry
+(params.router_state) so that forward, loss_fn and generate use it unasked.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from moejax.model.transformer import RouterState, init_router_state, model_specs
 
 # Tensors that some checkpoints carry but that moejax recomputes (RoPE frequency tables).
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# config.json dtypes that set moejax's precision (others leave moejax's defaults).
+CHECKPOINT_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def read_hf_config(directory: Path) -> dict:
@@ -81,16 +84,34 @@ def mtp_depth(hf_config: dict, tensor_names: Iterable[str]) -> int:
     return declared_mtp_layers(hf_config) if present else 0
 
 
+def checkpoint_dtype(hf_config: dict) -> str | None:
+    """The dtype config.json says the weights are in ("dtype" from transformers 5, else
+    "torch_dtype"), when moejax has it as a precision dtype; else None."""
+    name = hf_config.get("dtype") or hf_config.get("torch_dtype")
+    name = str(name).removeprefix("torch.") if name else None
+    return name if name in CHECKPOINT_DTYPES else None
+
+
+def precision_overrides(hf_config: dict) -> list[str]:
+    """Parameters stored and computed in the checkpoint's dtype (float32 weights give float32
+    logits, as transformers does); moejax's defaults when config.json names none."""
+    dtype = checkpoint_dtype(hf_config)
+    if dtype is None:
+        return []
+    return [f"precision.param_dtype={dtype}", f"precision.compute_dtype={dtype}"]
+
+
 def config_from_hf(hf_config: dict, overrides=(), mesh=None, *,
                    tensor_names: Iterable[str] = ()) -> Config:
-    """The moejax Config of an HF config.json dict, then the dotted `overrides`; the mesh
-    section is that of `mesh` (see mesh_section). model.mtp_depth comes from the checkpoint's
-    `tensor_names` (see mtp_depth): 0 without them."""
+    """The moejax Config of an HF config.json dict (precision in the checkpoint's dtype, see
+    precision_overrides), then the dotted `overrides`; the mesh section is that of `mesh` (see
+    mesh_section). model.mtp_depth comes from the checkpoint's `tensor_names` (see mtp_depth):
+    0 without them."""
     arch = hf_architecture(hf_config)
     quantization.block_size(hf_config)  # refuses quantisation schemes moejax cannot read
     mesh_overrides, num_devices = mesh_section(mesh)
     try:
-        mapped = arch.overrides_from_hf(hf_config)
+        mapped = arch.overrides_from_hf(hf_config) + precision_overrides(hf_config)
         if arch.has_mtp:
             mapped.append(f"model.mtp_depth={mtp_depth(hf_config, tensor_names)}")
     except KeyError as err:
@@ -152,11 +173,14 @@ def _imported_router_state(cfg: Config) -> RouterState:
 
 
 def load_hf(path, mesh=None, *, overrides=(), with_router_state: bool = False):
-    """(config, params), or (config, params, router_state) with `with_router_state`, of a
-    local Hugging Face checkpoint directory.
+    """(config, params) of a local Hugging Face checkpoint directory, ready for
+    moejax.forward(params, tokens, config): the parameters carry the router state
+    (params.router_state: DeepSeek's e_score_correction_bias) and the precision follows the
+    checkpoint's dtype. `with_router_state` also returns that state: (config, params,
+    router_state).
 
     `overrides` are dotted moejax config overrides applied after the mapping (for example
-    "precision.compute_dtype=float32", "precision.param_dtype=bfloat16", or "model.mtp_depth=0"
+    "precision.compute_dtype=bfloat16", "precision.param_dtype=float32", or "model.mtp_depth=0"
     to leave out DeepSeek's MTP layers); parameters are stored in precision.param_dtype. With a
     `mesh` the parameters are placed with the model's shardings (the router state replicated)
     and the config's mesh section matches the mesh.
@@ -173,7 +197,7 @@ def load_hf(path, mesh=None, *, overrides=(), with_router_state: bool = False):
     host = shards.host_arrays(specs, np.dtype(cfg.precision.param_dtype), initial_state)
     shards.read_tensors(files, layout, host, block)
     router_state = shards.place_router_state(host, initial_state, mesh)
-    params = shards.place_params(host, specs, mesh)
+    params = shards.place_params(host, specs, mesh).replace(router_state=router_state)
     return (cfg, params, router_state) if with_router_state else (cfg, params)
 
 
@@ -183,13 +207,14 @@ def save_hf(config: Config, params, path, architecture: str = "MixtralForCausalL
     """Write `params` (and the router state) as a Hugging Face checkpoint of `architecture`
     into directory `path`; returns the safetensors files written.
 
-    `router_state` defaults to init_router_state(config). Softmax routers get its temperature
-    folded into their weights, since HF routers have none; DeepSeek-V3 gets its selection bias
-    as `e_score_correction_bias` (float32). Other tensors keep the parameters' dtype unless
-    `dtype` (e.g. "bfloat16") is given.
+    `router_state` defaults to the one `params` carry, else init_router_state(config) (see
+    exported_router_state). Softmax routers get its temperature folded into their weights,
+    since HF routers have none; DeepSeek-V3 gets its selection bias as `e_score_correction_bias`
+    (float32). Other tensors keep the parameters' dtype unless `dtype` (e.g. "bfloat16") is
+    given; config.json records the dtype written, which sets the precision on import.
     """
     arch = _exportable_architecture(config, architecture)
-    router_state = _checked_router_state(config, router_state)
+    router_state = exported_router_state(config, params, router_state)
     options = LayoutOptions(router_temperature=float(router_state.temperature))
     directory = Path(path)
     written = shards.write_checkpoint(directory, arch.layout(config, options),
@@ -212,8 +237,11 @@ def _exportable_architecture(config: Config, name: str) -> Architecture:
     return arch
 
 
-def _checked_router_state(config: Config, router_state) -> RouterState:
+def exported_router_state(config: Config, params, router_state=None) -> RouterState:
+    """The router state to write: `router_state`, else the one `params` carry, else
+    init_router_state(config); its bias must have a row per router of `config`."""
     expected = init_router_state(config)
+    router_state = router_state if router_state is not None else params.router_state
     if router_state is None:
         return expected
     if tuple(router_state.bias.shape) != tuple(expected.bias.shape):

@@ -18,7 +18,7 @@ import numpy as np
 
 from moejax.config import Config, config_to_yaml, load_config
 from moejax.convert import shards
-from moejax.convert.hf import mesh_section, param_specs
+from moejax.convert.hf import exported_router_state, mesh_section, param_specs
 from moejax.convert.layout import (
     ROUTER_STATE,
     ConversionError,
@@ -41,10 +41,10 @@ def _router_state_layout(router_state) -> list[TensorMap]:
 
 def save_moejax(config: Config, params, path, *, router_state=None,
                 max_shard_bytes: int = shards.DEFAULT_MAX_SHARD_BYTES) -> list[Path]:
-    """Write config.yaml, the parameters (in their own dtype) and the router state (default
-    init_router_state(config)) into directory `path`."""
+    """Write config.yaml, the parameters (in their own dtype) and the router state (default:
+    the one `params` carry, else init_router_state(config)) into directory `path`."""
     directory = Path(path)
-    router_state = init_router_state(config) if router_state is None else router_state
+    router_state = exported_router_state(config, params, router_state)
     layout = native_layout(param_specs(config)) + _router_state_layout(router_state)
     written = shards.write_checkpoint(directory, layout,
                                       shards.checkpoint_leaves(params, router_state),
@@ -55,11 +55,12 @@ def save_moejax(config: Config, params, path, *, router_state=None,
 
 
 def load_moejax(path, mesh=None, *, with_router_state: bool = False):
-    """(config, params), or (config, params, router_state) with `with_router_state`, saved by
-    save_moejax; with a mesh, sharded on it (the router state replicated). The config's mesh
-    section is replaced by the mesh's axis sizes (the defaults without a mesh), so that a
-    checkpoint saved on many devices converts on one. A directory without router state tensors
-    gives init_router_state(config)."""
+    """(config, params) saved by save_moejax, the parameters carrying the router state (see
+    moejax.convert.load_hf), or (config, params, router_state) with `with_router_state`; with a
+    mesh, sharded on it (the router state replicated). The config's mesh section is replaced by
+    the mesh's axis sizes (the defaults without a mesh), so that a checkpoint saved on many
+    devices converts on one. A directory without router state tensors gives
+    init_router_state(config)."""
     directory = Path(path)
     if not (directory / CONFIG_FILE).exists():
         raise ConversionError(f"{directory} has no {CONFIG_FILE}: give a directory written by "
@@ -78,5 +79,5 @@ def load_moejax(path, mesh=None, *, with_router_state: bool = False):
     host = shards.host_arrays(specs, np.dtype(cfg.precision.param_dtype), initial_state)
     shards.read_tensors(files, layout, host)
     router_state = shards.place_router_state(host, initial_state, mesh)
-    params = shards.place_params(host, specs, mesh)
+    params = shards.place_params(host, specs, mesh).replace(router_state=router_state)
     return (cfg, params, router_state) if with_router_state else (cfg, params)

@@ -67,7 +67,8 @@ def router_state_leaves(router_state) -> dict[LeafPath, object]:
 
 
 def checkpoint_leaves(params, router_state=None) -> dict[LeafPath, object]:
-    """{leaf path: leaf} of the parameters, then of the router state (when given)."""
+    """{leaf path: leaf} of the parameters (the router state they carry included), then of
+    `router_state` (when given, in place of the carried one)."""
     leaves = dict(leaf_specs(params)[0])
     if router_state is not None:
         leaves.update(router_state_leaves(router_state))

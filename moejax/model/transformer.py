@@ -2,7 +2,8 @@
 
 Each stack's blocks share one set of stacked parameters (leading `layers` axis) and run under
 `jax.lax.scan`, optionally rematerialised. `forward` is a pure function of the parameters, the
-tokens and the router state; auxiliary outputs are returned, never hidden in collections.
+tokens and the router state (passed, or carried by imported parameters); auxiliary outputs are
+returned, never hidden in collections.
 """
 
 from __future__ import annotations
@@ -30,6 +31,14 @@ REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+
+@struct.dataclass
+class RouterState:
+    """Router state that is not trained by gradients."""
+
+    bias: jax.Array  # [L_moe + D_mtp, E] float32 selection bias (aux-loss-free balancing)
+    temperature: jax.Array  # [] float32, softmax_topk temperature
 
 
 @struct.dataclass
@@ -61,16 +70,13 @@ class Transformer:
     moe_blocks: Block | None  # leaves stacked [L_moe, ...]
     final_norm: jax.Array  # [D]
     lm_head: jax.Array  # [D, V]
-    mtp: MTPModule | None = None  # leaves stacked [D_mtp, ...]; last, so that adding it keeps
-    # the other parameters' initial values (init keys are split per leaf in tree order)
+    mtp: MTPModule | None = None  # leaves stacked [D_mtp, ...]; after the others, so that
+    # adding it keeps their initial values (init keys are split per leaf in tree order)
 
-
-@struct.dataclass
-class RouterState:
-    """Router state that is not trained by gradients."""
-
-    bias: jax.Array  # [L_moe + D_mtp, E] float32 selection bias (aux-loss-free balancing)
-    temperature: jax.Array  # [] float32, softmax_topk temperature
+    # The router state of an imported checkpoint (moejax.convert), so that its correction bias
+    # reaches every forward pass without the caller passing it; None for initialised parameters,
+    # where it has no leaves (training keeps its state in TrainState.router instead).
+    router_state: RouterState | None = None
 
 
 @struct.dataclass
@@ -131,6 +137,16 @@ def init_router_state(cfg: Config) -> RouterState:
     )
 
 
+def effective_router_state(params: Transformer, cfg: Config, router_state=None) -> RouterState:
+    """The router state a pass uses: `router_state` when given, else the one `params` carry
+    (gradient-stopped: state, never trained), else init_router_state(cfg)."""
+    if router_state is not None:
+        return router_state
+    if params.router_state is not None:
+        return jax.lax.stop_gradient(params.router_state)
+    return init_router_state(cfg)
+
+
 def init_cache(cfg: Config, batch_size: int, max_len: int, dtype=jnp.float32) -> KVCache:
     """An empty generation cache for `batch_size` sequences of up to `max_len` tokens."""
     shapes = cache_entry_shapes(cfg.model)
@@ -182,8 +198,7 @@ class _Layers:
 def _decoder(params: Transformer, tokens, positions, cfg: Config, router_state, cache=None):
     """tokens [B, T] at positions [T] -> (hidden [B, T, D] before the final norm, per-layer MoE
     statistics or None, updated cache or None)."""
-    router_state = init_router_state(cfg) if router_state is None else router_state
-    layers = _Layers(cfg, positions, router_state)
+    layers = _Layers(cfg, positions, effective_router_state(params, cfg, router_state))
     cached = cache is not None
 
     def dense_layer(block, x, layer_cache):
@@ -202,7 +217,7 @@ def _decoder(params: Transformer, tokens, positions, cfg: Config, router_state, 
                                            cache.dense if cached else None, dense_layer, cfg)
     layer_stats = None
     if params.moe_blocks is not None:
-        bias = router_state.bias[:cfg.num_moe_layers]
+        bias = layers.router_state.bias[:cfg.num_moe_layers]
         x, (layer_stats, new_cache["moe"]) = _run_stack(
             params.moe_blocks, x, (bias, cache.moe if cached else None), moe_layer, cfg)
     return x, layer_stats, KVCache(**new_cache) if cached else None
@@ -218,7 +233,9 @@ def output_logits(params: Transformer, hidden: jax.Array, final_norm: jax.Array,
 
 
 def forward(params: Transformer, tokens: jax.Array, cfg: Config, router_state=None):
-    """tokens [B, T] int -> (logits [B, T, V] float32, aux dict of MoE statistics)."""
+    """tokens [B, T] int -> (logits [B, T, V] float32, aux dict of MoE statistics).
+    `router_state` defaults to the one `params` carry, else the initial one
+    (effective_router_state)."""
     positions = jnp.arange(tokens.shape[1])
     hidden, layer_stats, _ = _decoder(params, tokens, positions, cfg, router_state)
     return output_logits(params, hidden, params.final_norm, cfg), _aux_outputs(layer_stats, cfg)
@@ -229,7 +246,8 @@ def forward_cached(params: Transformer, tokens: jax.Array, start: jax.Array, cac
     """Generation: tokens [B, T] at positions start .. start + T - 1, attending to everything
     in `cache` before them -> (logits [B, T, V] float32, the cache with these tokens added).
     start + T must not exceed the cache length: a traced `start` cannot be checked here, and a
-    write past the end would be clamped onto the last slots (moejax.generate checks it)."""
+    write past the end would be clamped onto the last slots (moejax.generate checks it).
+    `router_state` defaults as in `forward`."""
     positions = start + jnp.arange(tokens.shape[1])
     hidden, _, cache = _decoder(params, tokens, positions, cfg, router_state, cache)
     return output_logits(params, hidden, params.final_norm, cfg), cache
@@ -293,9 +311,10 @@ def loss_fn(params: Transformer, batch: dict, cfg: Config, router_state=None,
     `mtp_weight` is lambda (default train.mtp_loss_weight; the train step passes the scheduled
     value). Returns (loss, metrics) with every loss term reported separately; the MTP modules'
     expert counts follow the main model's in metrics["expert_counts"] [L_moe + D, E].
+    `router_state` defaults as in `forward`.
     """
     tokens = batch["tokens"]
-    router_state = init_router_state(cfg) if router_state is None else router_state
+    router_state = effective_router_state(params, cfg, router_state)
     positions = jnp.arange(tokens.shape[1] - 1)
     hidden, layer_stats, _ = _decoder(params, tokens[:, :-1], positions, cfg, router_state)
     logits = output_logits(params, hidden, params.final_norm, cfg)
