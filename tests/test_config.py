@@ -88,3 +88,14 @@ def test_bad_config_gives_one_clear_sentence(case):
     text = str(err.value)
     assert "\n" not in text and text.endswith(".")
 
+
+
+def test_mesh_on_a_subset_of_the_devices():
+    """A 1-device reference run on an 8-device host, and a 4-device mesh."""
+    one = moejax.load_config("tiny", ["mesh.data=1", "mesh.expert=1", "train.global_batch_size=4"],
+                             num_devices=8)
+    assert moejax.make_mesh(one.mesh).devices.size == 1
+    four = moejax.load_config("tiny", ["mesh.data=2", "mesh.expert=2"], num_devices=8)
+    assert dict(moejax.make_mesh(four.mesh).shape) == {"data": 2, "fsdp": 1, "expert": 2}
+    with pytest.raises(ConfigError, match="needs 16 devices but only 8 are available"):
+        moejax.load_config("tiny", ["mesh.data=4", "mesh.expert=4"], num_devices=8)

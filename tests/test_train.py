@@ -211,3 +211,20 @@ def test_truncated_newest_checkpoint_resumes_from_the_older_one(corpus_dir, tmp_
         assert abs(losses[step] - expected[step]) <= 1e-6 * abs(expected[step])
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
     assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
+
+
+def test_default_job_on_eight_devices_reports_mfu(corpus_dir, tmp_path, capsys):  # noqa: F811
+    """`python scripts/train.py` as a user runs it on an 8-device host: the tiny preset's own
+    settings (mesh, precision, peak FLOP/s measured at start-up), only shorter."""
+    from helpers import load_script
+
+    assert jax.device_count() == 8
+    code = load_script("train").main([
+        "--run-dir", str(tmp_path / "run"), "--no-progress", f"data.corpus_dir={corpus_dir}",
+        "train.steps=3", "train.log_every=1", "train.eval_batches=1"])
+    output = capsys.readouterr().out
+    assert code == 0, output
+    assert "over 8 of 8 cpu device(s)" in output
+    assert "MFU" in output and "final held-out loss" in output
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert all(0 < r["mfu"] < 10 for r in records if r["kind"] == "train" and r["step"] > 1)
