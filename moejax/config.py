@@ -154,6 +154,9 @@ class TrainConfig:
     # a step whose loss, gradients or updated parameters are not finite is skipped (the state
     # is kept); this many skipped in a row stop the run as diverged
     max_skipped_steps_in_row: int = 10
+    # a Hugging Face or moejax checkpoint directory whose weights and router state a fresh run
+    # starts from (fine-tuning); None: random initialisation with `seed`
+    init_from: str | None = None
     # multi-token prediction (model.mtp_depth > 0): loss weight lambda, then a lower one for the
     # rest of the run (DeepSeek-V3: 0.3 for the first 10T of 14.8T tokens, then 0.1)
     mtp_loss_weight: float = 0.3

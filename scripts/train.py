@@ -51,6 +51,7 @@ def main(argv=None) -> int:
     import jax
 
     from moejax.config import ConfigError, load_config
+    from moejax.convert.layout import ConversionError
     from moejax.training.checkpoint import CheckpointError
     from moejax.training.data import DataError
     from moejax.training.loop import TrainingDiverged, train
@@ -61,7 +62,7 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.overrides)
         summary = train(cfg, args.run_dir, resume=args.resume, progress=not args.no_progress,
                         announce=print if main_process else None)
-    except (ConfigError, DataError, RunDirError, CheckpointError,
+    except (ConfigError, ConversionError, DataError, RunDirError, CheckpointError,
             distributed.StartupError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

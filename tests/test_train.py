@@ -228,3 +228,37 @@ def test_default_job_on_eight_devices_reports_mfu(corpus_dir, tmp_path, capsys):
     assert "MFU" in output and "final held-out loss" in output
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
     assert all(0 < r["mfu"] < 10 for r in records if r["kind"] == "train" and r["step"] > 1)
+
+
+def test_init_from_carries_weights_and_router_bias(corpus_dir, tmp_path):
+    """A fresh run with train.init_from starts from the checkpoint's weights and router bias:
+    its first loss is the checkpoint's loss on the first batch, which the bias changes."""
+    from moejax import RouterState, init_params, loss_fn
+    from moejax.convert import save_moejax
+
+    cfg = train_config(corpus_dir)
+    mesh = make_mesh(cfg.mesh)
+    params = init_params(cfg, jax.random.key(7), mesh)
+    bias = jax.random.normal(jax.random.key(8), (cfg.num_moe_layers, cfg.moe.num_experts))
+    router = RouterState(bias=bias, temperature=jnp.float32(1.0))
+    save_moejax(cfg, params, tmp_path / "imported", router_state=router)
+
+    summary = train(train_config(corpus_dir, f"train.init_from={tmp_path / 'imported'}"),
+                    tmp_path / "run", progress=False, max_steps=1)
+    corpus = data_lib.load_split(corpus_dir, "train")
+    t = cfg.train
+    tokens = next(data_lib.make_train_iterator(corpus, seq_len=t.seq_len,
+                                               global_batch_size=t.global_batch_size,
+                                               seed=t.seed))["tokens"]
+    with jax.set_mesh(mesh):
+        expected = float(loss_fn(params, {"tokens": tokens}, cfg, router)[0])
+        without_bias = float(loss_fn(params, {"tokens": tokens}, cfg)[0])
+    first = dict(summary["train_losses"])[1]
+    assert abs(first - expected) <= 1e-5 * abs(expected)
+    assert abs(without_bias - expected) > 1e-5 * abs(expected)  # so the check above sees it
+
+    with pytest.raises(ConfigError, match=r"holds a different model: model.d_model \(32 -> 64\)"):
+        train(train_config(corpus_dir, "model.d_model=64",
+                           f"train.init_from={tmp_path / 'imported'}"),
+              tmp_path / "other", progress=False, max_steps=1)
+    assert not (tmp_path / "other").exists()

@@ -21,6 +21,7 @@ from moejax.model.transformer import count_params
 from moejax.training import data as data_lib
 from moejax.training import distributed
 from moejax.training.checkpoint import Checkpoints, set_aside
+from moejax.training.init_from import load_initial_model
 from moejax.training.metrics import (
     MetricsWriter,
     flops_per_token,
@@ -115,6 +116,9 @@ def train(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = Fals
         process_index=jax.process_index(), process_count=jax.process_count(), seed=cfg.train.seed)
     restored = _restore(run_dir, state, train_iter, report) if resume else None
     resumed_step, state = restored if restored else (None, state)
+    if resumed_step is None and cfg.train.init_from:
+        params, bias = load_initial_model(cfg, mesh)
+        state = state.replace(params=params, router=state.router.replace(bias=bias))
     eval_batches = data_lib.make_eval_batches(
         corpus.val_tokens, seq_len=cfg.train.seq_len, batch_size=cfg.train.global_batch_size,
         num_batches=cfg.train.eval_batches, process_index=jax.process_index(),
