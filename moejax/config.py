@@ -68,8 +68,13 @@ class MoEConfig:
     routed_scaling_factor: float = 1.0
     normalize_weights: bool = True  # renormalise the top-k weights to sum to 1 (before scaling)
     temperature: float = 1.0  # softmax_topk: initial temperature of softmax(logits / temperature)
-    dispatch: str = "capacity"  # capacity | dense (test oracle)
-    capacity_factor: float | None = None  # None: worst-case buffers, nothing is ever dropped
+    # dropless: sorted token copies and a grouped GEMM, nothing dropped (DeepSeek);
+    # capacity: fixed buffers of capacity_factor x the mean load, overflow dropped (Switch);
+    # dense: every expert on every token (a test oracle)
+    dispatch: str = "dropless"
+    tile_rows: int = 128  # dropless: each expert's rows are padded to a multiple of this
+    grouped_gemm: str = "auto"  # dropless: tiles (CPU) | ragged_dot (GPU/TPU) | auto (by backend)
+    capacity_factor: float | None = None  # capacity: None gives worst-case buffers (no drops)
     drop_policy: str = "position"  # position | probs
     switch_loss_coef: float = 0.0  # Switch Transformer load-balance loss
     seq_balance_loss_coef: float = 0.0  # DeepSeek-V3 sequence-wise balance loss (alpha)
@@ -270,6 +275,14 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
         _check(value in ("float32", "bfloat16", "float16"),
                f"precision.{name}={value!r} is unknown: use float32, bfloat16 or float16.")
     _validate_precision(cfg.precision)
+    if e.num_experts and e.dispatch == "dropless":
+        _check(cfg.precision.fp8 == "none" or "experts" not in cfg.precision.fp8_layer_groups,
+               "precision.fp8 on the routed experts needs moe.dispatch=capacity (the dropless "
+               "grouped GEMM runs in the compute dtype): set moe.dispatch=capacity or leave "
+               "experts out of precision.fp8_layers.")
+        _check(not cfg.precision.fp8_dispatch,
+               "precision.fp8_dispatch needs moe.dispatch=capacity (the dropless exchange sends "
+               "the compute dtype): set moe.dispatch=capacity or precision.fp8_dispatch=false.")
     if e.num_experts:
         _validate_moe(e)
     if num_devices is None:
@@ -367,12 +380,19 @@ def _validate_precision(p: PrecisionConfig) -> None:
 def _validate_moe(e: MoEConfig) -> None:
     _check(e.router in ("deepseek", "softmax_topk"),
            f"moe.router={e.router!r} is unknown: use deepseek or softmax_topk.")
-    _check(e.dispatch in ("capacity", "dense"),
-           f"moe.dispatch={e.dispatch!r} is unknown: use capacity or dense.")
+    _check(e.dispatch in ("dropless", "capacity", "dense"),
+           f"moe.dispatch={e.dispatch!r} is unknown: use dropless, capacity or dense.")
+    _check(e.grouped_gemm in ("auto", "tiles", "ragged_dot"),
+           f"moe.grouped_gemm={e.grouped_gemm!r} is unknown: use auto, tiles or ragged_dot.")
+    _check(e.tile_rows >= 1, f"moe.tile_rows={e.tile_rows} must be positive.")
     _check(e.drop_policy in ("position", "probs"),
            f"moe.drop_policy={e.drop_policy!r} is unknown: use position or probs.")
     _check(1 <= e.top_k <= e.num_experts,
            f"moe.top_k={e.top_k} must be between 1 and moe.num_experts={e.num_experts}.")
+    _check(e.capacity_factor is None or e.dispatch == "capacity",
+           f"moe.capacity_factor={e.capacity_factor} applies only to moe.dispatch=capacity "
+           f"(this config has {e.dispatch}, which never drops): set moe.dispatch=capacity or "
+           "moe.capacity_factor=null.")
     _check(e.capacity_factor is None or e.capacity_factor > 0,
            f"moe.capacity_factor={e.capacity_factor} must be positive, or null for no drops.")
     _check(e.temperature > 0, f"moe.temperature={e.temperature} must be positive.")

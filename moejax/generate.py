@@ -40,11 +40,17 @@ class GenerationError(ValueError):
 
 
 def generation_config(cfg: Config) -> Config:
-    """`cfg` as generation uses it: a dropless MoE (capacity_factor None), and the mesh, train
-    and data sections at their defaults (generation does not read them), so that configs that
-    differ only there share compiled functions."""
-    return Config(model=cfg.model, moe=dataclasses.replace(cfg.moe, capacity_factor=None),
-                  precision=cfg.precision)
+    """`cfg` as generation uses it: the dropless dispatch (the dense oracle stays dense), and
+    the mesh, train and data sections at their defaults (generation does not read them), so
+    that configs that differ only there share compiled functions."""
+    dispatch = "dense" if cfg.moe.dispatch == "dense" else "dropless"
+    moe = dataclasses.replace(cfg.moe, dispatch=dispatch, capacity_factor=None)
+    precision = cfg.precision
+    if "experts" in precision.fp8_layer_groups or precision.fp8_dispatch:
+        # the dropless dispatch runs its experts in the compute dtype
+        groups = ",".join(g for g in precision.fp8_layer_groups if g != "experts")
+        precision = dataclasses.replace(precision, fp8_layers=groups, fp8_dispatch=False)
+    return Config(model=cfg.model, moe=moe, precision=precision)
 
 
 def top_p_filter(logits: jax.Array, top_p) -> jax.Array:

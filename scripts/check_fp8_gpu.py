@@ -41,7 +41,7 @@ from moejax.training.step import train_step
 CUBLAS_FP8 = "__cublas$lt$matmul$f8"
 MODEL_OVERRIDES = {
     "tiny": ["model.d_model=512", "model.ffn_dim=2048", "moe.expert_ffn_dim=512",
-             "train.global_batch_size=16", "train.seq_len=512"],
+             "train.global_batch_size=16", "train.seq_len=512", "moe.dispatch=capacity"],
     "small": ["train.global_batch_size=16", "train.seq_len=1024", "moe.capacity_factor=1.25"],
 }
 

@@ -39,6 +39,7 @@ def run(name: str, seed: int, steps: int, overrides: list[str], run_root: Path) 
     dtype, recipe = RUNS[name]
     cfg = moejax.load_config("tiny", [
         f"precision.compute_dtype={dtype}", f"precision.fp8={recipe}", f"train.steps={steps}",
+        "moe.dispatch=capacity",  # fp8 experts need it; capacity_factor null drops nothing
         f"train.seed={seed}", "train.log_every=5", f"train.eval_every={steps}",
         "train.checkpoint_every=0", "train.peak_flops_per_device=1e9", *overrides])
     run_dir = run_root / f"{name.replace(' ', '_')}_seed{seed}"

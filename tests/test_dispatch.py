@@ -1,6 +1,6 @@
 """Capacity dispatch: drops exactly as the formula predicts, dropped copies contribute nothing,
 the capacity path equals the dense oracle when nothing drops, and the compiled layer holds
-exactly two all-to-alls and no gather of expert weights."""
+exactly two all-to-alls (dropless: three) and no gather of expert weights."""
 
 import dataclasses
 import functools
@@ -25,7 +25,8 @@ F32 = Matmul(jnp.float32)
 
 
 def moe_config(*overrides):
-    return tiny_config("model.d_model=16", "moe.expert_ffn_dim=8", *overrides).moe
+    return tiny_config("model.d_model=16", "moe.expert_ffn_dim=8", "moe.dispatch=capacity",
+                       *overrides).moe
 
 
 @functools.cache
@@ -78,7 +79,8 @@ def kept_assignments(ids, weights, slots, policy):
 
 
 def test_dropped_token_keeps_its_shared_expert_path():
-    cfg = tiny_config("moe.top_k=1", "moe.num_shared_experts=1", "moe.capacity_factor=1.0",
+    cfg = tiny_config("moe.top_k=1", "moe.num_shared_experts=1", "moe.dispatch=capacity",
+                      "moe.capacity_factor=1.0",
                       "moe.router=softmax_topk")
     specs = moe_specs(cfg)
     params = P.init(specs, jax.random.key(0))
@@ -98,7 +100,7 @@ def test_dropped_token_keeps_its_shared_expert_path():
 
 @pytest.mark.parametrize("router", ["deepseek", "softmax_topk"])
 def test_capacity_equals_dense_oracle_without_drops(router):
-    cfg = tiny_config(f"moe.router={router}", "moe.num_shared_experts=1")
+    cfg = tiny_config(f"moe.router={router}", "moe.num_shared_experts=1", "moe.dispatch=capacity")
     params = P.init(moe_specs(cfg), jax.random.key(0))
     x = jax.random.normal(jax.random.key(1), (4, 16, cfg.model.d_model))
     bias = 0.1 * jax.random.normal(jax.random.key(2), (cfg.moe.num_experts,))
@@ -109,8 +111,11 @@ def test_capacity_equals_dense_oracle_without_drops(router):
     assert max_relative_error(y, expected) < 1e-5
 
 
-def test_compiled_layer_has_two_all_to_alls_and_gathers_no_expert_weights():
-    cfg = tiny_config().replace(mesh=MeshConfig(2, 1, 4))
+@pytest.mark.parametrize("dispatch_name,exchanges", [("capacity", 2), ("dropless", 3)])
+def test_compiled_layer_exchanges_and_gathers_no_expert_weights(dispatch_name, exchanges):
+    """Capacity: one all-to-all out, one back. Dropless: token rows and their (local expert id,
+    weight) pairs out, one summed row per token and destination back."""
+    cfg = tiny_config(f"moe.dispatch={dispatch_name}").replace(mesh=MeshConfig(2, 1, 4))
     mesh = moejax.make_mesh(cfg.mesh)
     specs = moe_specs(cfg)
     params = P.init(specs, jax.random.key(0), mesh)
@@ -121,7 +126,7 @@ def test_compiled_layer_has_two_all_to_alls_and_gathers_no_expert_weights():
         hlo = layer.lower(params, x, bias).compile().as_text()
     instructions = [line.split("=", 1)[1] for line in hlo.splitlines() if " = " in line]
     all_to_alls = [op for op in instructions if " all-to-all(" in op]
-    assert len(all_to_alls) == 2
+    assert len(all_to_alls) == exchanges
     local_expert_shape = f"[{cfg.moe.num_experts // 4},{cfg.model.d_model}"
     gathers = [op for op in instructions if " all-gather(" in op or "all-gather-start(" in op]
     assert not [op for op in gathers if local_expert_shape in op or f"[{cfg.moe.num_experts}," in op]

@@ -37,7 +37,7 @@ from moejax.training.state import TrainState
 
 REPO = Path(__file__).resolve().parent.parent
 # A training-time capacity factor: generation must run dropless anyway (the reference is).
-MOE = ("moe.capacity_factor=1.0",)
+MOE = ("moe.dispatch=capacity", "moe.capacity_factor=1.0")
 MLA = ("model.attention=mla", "model.q_lora_rank=16", "model.kv_lora_rank=16",
        "model.qk_nope_head_dim=8", "model.qk_rope_head_dim=4", "model.v_head_dim=8")
 YARN = ("model.rope_scaling=yarn", "model.yarn_factor=4", "model.yarn_original_max_len=8")
@@ -76,7 +76,8 @@ def assert_trees_equal(actual, expected):
 
 
 def dropless(cfg):
-    return dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, capacity_factor=None))
+    moe = dataclasses.replace(cfg.moe, dispatch="dropless", capacity_factor=None)
+    return dataclasses.replace(cfg, moe=moe)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -213,7 +213,7 @@ def test_truncated_newest_checkpoint_resumes_from_the_older_one(corpus_dir, tmp_
     assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
 
 
-def test_default_job_on_eight_devices_reports_mfu(corpus_dir, tmp_path, capsys):  # noqa: F811
+def test_default_job_on_eight_devices_reports_mfu(corpus_dir, tmp_path, capsys):
     """`python scripts/train.py` as a user runs it on an 8-device host: the tiny preset's own
     settings (mesh, precision, peak FLOP/s measured at start-up), only shorter."""
     from helpers import load_script

@@ -88,22 +88,27 @@ class Matmul:
     def __call__(self, x: jax.Array, w: jax.Array) -> jax.Array:
         """x [..., K] @ w [K, N] -> [..., N]; or grouped x [G, ..., K] @ w [G, K, N]."""
         if self.fp8:
-            x, w = _same_varying_axes(x.astype(self.dtype), w.astype(self.dtype))
+            x, w = same_varying_axes(x.astype(self.dtype), w.astype(self.dtype))
             return fp8_matmul(x, w, recipe=self.fp8, out_dtype=self.dtype,
                               block_size=self.fp8_block_size)
         return jnp.matmul(x.astype(self.dtype), w.astype(self.dtype))
 
 
-def _same_varying_axes(x: jax.Array, w: jax.Array):
-    """Inside shard_map, mark x and w as varying over the same mesh axes before a custom-vjp
-    GEMM: a weight replicated over `data` then gets its gradient summed over `data` by the
-    cast's transpose, as a plain matmul would (a custom vjp cannot do that by itself)."""
-    x_axes, w_axes = varying_axes(x), varying_axes(w)
+def same_varying_axes(x: jax.Array, w):
+    """Inside shard_map, mark x and the weights `w` (an array or a pytree of them) as varying
+    over the same mesh axes before a custom-vjp GEMM: a weight replicated over `data` then gets
+    its gradient summed over `data` by the cast's transpose, as a plain matmul would (a custom
+    vjp cannot do that by itself)."""
+    x_axes = varying_axes(x)
+    w_axes = frozenset().union(*(varying_axes(leaf) for leaf in jax.tree.leaves(w)))
     if w_axes - x_axes:
         x = jax.lax.pcast(x, tuple(sorted(w_axes - x_axes)), to="varying")
-    if x_axes - w_axes:
-        w = jax.lax.pcast(w, tuple(sorted(x_axes - w_axes)), to="varying")
-    return x, w
+
+    def widen(leaf):
+        missing = (x_axes | w_axes) - varying_axes(leaf)
+        return jax.lax.pcast(leaf, tuple(sorted(missing)), to="varying") if missing else leaf
+
+    return x, jax.tree.map(widen, w)
 
 
 FP8_LAYER_GROUPS = ("attention", "dense_ffn", "shared", "experts")

@@ -1,0 +1,178 @@
+"""The dropless dispatch (`moe.dispatch: dropless`, DeepSeek's mode): no token is ever dropped,
+and the work and memory follow the N k useful assignments, not E N.
+
+On one shard: the token copies are sorted by expert, each expert's group is padded to whole row
+tiles and one grouped SwiGLU runs over the used tiles (moejax/model/grouped.py). Static bound
+on the sorted buffer: N k + E (tile - 1) rows.
+
+Under expert parallelism (P shards of the `expert` axis, E_ = E / P experts each), inside the
+one shard_map:
+1. a token travels once to each shard that holds at least one of its experts (not once per
+   expert), with its local expert ids (-1 for experts elsewhere) and their routing weights;
+2. the receiving shard runs its local experts on the token and sums their weighted outputs;
+3. that one row travels back, and the token's shard sums the rows of all its destinations.
+The exchange is a dense all_to_all of one buffer per (source, destination) pair of N_ rows (a
+token visits a destination at most once, so no pair can overflow). The receiving shard's sorted
+buffer holds P N_ min(k, E_) assignments at most (every token of every shard on every local
+expert), plus the tile padding. With group-limited routing whose groups line up with the
+shards (moe.num_groups a multiple of P), a token reaches at most min(P, k, topk_groups) shards.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from moejax import sharding
+from moejax.config import MoEConfig
+from moejax.model import grouped
+from moejax.model.layers import FFN, Matmul, same_varying_axes
+
+
+def max_destinations(cfg: MoEConfig, shards: int) -> int:
+    """The most expert shards one token can reach: min(P, k), and with group-limited routing
+    whose groups each sit inside one shard (num_groups a multiple of P) at most topk_groups."""
+    bound = min(shards, cfg.top_k)
+    if cfg.num_groups > 1 and cfg.num_groups % shards == 0:
+        bound = min(bound, cfg.topk_groups)
+    return bound
+
+
+def row_tile(num_assignments: int, cfg: MoEConfig) -> int:
+    """moe.tile_rows, or for small batches the power of two at or above the mean group size
+    (assignments / E, at least 8), so that padding stays a fraction of the useful rows."""
+    mean_group = max(8, -(-num_assignments // cfg.num_experts))
+    return min(cfg.tile_rows, 1 << (mean_group - 1).bit_length())
+
+
+def grouped_experts(rows, local_ids, weights, experts: FFN, matmul: Matmul, tile: int,
+                    max_assignments: int, use_ragged_dot: bool):
+    """rows [M, D] with their local expert ids and weights [M, k] (id -1: an expert elsewhere,
+    weight 0) -> (sum_j weights[:, j] * expert_{ids[:, j]}(rows) [M, D], padded rows [],
+    useful rows []). `max_assignments` bounds the routed ids statically."""
+    num_rows, top_k = local_ids.shape
+    num_experts = experts.w_gate.shape[0]
+    dtype = matmul.dtype
+    expert_of_assignment = jnp.where(local_ids >= 0, local_ids, num_experts).reshape(-1)
+    buffer_rows = grouped.padded_rows(max_assignments, num_experts, tile)
+    layout = grouped.tile_layout(expert_of_assignment, num_experts, tile, buffer_rows)
+    with jax.named_scope("permute"):
+        token_of_row = jnp.minimum(layout.assignment_of_row // top_k, num_rows)
+        sorted_rows = grouped.take_rows(rows.astype(dtype), token_of_row,
+                                        layout.row_of_assignment.reshape(num_rows, top_k))
+    with jax.named_scope("experts"):
+        weights_ = FFN(*(w.astype(dtype) for w in (experts.w_gate, experts.w_up, experts.w_down)))
+        sorted_rows, weights_ = same_varying_axes(sorted_rows, weights_)
+        if use_ragged_dot:
+            computed = grouped.ragged_swiglu(sorted_rows, weights_, layout)
+        else:
+            computed = grouped.tiled_swiglu(sorted_rows, weights_, layout.tile_expert,
+                                            layout.used_tiles, tile)
+    with jax.named_scope("combine"):
+        per_assignment = grouped.take_rows(computed, layout.row_of_assignment,
+                                           layout.assignment_of_row[:, None])
+        y = jnp.einsum("mkd,mk->md", per_assignment.reshape(num_rows, top_k, -1),
+                       weights.astype(dtype))
+    return y, layout.used_tiles * tile, layout.useful_rows
+
+
+def _send_layout(expert_ids, experts_per_shard: int, shards: int):
+    """Where each token goes: (slot [N_, P]: its row in the flat [P N_] send buffer, P N_ for
+    "not sent"; token [P N_]: the token in each send row, N_ for an empty row)."""
+    num_tokens = expert_ids.shape[0]
+    destination = expert_ids // experts_per_shard  # [N_, k]
+    sends = jnp.any(destination[:, :, None] == jnp.arange(shards), axis=1)  # [N_, P]
+    position = jnp.cumsum(sends, axis=0) - 1  # the token's row within its pair buffer
+    slot = jnp.where(sends, jnp.arange(shards) * num_tokens + position, shards * num_tokens)
+    token = jnp.full(shards * num_tokens, num_tokens, jnp.int32).at[slot.reshape(-1)].set(
+        jnp.repeat(jnp.arange(num_tokens, dtype=jnp.int32), shards), mode="drop")
+    return slot.astype(jnp.int32), token
+
+
+def dropless_moe_local(x, expert_ids, weights, experts: FFN, cfg: MoEConfig, matmul: Matmul,
+                       use_ragged_dot: bool, expert_axis=None):
+    """One shard's routed-expert output: x [N_, D], expert_ids and weights [N_, k] ->
+    (y [N_, D], statistics [4]: padded rows, useful rows, rows sent, send-buffer rows)."""
+    num_tokens, top_k = expert_ids.shape
+    shards = 1 if expert_axis is None else jax.lax.axis_size(expert_axis)
+    tile = row_tile(num_tokens * shards * top_k, cfg)
+    if shards == 1:
+        y, padded, useful = grouped_experts(
+            x, expert_ids, weights, experts, matmul, tile, num_tokens * top_k, use_ragged_dot)
+        return y, jnp.stack([padded, useful, num_tokens, num_tokens]).astype(jnp.float32)
+    local_experts = experts.w_gate.shape[0]
+    with jax.named_scope("dispatch"):
+        slot, token = _send_layout(expert_ids, local_experts, shards)
+        send_rows = grouped.take_rows(x.astype(matmul.dtype), token, slot)
+        shard_of_row = jnp.arange(shards * num_tokens) // num_tokens
+        ids_of_row = jnp.concatenate([expert_ids, jnp.full((1, top_k), -1, expert_ids.dtype)])[
+            token]
+        on_shard = ids_of_row // local_experts == shard_of_row[:, None]
+        send_ids = jnp.where(on_shard, ids_of_row - shard_of_row[:, None] * local_experts, -1)
+        send_weights = grouped.take_rows(weights, token, slot) * on_shard
+        exchange = _exchange(expert_axis, shards)
+        # ids travel as float32 beside the weights (exact below 2^24): one message, not two
+        received_rows = exchange(send_rows)
+        received_meta = exchange(jnp.concatenate([send_ids.astype(jnp.float32), send_weights], 1))
+        received_ids = received_meta[:, :top_k].astype(jnp.int32)
+    bound = shards * num_tokens * min(top_k, local_experts)
+    computed, padded, useful = grouped_experts(
+        received_rows, received_ids, received_meta[:, top_k:], experts, matmul, tile, bound,
+        use_ragged_dot)
+    with jax.named_scope("combine"):
+        returned = exchange(computed)  # [P N_, D]: row p N_ + s computed on shard p
+        per_destination = grouped.take_rows(returned, slot.reshape(-1),
+                                            _flat_inverse(token, shards, num_tokens))
+        y = jnp.sum(per_destination.reshape(num_tokens, shards, -1), axis=1)
+    sent = jnp.sum(token < num_tokens)
+    return y, jnp.stack([padded, useful, sent, shards * num_tokens]).astype(jnp.float32)
+
+
+def _flat_inverse(token, shards: int, num_tokens: int):
+    """For each send row r = p N_ + s, the entry n P + p of the flattened [N_, P] slots that
+    reads it (N_ P when empty): the inverse `take_rows` needs for its gradient."""
+    shard = jnp.arange(shards * num_tokens) // num_tokens
+    return jnp.where(token < num_tokens, token * shards + shard, num_tokens * shards)[:, None]
+
+
+def _exchange(expert_axis: str, shards: int):
+    """[P X, ...] rows grouped by destination shard -> the same shape grouped by source."""
+
+    def exchange(a):
+        by_shard = a.reshape(shards, a.shape[0] // shards, *a.shape[1:])
+        return jax.lax.all_to_all(by_shard, expert_axis, 0, 0, tiled=True).reshape(a.shape)
+
+    return exchange
+
+
+def dropless_moe(x, expert_ids, weights, experts: FFN, cfg: MoEConfig, matmul: Matmul,
+                 fp8_dispatch: bool = False):
+    """Routed-expert output for x [B, T, D] with nothing dropped; returns (y [B, T, D],
+    dropped assignments (always 0), statistics [4] summed over shards: padded rows, useful rows,
+    rows sent, send-buffer rows). The payload travels in the compute dtype (the config refuses
+    fp8_dispatch with this dispatch)."""
+    del fp8_dispatch
+    width, top_k = x.shape[-1], cfg.top_k
+    use_ragged_dot = cfg.grouped_gemm == "ragged_dot" or (
+        cfg.grouped_gemm == "auto" and jax.default_backend() != "cpu")
+
+    def local(x_, ids_, w_, experts_, expert_axis):
+        n_tokens = x_.shape[0] * x_.shape[1]
+        y_, stats_ = dropless_moe_local(
+            x_.reshape(n_tokens, width), ids_.reshape(n_tokens, top_k),
+            w_.reshape(n_tokens, top_k), experts_, cfg, matmul, use_ragged_dot, expert_axis)
+        return y_.reshape(x_.shape), stats_[None]
+
+    if sharding.current_mesh() is None:
+        y, stats = local(x, expert_ids, weights, experts, expert_axis=None)
+        return y, jnp.zeros((), jnp.float32), jnp.sum(stats, axis=0)
+    tokens = PartitionSpec(sharding.BATCH_AXES)
+    expert_weights = FFN(*(PartitionSpec("expert"),) * 3)
+    sharded = jax.shard_map(
+        lambda *args: local(*args, expert_axis="expert"),
+        in_specs=(tokens, tokens, tokens, expert_weights),
+        out_specs=(tokens, tokens),
+    )
+    y, stats = sharded(x, expert_ids, weights, experts)
+    return y, jnp.zeros((), jnp.float32), jnp.sum(stats, axis=0)

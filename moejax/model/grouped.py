@@ -1,0 +1,188 @@
+"""Grouped expert computation over rows sorted by expert: the building blocks of the dropless
+dispatch (moejax/model/dropless.py).
+
+- `take_rows`: a gather of rows whose gradient is again a gather, through the known inverse map
+  (plain autodiff of a gather is a scatter-add, slow on every backend).
+- `TileLayout`: assignments sorted by expert (stable), each expert's group padded to a multiple
+  of `tile` rows, inside a buffer of a static number of rows R.
+- `tiled_swiglu`: the experts' SwiGLU over that buffer, one row tile at a time with the tile's
+  expert weights, for the used tiles only, with a hand-written backward in the same tiles. This is
+  the CPU grouped GEMM: XLA:CPU runs `jax.lax.ragged_dot` as E dense GEMMs (E times the work).
+  Off CPU `ragged_swiglu` runs `ragged_dot`, a native grouped GEMM there.
+
+Shapes: M rows of input, A assignments (M k), R rows of the sorted buffer (a multiple of tile),
+E_ local experts, D model width, F expert width.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from moejax.fp8 import varying_axes
+from moejax.model.layers import FFN
+
+
+def _with_zero_row(x: jax.Array) -> jax.Array:
+    return jnp.concatenate([x, jnp.zeros((1, *x.shape[1:]), x.dtype)])
+
+
+@jax.custom_vjp
+def take_rows(source: jax.Array, index: jax.Array, inverse: jax.Array) -> jax.Array:
+    """out[r] = source[index[r]] (index == S gives a zero row); source [S, ...], index [R].
+
+    `inverse` [S, m] lists, for each source row, the out rows that read it (R = none): every r
+    with index[r] == s appears in inverse[s]. The gradient is then the gather
+    d_source[s] = sum_i d_out[inverse[s, i]]."""
+    return _with_zero_row(source)[index]
+
+
+def _take_rows_fwd(source, index, inverse):
+    return take_rows(source, index, inverse), inverse
+
+
+def _take_rows_bwd(inverse, d_out):
+    d_source = jnp.sum(_with_zero_row(d_out)[inverse], axis=1)
+    return d_source, None, None
+
+
+take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
+
+
+def padded_rows(max_assignments: int, num_experts: int, tile: int) -> int:
+    """R, the static buffer bound: every assignment plus at most tile - 1 padding rows per
+    expert, rounded up to whole tiles."""
+    return math.ceil((max_assignments + num_experts * (tile - 1)) / tile) * tile
+
+
+@struct.dataclass
+class TileLayout:
+    row_of_assignment: jax.Array  # [A] int32: buffer row of each assignment (R: not routed here)
+    assignment_of_row: jax.Array  # [R] int32: assignment in each buffer row (A: padding)
+    tile_expert: jax.Array  # [R / tile] int32: the expert whose weights each tile uses
+    used_tiles: jax.Array  # [] int32: tiles holding at least one assignment's group
+    useful_rows: jax.Array  # [] int32: assignments routed here
+    tile: int = struct.field(pytree_node=False)
+
+
+def tile_layout(expert_of_assignment: jax.Array, num_experts: int, tile: int,
+                num_rows: int) -> TileLayout:
+    """Sort assignments [A] by expert (a stable sort: token order within an expert; the value
+    num_experts marks an assignment with no local expert) and pad each expert's group to whole
+    tiles inside a buffer of `num_rows` rows."""
+    num_assignments = expert_of_assignment.shape[0]
+    order = jnp.argsort(expert_of_assignment, stable=True)
+    sorted_expert = expert_of_assignment[order]
+    counts = jnp.zeros(num_experts + 1, jnp.int32).at[expert_of_assignment].add(1)[:num_experts]
+    padded = (counts + tile - 1) // tile * tile
+    group_start = jnp.cumsum(counts) - counts
+    padded_start = jnp.cumsum(padded) - padded
+    routed = sorted_expert < num_experts
+    expert = jnp.minimum(sorted_expert, num_experts - 1)
+    rank = jnp.arange(num_assignments) - group_start[expert]
+    row_sorted = jnp.where(routed, padded_start[expert] + rank, num_rows).astype(jnp.int32)
+    row_of_assignment = jnp.zeros(num_assignments, jnp.int32).at[order].set(row_sorted)
+    assignment_of_row = jnp.full(num_rows, num_assignments, jnp.int32).at[row_sorted].set(
+        order.astype(jnp.int32), mode="drop")
+    tile_starts = jnp.arange(num_rows // tile) * tile
+    tile_expert = jnp.searchsorted(jnp.cumsum(padded), tile_starts, side="right")
+    return TileLayout(row_of_assignment, assignment_of_row,
+                      jnp.minimum(tile_expert, num_experts - 1).astype(jnp.int32),
+                      (jnp.sum(padded) // tile).astype(jnp.int32),
+                      jnp.sum(counts).astype(jnp.int32), tile)
+
+
+def _zeros(shape, dtype, like: jax.Array) -> jax.Array:
+    """Zeros that vary over the same shard_map axes as `like` (a loop carry must keep its type)."""
+    axes = tuple(sorted(varying_axes(like)))
+    zeros = jnp.zeros(shape, dtype)
+    return jax.lax.pcast(zeros, axes, to="varying") if axes else zeros
+
+
+def _tile(x: jax.Array, t, tile: int) -> jax.Array:
+    return jax.lax.dynamic_slice_in_dim(x, t * tile, tile)
+
+
+def _put_tile(buffer: jax.Array, value: jax.Array, t, tile: int) -> jax.Array:
+    return jax.lax.dynamic_update_slice_in_dim(buffer, value.astype(buffer.dtype), t * tile, 0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def tiled_swiglu(rows: jax.Array, experts: FFN, tile_expert: jax.Array, used_tiles: jax.Array,
+                 tile: int) -> jax.Array:
+    """rows [R, D] sorted by expert -> [R, D]: tile t computes SwiGLU with expert
+    tile_expert[t]'s weights; only the first `used_tiles` tiles run (the rest stay zero)."""
+    return _tiled_swiglu_fwd(rows, experts, tile_expert, used_tiles, tile)[0]
+
+
+def _tiled_swiglu_fwd(rows, experts, tile_expert, used_tiles, tile):
+    num_rows, width = rows.shape
+    hidden_width = experts.w_gate.shape[-1]
+
+    def body(t, carry):
+        out, gate_pre, up_pre = carry
+        e = tile_expert[t]
+        x = _tile(rows, t, tile)
+        g, u = x @ experts.w_gate[e], x @ experts.w_up[e]
+        y = (jax.nn.silu(g) * u) @ experts.w_down[e]
+        return (_put_tile(out, y, t, tile), _put_tile(gate_pre, g, t, tile),
+                _put_tile(up_pre, u, t, tile))
+
+    zeros = (_zeros((num_rows, width), rows.dtype, rows),
+             _zeros((num_rows, hidden_width), rows.dtype, rows),
+             _zeros((num_rows, hidden_width), rows.dtype, rows))
+    out, gate_pre, up_pre = jax.lax.fori_loop(0, used_tiles, body, zeros)
+    return out, (rows, experts, tile_expert, used_tiles, gate_pre, up_pre)
+
+
+def _add_at(stack: jax.Array, e, value: jax.Array) -> jax.Array:
+    """stack[e] += value, as an in-place dynamic update (not a scatter)."""
+    return jax.lax.dynamic_update_index_in_dim(stack, stack[e] + value, e, 0)
+
+
+def _tiled_swiglu_bwd(tile, residuals, d_out):
+    rows, experts, tile_expert, used_tiles, gate_pre, up_pre = residuals
+    f32 = jnp.float32
+
+    def body(t, carry):
+        d_rows, d_gate, d_up, d_down = carry
+        e = tile_expert[t]
+        x, g, u, dy = (_tile(a, t, tile) for a in (rows, gate_pre, up_pre, d_out))
+        sig = jax.nn.sigmoid(g)
+        silu = g * sig
+        d_hidden = dy @ experts.w_down[e].T
+        d_u = d_hidden * silu
+        d_g = d_hidden * u * (sig * (1 + g * (1 - sig)))
+        d_x = d_g @ experts.w_gate[e].T + d_u @ experts.w_up[e].T
+        d_gate = _add_at(d_gate, e, jnp.dot(x.T, d_g, preferred_element_type=f32))
+        d_up = _add_at(d_up, e, jnp.dot(x.T, d_u, preferred_element_type=f32))
+        d_down = _add_at(d_down, e, jnp.dot((silu * u).T, dy, preferred_element_type=f32))
+        return _put_tile(d_rows, d_x, t, tile), d_gate, d_up, d_down
+
+    weights = (experts.w_gate, experts.w_up, experts.w_down)
+    zeros = (_zeros(rows.shape, rows.dtype, rows), *(_zeros(w.shape, f32, rows) for w in weights))
+    d_rows, *d_weights = jax.lax.fori_loop(0, used_tiles, body, zeros)
+    d_experts = FFN(*(d.astype(w.dtype) for d, w in zip(d_weights, weights)))
+    return d_rows, d_experts, None, None
+
+
+tiled_swiglu.defvjp(_tiled_swiglu_fwd, _tiled_swiglu_bwd)
+
+
+def ragged_swiglu(rows: jax.Array, experts: FFN, layout: TileLayout) -> jax.Array:
+    """The same result with `jax.lax.ragged_dot` over the padded groups (a native grouped GEMM
+    on GPU/TPU; rows past the used tiles belong to no group and stay zero)."""
+    num_experts = experts.w_gate.shape[0]
+    tiles_per_expert = jnp.zeros(num_experts, jnp.int32).at[layout.tile_expert].add(
+        (jnp.arange(layout.tile_expert.shape[0]) < layout.used_tiles).astype(jnp.int32))
+    group_sizes = tiles_per_expert * layout.tile
+
+    def grouped(x, w):
+        return jax.lax.ragged_dot(x, w, group_sizes)
+
+    hidden = jax.nn.silu(grouped(rows, experts.w_gate)) * grouped(rows, experts.w_up)
+    return grouped(hidden, experts.w_down)
