@@ -1,6 +1,8 @@
 """The key property: loss and every parameter gradient are the same on one device and on every
 supported mesh (to float32 tolerance), for both routers and both attentions (GQA, MLA with YaRN),
-with shared experts, first-k dense layers and multi-token prediction, when nothing is dropped."""
+with shared experts, first-k dense layers and multi-token prediction, when nothing is dropped:
+with the dropless dispatch (the default) on every mesh, and the capacity dispatch (worst-case
+buffers) on one."""
 
 import functools
 
@@ -68,8 +70,12 @@ def single_device_result(config_name):
     return _loss_and_grads(cfg, single_device_params(config_name), _batch(cfg), _router_state(cfg))
 
 
-@pytest.mark.parametrize("mesh_name", MESHES)
-@pytest.mark.parametrize("config_name", CONFIGS)
+CONFIGS["deepseek_v3_capacity"] = (*CONFIGS["deepseek_v3"], "moe.dispatch=capacity")
+CASES = [(config, mesh) for config in ("deepseek_v3", "softmax_topk") for mesh in MESHES]
+CASES.append(("deepseek_v3_capacity", "data2_expert4"))
+
+
+@pytest.mark.parametrize("config_name,mesh_name", CASES)
 def test_loss_and_grads_match_single_device(config_name, mesh_name):
     expected_loss, expected_metrics, expected_grads = single_device_result(config_name)
     cfg = tiny_config(*CONFIGS[config_name]).replace(mesh=MeshConfig(*MESHES[mesh_name]))
