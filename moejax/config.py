@@ -73,7 +73,9 @@ class MoEConfig:
     # dense: every expert on every token (a test oracle)
     dispatch: str = "dropless"
     tile_rows: int = 128  # dropless: each expert's rows are padded to a multiple of this
-    grouped_gemm: str = "auto"  # dropless: tiles (CPU) | ragged_dot (GPU/TPU) | auto (by backend)
+    # dropless: tiles (a tiled grouped GEMM, dense all_to_all: CPU) | ragged (ragged_dot and
+    # ragged_all_to_all: GPU/TPU) | auto (ragged off CPU)
+    kernels: str = "auto"
     capacity_factor: float | None = None  # capacity: None gives worst-case buffers (no drops)
     drop_policy: str = "position"  # position | probs
     switch_loss_coef: float = 0.0  # Switch Transformer load-balance loss
@@ -382,8 +384,8 @@ def _validate_moe(e: MoEConfig) -> None:
            f"moe.router={e.router!r} is unknown: use deepseek or softmax_topk.")
     _check(e.dispatch in ("dropless", "capacity", "dense"),
            f"moe.dispatch={e.dispatch!r} is unknown: use dropless, capacity or dense.")
-    _check(e.grouped_gemm in ("auto", "tiles", "ragged_dot"),
-           f"moe.grouped_gemm={e.grouped_gemm!r} is unknown: use auto, tiles or ragged_dot.")
+    _check(e.kernels in ("auto", "tiles", "ragged"),
+           f"moe.kernels={e.kernels!r} is unknown: use auto, tiles or ragged.")
     _check(e.tile_rows >= 1, f"moe.tile_rows={e.tile_rows} must be positive.")
     _check(e.drop_policy in ("position", "probs"),
            f"moe.drop_policy={e.drop_policy!r} is unknown: use position or probs.")

@@ -156,3 +156,49 @@ def test_backward_has_no_float_scatter():
     scatters = [line for line in hlo.splitlines() if " scatter(" in line]
     dispatch = [line for line in scatters if "(route)" not in line]
     assert dispatch and not [line for line in dispatch if " f32[" in line.split("scatter(")[0]]
+
+
+def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets,
+                               recv_sizes, *, axis_name):
+    """jax.lax.ragged_all_to_all's documented semantics from dense collectives (XLA:CPU cannot
+    run the real one): slice [input_offsets[p], + send_sizes[p]) goes to shard p and is written
+    there at output_offsets[p]; rows not written keep `output`."""
+    del recv_sizes  # implied by what the senders send
+    shards, rows = input_offsets.shape[0], operand.shape[0]
+    padded = jnp.concatenate([operand, jnp.zeros_like(operand)])
+    index = input_offsets[:, None] + jnp.arange(rows)  # [P, rows]
+    valid = jnp.arange(rows)[None, :] < send_sizes[:, None]
+    blocks = jnp.where(valid[..., None], padded[index], 0)
+    exchanged = jax.lax.all_to_all(blocks, axis_name, 0, 0, tiled=True)
+    valid_in = jax.lax.all_to_all(valid, axis_name, 0, 0, tiled=True)
+    landing = jax.lax.all_to_all(output_offsets, axis_name, 0, 0, tiled=True)
+    result = jnp.concatenate([output, jnp.zeros_like(output)])
+    for source in range(shards):
+        target = landing[source] + jnp.arange(rows)
+        current = result[target]
+        result = result.at[target].set(jnp.where(valid_in[source][:, None], exchanged[source],
+                                                 current))
+    return result[:rows]
+
+
+def test_ragged_kernels_equal_the_cpu_path(monkeypatch):
+    """moe.kernels=ragged (ragged_dot and ragged_all_to_all, the GPU/TPU path) gives the CPU
+    path's loss and gradients on (data2, expert4), with ragged_all_to_all emulated from its
+    documented semantics; the real one lowers (3 exchanges forward). XLA:CPU lowers ragged_dot
+    to masked dense GEMMs, so the program is checked for it before lowering."""
+    (expected_loss, _), expected_grads = single_device("deepseek", "random")
+    cfg = layer_config("deepseek", "moe.kernels=ragged").replace(mesh=MeshConfig(2, 1, 4))
+    mesh = moejax.make_mesh(cfg.mesh)
+    params, x = layer_inputs("deepseek")
+    with jax.set_mesh(mesh):
+        params = jax.device_put(params, P.shardings(moe_specs(cfg), mesh))
+        x = jax.device_put(x, batch_sharding(mesh))
+        bias = adversarial_bias(cfg, "random")
+        forward = jax.jit(lambda p, x: moe_ffn(p, x, bias, 1.0, cfg)[0])
+        assert forward.lower(params, x).as_text().count("ragged_all_to_all") == 3
+        assert "ragged_dot" in str(jax.make_jaxpr(forward)(params, x))
+        monkeypatch.setattr(jax.lax, "ragged_all_to_all", emulated_ragged_all_to_all)
+        (loss, stats), grads = loss_and_grads(cfg, params, x, bias)
+    assert float(stats["dropped_fraction"]) == 0.0
+    assert abs(float(loss) - float(expected_loss)) <= 1e-5 * abs(float(expected_loss))
+    assert max_relative_error(grads, expected_grads) <= 1e-5

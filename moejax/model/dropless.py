@@ -91,15 +91,16 @@ def _send_layout(expert_ids, experts_per_shard: int, shards: int):
 
 
 def dropless_moe_local(x, expert_ids, weights, experts: FFN, cfg: MoEConfig, matmul: Matmul,
-                       use_ragged_dot: bool, expert_axis=None):
+                       use_ragged: bool, expert_axis=None):
     """One shard's routed-expert output: x [N_, D], expert_ids and weights [N_, k] ->
-    (y [N_, D], statistics [4]: padded rows, useful rows, rows sent, send-buffer rows)."""
+    (y [N_, D], statistics [4]: padded rows, useful rows, rows sent, send-buffer rows).
+    `use_ragged`: ragged_dot and ragged_all_to_all (GPU/TPU) instead of the CPU paths."""
     num_tokens, top_k = expert_ids.shape
     shards = 1 if expert_axis is None else jax.lax.axis_size(expert_axis)
     tile = row_tile(num_tokens * shards * top_k, cfg)
     if shards == 1:
         y, padded, useful = grouped_experts(
-            x, expert_ids, weights, experts, matmul, tile, num_tokens * top_k, use_ragged_dot)
+            x, expert_ids, weights, experts, matmul, tile, num_tokens * top_k, use_ragged)
         return y, jnp.stack([padded, useful, num_tokens, num_tokens]).astype(jnp.float32)
     local_experts = experts.w_gate.shape[0]
     with jax.named_scope("dispatch"):
@@ -111,17 +112,19 @@ def dropless_moe_local(x, expert_ids, weights, experts: FFN, cfg: MoEConfig, mat
         on_shard = ids_of_row // local_experts == shard_of_row[:, None]
         send_ids = jnp.where(on_shard, ids_of_row - shard_of_row[:, None] * local_experts, -1)
         send_weights = grouped.take_rows(weights, token, slot) * on_shard
-        exchange = _exchange(expert_axis, shards)
+        sent_per_shard = jnp.sum(token.reshape(shards, num_tokens) < num_tokens, axis=1)
+        exchange = Exchange(expert_axis, shards, sent_per_shard, use_ragged)
         # ids travel as float32 beside the weights (exact below 2^24): one message, not two
-        received_rows = exchange(send_rows)
-        received_meta = exchange(jnp.concatenate([send_ids.astype(jnp.float32), send_weights], 1))
+        received_rows = exchange.out(send_rows)
+        received_meta = exchange.out(
+            jnp.concatenate([send_ids.astype(jnp.float32), send_weights], 1))
         received_ids = received_meta[:, :top_k].astype(jnp.int32)
     bound = shards * num_tokens * min(top_k, local_experts)
     computed, padded, useful = grouped_experts(
         received_rows, received_ids, received_meta[:, top_k:], experts, matmul, tile, bound,
-        use_ragged_dot)
+        use_ragged)
     with jax.named_scope("combine"):
-        returned = exchange(computed)  # [P N_, D]: row p N_ + s computed on shard p
+        returned = exchange.back(computed)  # [P N_, D]: row p N_ + s computed on shard p
         per_destination = grouped.take_rows(returned, slot.reshape(-1),
                                             _flat_inverse(token, shards, num_tokens))
         y = jnp.sum(per_destination.reshape(num_tokens, shards, -1), axis=1)
@@ -136,14 +139,34 @@ def _flat_inverse(token, shards: int, num_tokens: int):
     return jnp.where(token < num_tokens, token * shards + shard, num_tokens * shards)[:, None]
 
 
-def _exchange(expert_axis: str, shards: int):
-    """[P X, ...] rows grouped by destination shard -> the same shape grouped by source."""
+class Exchange:
+    """Moves [P X, ...] buffers whose row block p (X rows) is meant for shard p so that block q
+    holds what shard q sent (`out`), and back (`back`). Dense: one all_to_all of every row.
+    Ragged (GPU/TPU): `jax.lax.ragged_all_to_all` sends only the `send_sizes` [P] used rows at
+    the start of each block (XLA:CPU cannot run it); the result is the same."""
 
-    def exchange(a):
-        by_shard = a.reshape(shards, a.shape[0] // shards, *a.shape[1:])
-        return jax.lax.all_to_all(by_shard, expert_axis, 0, 0, tiled=True).reshape(a.shape)
+    def __init__(self, expert_axis: str, shards: int, send_sizes: jax.Array, ragged: bool):
+        self.axis, self.shards, self.ragged = expert_axis, shards, ragged
+        self.send_sizes = send_sizes.astype(jnp.int32)
+        if ragged:
+            self.recv_sizes = jax.lax.all_to_all(self.send_sizes, expert_axis, 0, 0, tiled=True)
 
-    return exchange
+    def out(self, a: jax.Array) -> jax.Array:
+        return self._move(a, self.send_sizes, self.recv_sizes if self.ragged else None)
+
+    def back(self, a: jax.Array) -> jax.Array:
+        return self._move(a, self.recv_sizes if self.ragged else None, self.send_sizes)
+
+    def _move(self, a, send_sizes, recv_sizes):
+        rows_per_block = a.shape[0] // self.shards
+        if not self.ragged:
+            by_shard = a.reshape(self.shards, rows_per_block, *a.shape[1:])
+            return jax.lax.all_to_all(by_shard, self.axis, 0, 0, tiled=True).reshape(a.shape)
+        block_starts = jnp.arange(self.shards, dtype=jnp.int32) * rows_per_block
+        # where this shard's block lands on every receiver: at its own index
+        landing = jnp.full(self.shards, jax.lax.axis_index(self.axis) * rows_per_block, jnp.int32)
+        return jax.lax.ragged_all_to_all(a, jnp.zeros_like(a), block_starts, send_sizes, landing,
+                                         recv_sizes, axis_name=self.axis)
 
 
 def dropless_moe(x, expert_ids, weights, experts: FFN, cfg: MoEConfig, matmul: Matmul,
@@ -154,14 +177,14 @@ def dropless_moe(x, expert_ids, weights, experts: FFN, cfg: MoEConfig, matmul: M
     fp8_dispatch with this dispatch)."""
     del fp8_dispatch
     width, top_k = x.shape[-1], cfg.top_k
-    use_ragged_dot = cfg.grouped_gemm == "ragged_dot" or (
-        cfg.grouped_gemm == "auto" and jax.default_backend() != "cpu")
+    use_ragged = cfg.kernels == "ragged" or (
+        cfg.kernels == "auto" and jax.default_backend() != "cpu")
 
     def local(x_, ids_, w_, experts_, expert_axis):
         n_tokens = x_.shape[0] * x_.shape[1]
         y_, stats_ = dropless_moe_local(
             x_.reshape(n_tokens, width), ids_.reshape(n_tokens, top_k),
-            w_.reshape(n_tokens, top_k), experts_, cfg, matmul, use_ragged_dot, expert_axis)
+            w_.reshape(n_tokens, top_k), experts_, cfg, matmul, use_ragged, expert_axis)
         return y_.reshape(x_.shape), stats_[None]
 
     if sharding.current_mesh() is None:
