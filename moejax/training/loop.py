@@ -115,8 +115,9 @@ def train(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = Fals
         corpus.train_tokens, seq_len=cfg.train.seq_len, global_batch_size=cfg.train.global_batch_size,
         process_index=jax.process_index(), process_count=jax.process_count(), seed=cfg.train.seed)
     restored = _restore(run_dir, state, train_iter, report) if resume else None
-    resumed_step, state = restored if restored else (None, state)
-    if resumed_step is None and cfg.train.init_from:
+    # a resume that finds no checkpoint starts again from step 0 (and keeps no old metrics)
+    resumed_step, state = restored if restored else (0 if resume else None, state)
+    if not resumed_step and cfg.train.init_from:
         params, bias = load_initial_model(cfg, mesh)
         state = state.replace(params=params, router=state.router.replace(bias=bias))
     eval_batches = data_lib.make_eval_batches(
