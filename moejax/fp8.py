@@ -163,8 +163,10 @@ def quantize_per_token(x):
     ratio = jnp.maximum(amax, TENSOR_AMAX_FLOOR) / _fp8_max(E4M3)
     # ratio = mantissa * 2^exponent with mantissa in [0.5, 1): the smallest power
     # of two >= ratio is 2^(exponent - 1) when ratio is itself a power of two.
+    # (Arithmetic, not jnp.where: jax 0.12's frexp drops the sharding of its exponent
+    # output under an explicit mesh, and select needs equal shardings where `-` does not.)
     mantissa, exponent = jnp.frexp(ratio)
-    exponent = jnp.where(mantissa == 0.5, exponent - 1, exponent)
+    exponent = exponent - (mantissa == 0.5).astype(exponent.dtype)
     scale = jnp.ldexp(jnp.ones_like(ratio), exponent)
     return _cast_to_fp8(x, scale, E4M3), scale
 
