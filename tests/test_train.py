@@ -262,3 +262,16 @@ def test_init_from_carries_weights_and_router_bias(corpus_dir, tmp_path):
                            f"train.init_from={tmp_path / 'imported'}"),
               tmp_path / "other", progress=False, max_steps=1)
     assert not (tmp_path / "other").exists()
+
+
+def test_metrics_cut_short_by_a_kill_are_dropped_on_resume(corpus_dir, tmp_path):
+    """A kill while a metrics line is written leaves it without its newline: the resume drops
+    it and the file holds each step once, as complete JSON lines."""
+    cfg = train_config(corpus_dir, "train.checkpoint_every=2")
+    run_dir = tmp_path / "run"
+    train(cfg, run_dir, progress=False, max_steps=3)
+    with (run_dir / "metrics.jsonl").open("a") as metrics:
+        metrics.write('{"step": 4, "kind": "tr')
+    train(cfg, run_dir, resume=True, progress=False, max_steps=5)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4, 5]

@@ -399,9 +399,11 @@ def _judge(trial: Trial, run_dir: Path, before: _Snapshot, log: Path,
 
 
 def _metrics_lines(run_dir: Path) -> list[tuple[str, dict]]:
+    """Complete lines only: a kill during a write may leave a last line without its newline,
+    which the resumed run drops (moejax.training.metrics.read_metrics)."""
     path = Path(run_dir) / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
-    return [(line, json.loads(line)) for line in lines]
+    lines = path.read_text().split("\n")[:-1] if path.exists() else []
+    return [(line, json.loads(line)) for line in lines if line]
 
 
 def _repeated(steps: list[int]) -> set[int]:

@@ -62,8 +62,13 @@ def to_python(value):
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    """The complete records of metrics.jsonl: a last line without its newline is a record cut
+    short by a kill during the write, and is left out."""
     path = Path(run_dir) / METRICS_FILE
-    return [json.loads(line) for line in path.open()] if path.exists() else []
+    if not path.exists():
+        return []
+    complete = path.read_text().split("\n")[:-1]
+    return [json.loads(line) for line in complete if line]
 
 
 def truncate_metrics(run_dir: Path, last_step: int) -> list[dict]:
