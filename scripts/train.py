@@ -12,6 +12,7 @@ SLURM / Open MPI, where they are detected).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -62,8 +63,11 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.overrides)
         summary = train(cfg, args.run_dir, resume=args.resume, progress=not args.no_progress,
                         announce=print if main_process else None)
-    except (ConfigError, ConversionError, DataError, RunDirError, CheckpointError,
-            distributed.StartupError) as err:
+    except distributed.StartupError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        # a normal exit would wait at jax's shutdown barrier for the very process that is missing
+        os._exit(2)
+    except (ConfigError, ConversionError, DataError, RunDirError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except TrainingDiverged as err:
