@@ -105,30 +105,27 @@ def capacity_moe_local(x, expert_ids, weights, experts: FFN, cfg: MoEConfig, mat
         results = jnp.concatenate([results, jnp.zeros((1, width), dtype)])
         per_assignment = results[slot].reshape(num_tokens, top_k, width)
         y = jnp.einsum("nkd,nk->nd", per_assignment, weights.astype(dtype))
-    dropped = jnp.sum(~kept).astype(jnp.float32)[None]
-    return y, dropped
+    return y, jnp.sum(~kept).astype(jnp.float32)[None]
 
 
-def capacity_moe(x, expert_ids, weights, experts: FFN, cfg: MoEConfig, matmul: Matmul,
-                 fp8_dispatch: bool = False):
-    """Routed-expert output for x [B, T, D]; returns (y [B, T, D], dropped assignments total).
+def on_expert_shards(local_fn, x, expert_ids, weights, experts: FFN):
+    """Run `local_fn(x_ [N_, D], ids_ [N_, k], weights_ [N_, k], local experts, expert_axis)
+    -> (y_ [N_, D], per-shard statistics [S])` on every shard and return (y [B, T, D],
+    statistics summed over shards [S]).
 
-    With a mesh set, runs inside one shard_map: tokens sharded over every batch axis, experts
-    over `expert`. Without a mesh, the same code runs on the whole batch with no exchange.
-    """
-    width, top_k = x.shape[-1], cfg.top_k
+    With a mesh set, one shard_map: tokens sharded over every batch axis, experts over
+    `expert`. Without a mesh, the same code runs on the whole batch with no exchange."""
+    width, top_k = x.shape[-1], expert_ids.shape[-1]
 
     def local(x_, ids_, w_, experts_, expert_axis):
         n_tokens = x_.shape[0] * x_.shape[1]
-        y_, dropped_ = capacity_moe_local(
-            x_.reshape(n_tokens, width), ids_.reshape(n_tokens, top_k),
-            w_.reshape(n_tokens, top_k), experts_, cfg, matmul, fp8_dispatch, expert_axis,
-        )
-        return y_.reshape(x_.shape), dropped_
+        y_, stats_ = local_fn(x_.reshape(n_tokens, width), ids_.reshape(n_tokens, top_k),
+                              w_.reshape(n_tokens, top_k), experts_, expert_axis)
+        return y_.reshape(x_.shape), stats_[None]
 
     if sharding.current_mesh() is None:
-        y, dropped = local(x, expert_ids, weights, experts, expert_axis=None)
-        return y, jnp.sum(dropped)
+        y, stats = local(x, expert_ids, weights, experts, expert_axis=None)
+        return y, jnp.sum(stats, axis=0)
     tokens = PartitionSpec(sharding.BATCH_AXES)
     expert_weights = FFN(*(PartitionSpec("expert"),) * 3)
     sharded = jax.shard_map(
@@ -136,8 +133,19 @@ def capacity_moe(x, expert_ids, weights, experts: FFN, cfg: MoEConfig, matmul: M
         in_specs=(tokens, tokens, tokens, expert_weights),
         out_specs=(tokens, tokens),
     )
-    y, dropped = sharded(x, expert_ids, weights, experts)
-    return y, jnp.sum(dropped)
+    y, stats = sharded(x, expert_ids, weights, experts)
+    return y, jnp.sum(stats, axis=0)
+
+
+def capacity_moe(x, expert_ids, weights, experts: FFN, cfg: MoEConfig, matmul: Matmul,
+                 fp8_dispatch: bool = False):
+    """Routed-expert output for x [B, T, D]; returns (y [B, T, D], dropped assignments total)."""
+
+    def local(x_, ids_, w_, experts_, expert_axis):
+        return capacity_moe_local(x_, ids_, w_, experts_, cfg, matmul, fp8_dispatch, expert_axis)
+
+    y, dropped = on_expert_shards(local, x, expert_ids, weights, experts)
+    return y, dropped[0]
 
 
 def dense_moe(x, expert_ids, weights, experts: FFN, cfg: MoEConfig, matmul: Matmul,

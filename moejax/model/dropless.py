@@ -22,11 +22,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec
 
-from moejax import sharding
 from moejax.config import MoEConfig
 from moejax.model import grouped
+from moejax.model.dispatch import on_expert_shards
 from moejax.model.layers import FFN, Matmul, same_varying_axes
 
 
@@ -176,26 +175,11 @@ def dropless_moe(x, expert_ids, weights, experts: FFN, cfg: MoEConfig, matmul: M
     rows sent, send-buffer rows). The payload travels in the compute dtype (the config refuses
     fp8_dispatch with this dispatch)."""
     del fp8_dispatch
-    width, top_k = x.shape[-1], cfg.top_k
     use_ragged = cfg.kernels == "ragged" or (
         cfg.kernels == "auto" and jax.default_backend() != "cpu")
 
     def local(x_, ids_, w_, experts_, expert_axis):
-        n_tokens = x_.shape[0] * x_.shape[1]
-        y_, stats_ = dropless_moe_local(
-            x_.reshape(n_tokens, width), ids_.reshape(n_tokens, top_k),
-            w_.reshape(n_tokens, top_k), experts_, cfg, matmul, use_ragged, expert_axis)
-        return y_.reshape(x_.shape), stats_[None]
+        return dropless_moe_local(x_, ids_, w_, experts_, cfg, matmul, use_ragged, expert_axis)
 
-    if sharding.current_mesh() is None:
-        y, stats = local(x, expert_ids, weights, experts, expert_axis=None)
-        return y, jnp.zeros((), jnp.float32), jnp.sum(stats, axis=0)
-    tokens = PartitionSpec(sharding.BATCH_AXES)
-    expert_weights = FFN(*(PartitionSpec("expert"),) * 3)
-    sharded = jax.shard_map(
-        lambda *args: local(*args, expert_axis="expert"),
-        in_specs=(tokens, tokens, tokens, expert_weights),
-        out_specs=(tokens, tokens),
-    )
-    y, stats = sharded(x, expert_ids, weights, experts)
-    return y, jnp.zeros((), jnp.float32), jnp.sum(stats, axis=0)
+    y, stats = on_expert_shards(local, x, expert_ids, weights, experts)
+    return y, jnp.zeros((), jnp.float32), stats
