@@ -13,9 +13,10 @@ from moejax.config import Config, ConfigError, config_to_dict
 
 # Settings that shape training but not the model's function, so they may differ from the
 # checkpoint's config.
-TRAINING_ONLY = {"model.remat", "model.init_std", "moe.dispatch", "moe.capacity_factor",
-                 "moe.drop_policy", "moe.switch_loss_coef", "moe.seq_balance_loss_coef",
-                 "moe.z_loss_coef", "moe.bias_update_rate", "moe.temperature"}
+TRAINING_ONLY = {"model.remat", "model.init_std", "moe.dispatch", "moe.tile_rows", "moe.kernels",
+                 "moe.capacity_factor", "moe.drop_policy", "moe.switch_loss_coef",
+                 "moe.seq_balance_loss_coef", "moe.z_loss_coef", "moe.bias_update_rate",
+                 "moe.temperature"}
 
 
 def load_initial_model(cfg: Config, mesh):
