@@ -335,10 +335,10 @@ def dropless_buffer_bytes(tokens_per_device: int, d_model: int, ffn_dim: int, nu
     - send and receive buffers of the exchange: P pairs x N_ rows each, [P N_, D], both ways;
     - the sorted buffer: P N_ min(k, E_) assignments + E_ (tile - 1) padding rows, in whole
       tiles (one shard: N k + E (tile - 1)); the grouped SwiGLU holds its input and output
-      [R, D] and its two pre-activations [R, F] for the backward.
-    `useful` is the mean case: N_ k assignments of [D] in, [F] x 2 and [D] out.
-    `combine_bytes`, apart from the total (the docstring states no bound for it): the combine
-    step's one [D] row per received row and routing slot, [P N_ k, D] (N k on one shard)."""
+      [R, D] and its two pre-activations [R, F] for the backward;
+    - the combine step's one [D] row per assignment slot, [P N_ min(k, E_), D] (N k on one
+      shard).
+    `useful` is the mean case: N_ k assignments of [D] in, [F] x 2 and [D] out."""
     shards, n = expert_shards, tokens_per_device
     local = num_experts // shards
     if shards == 1:
@@ -350,12 +350,12 @@ def dropless_buffer_bytes(tokens_per_device: int, d_model: int, ffn_dim: int, nu
         "exchange (send + receive, out and back)": 4 * exchange_rows * d_model,
         "sorted buffer in + out [R, D] x 2": 2 * sorted_rows * d_model,
         "pre-activations [R, F] x 2": 2 * sorted_rows * ffn_dim,
+        "combine [A, D]": assignments * d_model,
     }
     useful = n * top_k * (2 * d_model + 2 * ffn_dim)
     out = {name: v * bytes_per_value for name, v in values.items()}
     return {"exchange_rows": exchange_rows, "sorted_rows": sorted_rows,
             "useful_rows": n * top_k, "bytes": out, "total_bytes": sum(out.values()),
-            "combine_bytes": max(exchange_rows, n) * top_k * d_model * bytes_per_value,
             "useful_bytes": useful * bytes_per_value}
 
 

@@ -72,7 +72,7 @@ class MoEConfig:
     # capacity: fixed buffers of capacity_factor x the mean load, overflow dropped (Switch);
     # dense: every expert on every token (a test oracle)
     dispatch: str = "dropless"
-    tile_rows: int = 128  # dropless: each expert's rows are padded to a multiple of this
+    tile_rows: int = 256  # dropless: the largest row tile (docs/bench_moe.md); see row_tile
     # dropless: tiles (a tiled grouped GEMM, dense all_to_all: CPU) | ragged (ragged_dot and
     # ragged_all_to_all: GPU/TPU) | auto (ragged off CPU)
     kernels: str = "auto"

@@ -376,9 +376,9 @@ def plan_table(plan: dict) -> str:
              f"the bounds in moejax/model/dropless.py (not measured); assumed mesh: expert "
              f"{plan['expert_shards']} (DeepSeek-V3's EP64) x data, batch over every device:"),
              "", ("| devices | tokens per device N_ | row tile | exchange rows P N_ "
-             "| sorted rows R | exchange GiB | sorted + pre-activations GiB | total GiB "
-             "| mean case (N_ k rows) GiB | total over mean case "
-             "| combine [P N_ k, D] GiB (not in the bound) |"),
+             "| sorted rows R | exchange GiB | sorted + pre-activations GiB "
+             "| combine [P N_ min(k, E_), D] GiB | total GiB "
+             "| mean case (N_ k rows) GiB | total over mean case |"),
              "|" + "---|" * 11]
     for c in plan["cases"]:
         b = c["bytes"]
@@ -386,10 +386,9 @@ def plan_table(plan: dict) -> str:
         grouped = b["sorted buffer in + out [R, D] x 2"] + b["pre-activations [R, F] x 2"]
         lines.append(f"| {c['devices']:,} | {c['tokens_per_device']:,} | {c['tile']} "
                      f"| {c['exchange_rows']:,} | {c['sorted_rows']:,} | {exchange / gib:,.1f} "
-                     f"| {grouped / gib:,.1f} | {c['total_bytes'] / gib:,.1f} "
-                     f"| {c['useful_bytes'] / gib:,.1f} "
-                     f"| {c['total_bytes'] / c['useful_bytes']:.1f}x "
-                     f"| {c['combine_bytes'] / gib:,.1f} |")
+                     f"| {grouped / gib:,.1f} | {b['combine [A, D]'] / gib:,.1f} "
+                     f"| {c['total_bytes'] / gib:,.1f} | {c['useful_bytes'] / gib:,.1f} "
+                     f"| {c['total_bytes'] / c['useful_bytes']:.1f}x |")
     return "\n".join(lines)
 
 

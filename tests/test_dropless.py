@@ -17,7 +17,7 @@ import moejax
 from moejax import params as P
 from moejax.config import MeshConfig
 from moejax.model import grouped
-from moejax.model.dropless import max_destinations
+from moejax.model.dropless import compact_slots, max_destinations
 from moejax.model.moe import moe_ffn, moe_specs
 from moejax.sharding import batch_sharding
 
@@ -118,6 +118,19 @@ def test_group_limited_routing_reaches_at_most_topk_groups_shards():
         _, stats = jax.jit(moe_ffn, static_argnums=4)(params, x, jnp.zeros(8), 1.0, cfg)
     assert 0.25 < float(stats["exchange_fill"]) <= max_destinations(cfg.moe, 4) / 4
     assert max_destinations(dataclasses.replace(cfg.moe, num_groups=1), 4) == 4
+
+
+def test_exchanged_rows_carry_only_the_local_expert_slots():
+    """A row sent to a shard of E_ experts carries min(k, E_) (id, weight) slots, the valid ones
+    first: the receiver's sorted and combine buffers are sized by that, not by k."""
+    ids = jnp.array([[-1, 3, -1, 1], [-1, -1, -1, -1], [0, -1, 2, -1]], jnp.int32)
+    weights = jnp.array([[0.0, 0.5, 0.0, 0.25], [0.0] * 4, [0.125, 0.0, 0.0625, 0.0]])
+    compact_ids, compact_weights = compact_slots(ids, weights, 2)
+    np.testing.assert_array_equal(compact_ids, [[3, 1], [-1, -1], [0, 2]])
+    np.testing.assert_array_equal(compact_weights, [[0.5, 0.25], [0, 0], [0.125, 0.0625]])
+    slot_scale = jnp.array([1.0, 2.0])
+    d_weights = jax.grad(lambda w: jnp.sum(compact_slots(ids, w, 2)[1] * slot_scale))(weights)
+    np.testing.assert_array_equal(d_weights, [[0, 1, 0, 2], [0, 0, 0, 0], [1, 0, 2, 0]])
 
 
 def test_tile_layout_sorts_stably_and_pads_to_tiles():

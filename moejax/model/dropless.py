@@ -12,10 +12,12 @@ one shard_map:
 2. the receiving shard runs its local experts on the token and sums their weighted outputs;
 3. that one row travels back, and the token's shard sums the rows of all its destinations.
 The exchange is a dense all_to_all of one buffer per (source, destination) pair of N_ rows (a
-token visits a destination at most once, so no pair can overflow). The receiving shard's sorted
-buffer holds P N_ min(k, E_) assignments at most (every token of every shard on every local
-expert), plus the tile padding. With group-limited routing whose groups line up with the
-shards (moe.num_groups a multiple of P), a token reaches at most min(P, k, topk_groups) shards.
+token visits a destination at most once, so no pair can overflow). A row carries min(k, E_)
+local expert ids (a token has at most that many experts on one shard), so the receiving
+shard's sorted buffer and its combine buffer hold P N_ min(k, E_) assignments at most (every
+token of every shard on every local expert), plus the tile padding. With group-limited
+routing whose groups line up with the shards (moe.num_groups a multiple of P), a token reaches
+at most min(P, k, topk_groups) shards.
 """
 
 from __future__ import annotations
@@ -39,10 +41,12 @@ def max_destinations(cfg: MoEConfig, shards: int) -> int:
 
 
 def row_tile(num_assignments: int, cfg: MoEConfig) -> int:
-    """moe.tile_rows, or for small batches the power of two at or above the mean group size
-    (assignments / E, at least 8), so that padding stays a fraction of the useful rows."""
-    mean_group = max(8, -(-num_assignments // cfg.num_experts))
-    return min(cfg.tile_rows, 1 << (mean_group - 1).bit_length())
+    """The row tile: the largest power of two at or below half the mean group size
+    (assignments / E; at least 8), capped at moe.tile_rows. Half the mean keeps the expected
+    padding (about half a tile per expert) at or below a quarter of the useful rows; bigger
+    tiles run faster on CPU (docs/bench_moe.md: tile sweep)."""
+    half_mean_group = max(8, num_assignments // (2 * cfg.num_experts))
+    return min(cfg.tile_rows, 1 << (half_mean_group.bit_length() - 1))
 
 
 def grouped_experts(rows, local_ids, weights, experts: FFN, matmul: Matmul, tile: int,
@@ -111,17 +115,18 @@ def dropless_moe_local(x, expert_ids, weights, experts: FFN, cfg: MoEConfig, mat
         on_shard = ids_of_row // local_experts == shard_of_row[:, None]
         send_ids = jnp.where(on_shard, ids_of_row - shard_of_row[:, None] * local_experts, -1)
         send_weights = grouped.take_rows(weights, token, slot) * on_shard
+        slots = min(top_k, local_experts)  # a row reaches at most this many local experts
+        send_ids, send_weights = compact_slots(send_ids, send_weights, slots)
         sent_per_shard = jnp.sum(token.reshape(shards, num_tokens) < num_tokens, axis=1)
         exchange = Exchange(expert_axis, shards, sent_per_shard, use_ragged)
         # ids travel as float32 beside the weights (exact below 2^24): one message, not two
         received_rows = exchange.out(send_rows)
         received_meta = exchange.out(
             jnp.concatenate([send_ids.astype(jnp.float32), send_weights], 1))
-        received_ids = received_meta[:, :top_k].astype(jnp.int32)
-    bound = shards * num_tokens * min(top_k, local_experts)
+        received_ids = received_meta[:, :slots].astype(jnp.int32)
     computed, padded, useful = grouped_experts(
-        received_rows, received_ids, received_meta[:, top_k:], experts, matmul, tile, bound,
-        use_ragged)
+        received_rows, received_ids, received_meta[:, slots:], experts, matmul, tile,
+        shards * num_tokens * slots, use_ragged)
     with jax.named_scope("combine"):
         returned = exchange.back(computed)  # [P N_, D]: row p N_ + s computed on shard p
         per_destination = grouped.take_rows(returned, slot.reshape(-1),
@@ -129,6 +134,19 @@ def dropless_moe_local(x, expert_ids, weights, experts: FFN, cfg: MoEConfig, mat
         y = jnp.sum(per_destination.reshape(num_tokens, shards, -1), axis=1)
     sent = jnp.sum(token < num_tokens)
     return y, jnp.stack([padded, useful, sent, shards * num_tokens]).astype(jnp.float32)
+
+
+def compact_slots(ids, weights, slots: int):
+    """ids [M, k] (-1: an expert on another shard) and weights [M, k] -> [M, slots] each, the
+    valid entries first, in order. Masked sums rather than a gather, so that the weights'
+    gradient has no scatter-add."""
+    valid = ids >= 0
+    position = jnp.cumsum(valid, axis=1) - 1
+    pick = valid[:, :, None] & (position[:, :, None] == jnp.arange(slots))  # [M, k, slots]
+    compact_ids = jnp.where(jnp.any(pick, axis=1),
+                            jnp.sum(jnp.where(pick, ids[:, :, None], 0), axis=1), -1)
+    compact_weights = jnp.sum(jnp.where(pick, weights[:, :, None], 0), axis=1)
+    return compact_ids, compact_weights
 
 
 def _flat_inverse(token, shards: int, num_tokens: int):
