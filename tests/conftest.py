@@ -1,12 +1,23 @@
 """Test setup: 8 fake CPU devices, configured before jax is imported anywhere."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 # Tests run tiny shapes, so compile time dominates: XLA's backend optimisation level 0 halves it.
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "")
     + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
 ).strip()
+
+# Many tests start scripts/train.py in a child process with the same tiny model: a compilation
+# cache shared by this session (children inherit the variables) compiles each program once.
+_COMPILATION_CACHE = tempfile.mkdtemp(prefix="moejax-tests-xla-cache-")
+atexit.register(shutil.rmtree, _COMPILATION_CACHE, ignore_errors=True)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _COMPILATION_CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax
 import pytest

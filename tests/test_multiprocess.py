@@ -30,8 +30,6 @@ def default_peak_overrides(corpus_dir):  # noqa: F811
 
 
 def test_two_processes_match_one_with_a_late_process(corpus_dir, tmp_path):  # noqa: F811
-    expected = train(train_config(corpus_dir, *MESH), tmp_path / "single", progress=False)
-
     run_dir, port = tmp_path / "multi", free_port()
     env = subprocess_env(4)
     train_args = [str(REPO / "scripts" / "train.py"), "--run-dir", str(run_dir), "--no-progress",
@@ -43,6 +41,8 @@ def test_two_processes_match_one_with_a_late_process(corpus_dir, tmp_path):  # n
                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for i in range(2)
     ]
+    # the one-device reference trains while process 1 sleeps and process 0 waits for it
+    expected = train(train_config(corpus_dir, *MESH), tmp_path / "single", progress=False)
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     for proc, output in zip(procs, outputs):
         assert proc.returncode == 0, output
