@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-MESH_AXES = ("data", "fsdp", "expert")
+MESH_AXES = ("pipe", "data", "fsdp", "expert")  # pipe outermost: stages may span hosts
 
 
 class ConfigError(ValueError):
@@ -89,13 +89,16 @@ class MeshConfig:
     data: int = 1
     fsdp: int = 1
     expert: int = -1  # -1: whatever devices are left
+    # pipeline stages: the layer stack is split over them (moejax/model/pipeline.py); last so
+    # that MeshConfig(data, fsdp, expert) keeps its meaning
+    pipe: int = 1
 
-    def axis_sizes(self, num_devices: int) -> tuple[int, int, int]:
+    def axis_sizes(self, num_devices: int) -> tuple[int, int, int, int]:
         """Resolve -1 to the remaining devices; raises ConfigError if the sizes cannot fit.
 
         Explicit sizes may use fewer devices than are visible (e.g. a 1-device reference run on
         an 8-device host); the mesh then takes the first of them."""
-        sizes = [self.data, self.fsdp, self.expert]
+        sizes = [getattr(self, axis) for axis in MESH_AXES]
         if any(s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
             raise ConfigError(
                 f"mesh sizes {dict(zip(MESH_AXES, sizes))} are invalid: use positive sizes and at "
@@ -169,6 +172,14 @@ class TrainConfig:
     mtp_loss_weight: float = 0.3
     mtp_loss_weight_final: float = 0.1
     mtp_weight_switch_fraction: float = 0.676  # fraction of train.steps spent at the first weight
+    # pipeline parallelism (mesh.pipe > 1): the batch is split into this many microbatches that
+    # flow through the stages; with one stage it has no effect
+    microbatches: int = 1
+    # gpipe: every microbatch forward, then every backward (one block of layers per stage);
+    # interleaved: each stage holds virtual_stages blocks, visited in turn (circular), which
+    # shrinks the bubble from (p - 1) / (m + p - 1) to (p - 1) / (v m + p - 1)
+    pipeline_schedule: str = "gpipe"
+    virtual_stages: int = 1  # v blocks per stage; more than 1 needs pipeline_schedule=interleaved
 
 
 @dataclass(frozen=True)
@@ -297,10 +308,46 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
                f"moe.num_experts={e.num_experts} is not divisible by the expert mesh axis "
                f"({sizes['expert']}): choose a number of experts that is a multiple of mesh.expert.")
     _validate_train(cfg.train)
-    batch_shards = math.prod(sizes.values())
+    batch_shards = math.prod(size for axis, size in sizes.items() if axis != "pipe")
     _check(cfg.train.global_batch_size % batch_shards == 0,
            f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by the "
            f"{batch_shards} data-parallel shards (data x fsdp x expert = {sizes}): use a multiple.")
+    _validate_pipeline(cfg, sizes["pipe"], batch_shards)
+
+
+def staged_layers(cfg: Config) -> int:
+    """Layers of the stack split over the pipeline stages: the MoE layers (the first-k dense
+    layers run before the pipeline), or every layer of a dense model."""
+    return cfg.num_moe_layers or cfg.num_dense_layers
+
+
+def _validate_pipeline(cfg: Config, stages: int, batch_shards: int) -> None:
+    t = cfg.train
+    _check(t.pipeline_schedule in ("gpipe", "interleaved"),
+           f"train.pipeline_schedule={t.pipeline_schedule!r} is unknown: use gpipe or interleaved.")
+    _check(t.microbatches >= 1, f"train.microbatches={t.microbatches} must be at least 1.")
+    _check(t.virtual_stages >= 1, f"train.virtual_stages={t.virtual_stages} must be at least 1.")
+    _check((t.virtual_stages > 1) == (t.pipeline_schedule == "interleaved"),
+           f"train.pipeline_schedule={t.pipeline_schedule} with train.virtual_stages="
+           f"{t.virtual_stages}: the interleaved schedule needs virtual_stages >= 2 and gpipe "
+           "needs virtual_stages=1.")
+    if stages == 1:
+        return
+    blocks = stages * t.virtual_stages
+    layers = staged_layers(cfg)
+    _check(layers >= blocks,
+           f"the {layers} pipelined layers are fewer than the {blocks} stages (mesh.pipe x "
+           "train.virtual_stages): lower mesh.pipe or train.virtual_stages.")
+    _check(layers % blocks == 0,
+           f"the {layers} pipelined layers do not split evenly into {blocks} stages (mesh.pipe x "
+           "train.virtual_stages); uneven stages are not supported: choose sizes that divide it.")
+    _check(t.global_batch_size % (t.microbatches * batch_shards) == 0,
+           f"train.global_batch_size={t.global_batch_size} is not divisible by "
+           f"train.microbatches={t.microbatches} x the {batch_shards} data-parallel shards: "
+           "choose microbatches so that each holds a whole number of rows per shard.")
+    _check(t.virtual_stages == 1 or t.microbatches % stages == 0,
+           f"the interleaved schedule sends microbatches round the {stages} stages in groups of "
+           f"{stages}: make train.microbatches={t.microbatches} a multiple of mesh.pipe.")
 
 
 def _validate_sizes(cfg: Config) -> None:

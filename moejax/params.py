@@ -58,9 +58,14 @@ def is_spec(x) -> bool:
     return isinstance(x, ParamSpec)
 
 
-def stacked(spec: ParamSpec, num_layers: int) -> ParamSpec:
-    """The same parameter for `num_layers` layers, stacked on a leading `layers` axis."""
-    return ParamSpec((num_layers, *spec.shape), ("layers", *spec.logical_axes), spec.init, spec.dtype)
+# Leading axes of stacked layers: `layers` is the stack split over the pipeline stages, the
+# others (the first-k dense layers before the pipeline, the MTP modules after it) are not split.
+LAYER_AXES = ("layers", "dense_layers", "mtp_layers")
+
+
+def stacked(spec: ParamSpec, num_layers: int, axis: str = "layers") -> ParamSpec:
+    """The same parameter for `num_layers` layers, stacked on a leading axis named `axis`."""
+    return ParamSpec((num_layers, *spec.shape), (axis, *spec.logical_axes), spec.init, spec.dtype)
 
 
 def abstract(specs, mesh=None):

@@ -1,9 +1,11 @@
 """Meshes and the one table that maps logical axes to mesh axes.
 
 Weights and activations name their dimensions with logical axes; only this module (and the MoE
-shard_map specs) names mesh axes. Parameters are sharded over `fsdp` (ZeRO-3) along their model
-width and over `expert` along the expert dimension; the batch is sharded over every mesh axis
-(outside the MoE layers the expert axis is one more data-parallel axis).
+and pipeline shard_map specs) names mesh axes. Parameters are sharded over `fsdp` (ZeRO-3) along
+their model width, over `expert` along the expert dimension and over `pipe` along the pipelined
+layer stack; the batch is sharded over every mesh axis but `pipe` (outside the MoE layers the
+expert axis is one more data-parallel axis; every stage sees the whole batch, microbatch by
+microbatch).
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     # weights
     "embed": "fsdp",
     "experts": "expert",
-    "layers": None,
+    "layers": "pipe",  # the pipelined stack: stage s holds its contiguous block of layers
+    "dense_layers": None,
+    "mtp_layers": None,
     "vocab": None,
     "mlp": None,
     "expert_mlp": None,
@@ -38,7 +42,7 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
 
 
 def make_mesh(mesh_cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
-    """A mesh with axes (data, fsdp, expert) of Auto type, sized from config (-1 = the rest).
+    """A mesh with axes (pipe, data, fsdp, expert) of Auto type, sized from config (-1 = the rest).
 
     Explicit sizes whose product is below the device count take the first devices (a
     1-device reference run on an 8-device host); every process must own some of them."""
@@ -74,11 +78,25 @@ def current_mesh():
 
 def constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
     """Sharding constraint on an activation; a no-op when no mesh is set."""
-    if current_mesh() is None:
-        return x
+    if current_mesh() is None or manual_axes():
+        return x  # inside a shard_map (the pipeline's) every array is already one shard
     return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes))
 
 
 def batch_sharding(mesh) -> NamedSharding:
     """Sharding of a [B, ...] batch array: rows over every mesh axis."""
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def manual_axes() -> frozenset[str]:
+    """Mesh axes an enclosing shard_map has made manual; empty outside one."""
+    mesh = current_mesh()
+    return frozenset() if mesh is None else frozenset(mesh.manual_axes)
+
+
+def stage_spec(logical_axes: tuple[str | None, ...]) -> PartitionSpec:
+    """Spec of a pipelined-stack weight, reshaped [p, v, c, ...] by pipeline stage, inside the
+    pipeline's shard_map (manual over every axis): the stage axis over `pipe`, the expert
+    dimension over `expert`, every other dimension whole (gathered over `fsdp` on entry)."""
+    rest = ("expert" if name == "experts" else None for name in logical_axes[1:])
+    return PartitionSpec("pipe", None, None, *rest)

@@ -114,7 +114,9 @@ def on_expert_shards(local_fn, x, expert_ids, weights, experts: FFN):
     statistics summed over shards [S]).
 
     With a mesh set, one shard_map: tokens sharded over every batch axis, experts over
-    `expert`. Without a mesh, the same code runs on the whole batch with no exchange."""
+    `expert`. Without a mesh, the same code runs on the whole batch with no exchange. Inside
+    the pipeline's shard_map (manual over every axis) x and experts are already this shard's:
+    `local_fn` runs directly and the statistics are this shard's alone."""
     width, top_k = x.shape[-1], expert_ids.shape[-1]
 
     def local(x_, ids_, w_, experts_, expert_axis):
@@ -123,8 +125,9 @@ def on_expert_shards(local_fn, x, expert_ids, weights, experts: FFN):
                               w_.reshape(n_tokens, top_k), experts_, expert_axis)
         return y_.reshape(x_.shape), stats_[None]
 
-    if sharding.current_mesh() is None:
-        y, stats = local(x, expert_ids, weights, experts, expert_axis=None)
+    if sharding.current_mesh() is None or sharding.manual_axes():
+        axis = "expert" if sharding.manual_axes() else None
+        y, stats = local(x, expert_ids, weights, experts, expert_axis=axis)
         return y, jnp.sum(stats, axis=0)
     tokens = PartitionSpec(sharding.BATCH_AXES)
     expert_weights = FFN(*(PartitionSpec("expert"),) * 3)

@@ -2,7 +2,9 @@
 
 y = shared(x) + sum_k w_k * expert_{i_k}(x). Routing runs on the global batch (GSPMD shards it
 like any activation), so the balance losses and expert loads are global statistics, never
-per-shard ones; only the dispatch itself runs inside a shard_map.
+per-shard ones; only the dispatch itself runs inside a shard_map. Inside the pipeline's
+shard_map (moejax/model/pipeline.py) x is one shard's microbatch and the statistics are that
+shard's; the pipeline merges them over shards and microbatches (router.merge_microbatches).
 """
 
 from __future__ import annotations
@@ -51,8 +53,8 @@ def moe_specs(cfg: Config) -> MoE:
 def route_tokens(x: jax.Array, router_w, bias, temperature, cfg: Config) -> Routing:
     """Routing is token-local, so under a mesh it runs per batch shard (a plain GSPMD top-k
     would all-gather the [B, T, E] scores); statistics are reduced globally afterwards."""
-    if sharding.current_mesh() is None:
-        return route(x, router_w, bias, temperature, cfg.moe)
+    if sharding.current_mesh() is None or sharding.manual_axes():
+        return route(x, router_w, bias, temperature, cfg.moe)  # x is already one shard
     tokens, replicated = PartitionSpec(sharding.BATCH_AXES), PartitionSpec()
     local_route = jax.shard_map(
         lambda *args: route(*args, cfg.moe),

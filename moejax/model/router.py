@@ -86,13 +86,31 @@ def balance_losses(routing: Routing, num_experts: int, top_k: int) -> dict[str, 
     - seq_balance: DeepSeek-V3 sequence-wise loss, sum_i f_i * P_i per sequence with
       f_i = E / (k T) * count_i, averaged over sequences (1.0 when balanced);
     - z: mean over tokens of logsumexp(logits)^2.
+    Also the mean normalised scores [E] (`mean_probs`), from which merge_microbatches rebuilds
+    the switch loss of a batch seen in microbatches.
     """
     one_hot = jax.nn.one_hot(routing.expert_ids, num_experts, dtype=jnp.float32)  # [B,T,k,E]
     counts_per_seq = jnp.sum(one_hot, axis=(1, 2))  # [B, E]
     seq_len = routing.expert_ids.shape[1]
-    fraction = jnp.sum(counts_per_seq, axis=0) / jnp.sum(counts_per_seq)
-    switch = num_experts * jnp.sum(fraction * jnp.mean(routing.probs, axis=(0, 1)))
+    mean_probs = jnp.mean(routing.probs, axis=(0, 1))
+    switch = switch_loss(jnp.sum(counts_per_seq, axis=0), mean_probs)
     seq_f = num_experts / (top_k * seq_len) * counts_per_seq
     seq_balance = jnp.mean(jnp.sum(seq_f * jnp.mean(routing.probs, axis=1), axis=-1))
     z = jnp.mean(jnp.square(jax.nn.logsumexp(routing.logits, axis=-1)))
-    return {"switch_loss": switch, "seq_balance_loss": seq_balance, "z_loss": z}
+    return {"switch_loss": switch, "seq_balance_loss": seq_balance, "z_loss": z,
+            "mean_probs": mean_probs}
+
+
+def switch_loss(counts: jax.Array, mean_probs: jax.Array) -> jax.Array:
+    """E * sum_i f_i * P_i from the assignment counts [E] and the mean normalised scores [E]."""
+    return counts.shape[-1] * jnp.sum(counts / jnp.sum(counts) * mean_probs)
+
+
+def merge_microbatches(stats: dict) -> dict:
+    """Per-layer statistics of equal-sized microbatches (leaves [L, m, ...]) -> those of the
+    whole batch ([L, ...]): counts add, means average, and the switch loss (a product of two
+    batch means, not a mean itself) is recomputed from the merged counts and scores."""
+    merged = {name: jnp.mean(value, axis=1) for name, value in stats.items()}
+    merged["expert_counts"] = jnp.sum(stats["expert_counts"], axis=1)
+    merged["switch_loss"] = jax.vmap(switch_loss)(merged["expert_counts"], merged["mean_probs"])
+    return merged

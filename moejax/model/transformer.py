@@ -8,6 +8,8 @@ returned, never hidden in collections.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -23,8 +25,10 @@ from moejax.model.attention import (
     causal_attention,
 )
 from moejax.model.layers import FFN, ffn_specs, layer_matmuls, rms_norm, swiglu
+from moejax.model import pipeline
 from moejax.model.moe import MoE, moe_ffn, moe_specs
-from moejax.sharding import constrain
+from moejax.model.router import merge_microbatches
+from moejax.sharding import constrain, stage_spec
 
 ACTIVATION_AXES = ("act_batch", "act_seq", "act_embed")
 REMAT_POLICIES = {
@@ -96,10 +100,10 @@ def model_specs(cfg: Config) -> Transformer:
     def block(ffn):
         return Block(attn_norm=norm, attn=attention_specs(m), ffn_norm=norm, ffn=ffn)
 
-    def stack(tree, num_layers):
+    def stack(tree, num_layers, axis="layers"):
         if num_layers == 0:
             return None
-        return jax.tree.map(lambda s: P.stacked(s, num_layers), tree, is_leaf=P.is_spec)
+        return jax.tree.map(lambda s: P.stacked(s, num_layers, axis), tree, is_leaf=P.is_spec)
 
     dense_ffn = ffn_specs(m.d_model, m.ffn_dim, m.init_std)
     moe_ffn_spec = moe_specs(cfg) if cfg.num_moe_layers else None
@@ -108,11 +112,12 @@ def model_specs(cfg: Config) -> Transformer:
                     block=block(moe_ffn_spec or dense_ffn), final_norm=norm)
     return Transformer(
         embed=P.ParamSpec((m.vocab_size, m.d_model), ("vocab", "embed"), init),
-        dense_blocks=stack(block(dense_ffn), cfg.num_dense_layers),
+        dense_blocks=stack(block(dense_ffn), cfg.num_dense_layers,
+                           "dense_layers" if cfg.num_moe_layers else "layers"),
         moe_blocks=stack(block(moe_ffn_spec), cfg.num_moe_layers),
         final_norm=norm,
         lm_head=P.ParamSpec((m.d_model, m.vocab_size), ("embed", "vocab"), init),
-        mtp=stack(mtp, m.mtp_depth),
+        mtp=stack(mtp, m.mtp_depth, "mtp_layers"),
     )
 
 
@@ -167,6 +172,21 @@ def _run_stack(blocks: Block, x, per_layer, layer_fn, cfg: Config):
     return jax.lax.scan(body, x, (blocks, per_layer))
 
 
+def _run_staged_stack(blocks: Block, x, per_layer, layer_fn, cfg: Config, cached: bool):
+    """The pipelined stack: over the pipeline stages when the mesh has more than one (outputs
+    then come per microbatch, [L, m, ...]), else `_run_stack`. Generation (with a cache) always
+    runs the plain scan."""
+    schedule = pipeline.schedule_for(cfg)
+    if cached or schedule.stages == 1:
+        return _run_stack(blocks, x, per_layer, layer_fn, cfg)
+    run_block = lambda block, x_, inputs: _run_stack(block, x_, inputs, layer_fn, cfg)
+    specs = model_specs(cfg)
+    stack_specs = specs.moe_blocks if cfg.num_moe_layers else specs.dense_blocks
+    stack_specs = jax.tree.map(lambda s: stage_spec(s.logical_axes), stack_specs,
+                               is_leaf=P.is_spec)
+    return pipeline.pipelined_stack(blocks, stack_specs, x, per_layer, run_block, schedule)
+
+
 class _Layers:
     """The layer functions of one forward pass (positions, precision and router state fixed)."""
 
@@ -213,13 +233,17 @@ def _decoder(params: Transformer, tokens, positions, cfg: Config, router_state, 
     x = constrain(params.embed[tokens].astype(jnp.float32), ACTIVATION_AXES)
     new_cache = {"dense": None, "moe": None}
     if params.dense_blocks is not None:
-        x, new_cache["dense"] = _run_stack(params.dense_blocks, x,
-                                           cache.dense if cached else None, dense_layer, cfg)
+        run = _run_stack if params.moe_blocks is not None else functools.partial(
+            _run_staged_stack, cached=cached)
+        x, new_cache["dense"] = run(params.dense_blocks, x, cache.dense if cached else None,
+                                    dense_layer, cfg)
     layer_stats = None
     if params.moe_blocks is not None:
         bias = layers.router_state.bias[:cfg.num_moe_layers]
-        x, (layer_stats, new_cache["moe"]) = _run_stack(
-            params.moe_blocks, x, (bias, cache.moe if cached else None), moe_layer, cfg)
+        x, (layer_stats, new_cache["moe"]) = _run_staged_stack(
+            params.moe_blocks, x, (bias, cache.moe if cached else None), moe_layer, cfg, cached)
+        if not cached and pipeline.pipe_stages() > 1:
+            layer_stats = merge_microbatches(layer_stats)
     return x, layer_stats, KVCache(**new_cache) if cached else None
 
 

@@ -7,7 +7,7 @@ import optax
 
 from moejax.config import Config
 from moejax.model.transformer import model_specs
-from moejax.params import is_spec
+from moejax.params import LAYER_AXES, is_spec
 
 
 def learning_rate_schedule(cfg: Config) -> optax.Schedule:
@@ -25,7 +25,7 @@ def weight_decay_mask(cfg: Config):
     """True for weight matrices; False for norms (vectors, stacked or not)."""
 
     def is_matrix(spec):
-        return sum(axis != "layers" for axis in spec.logical_axes) >= 2
+        return sum(axis not in LAYER_AXES for axis in spec.logical_axes) >= 2
 
     return jax.tree.map(is_matrix, model_specs(cfg), is_leaf=is_spec)
 

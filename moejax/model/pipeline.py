@@ -1,0 +1,163 @@
+"""Pipeline parallelism: the layer stack split into stages over the `pipe` mesh axis.
+
+Stage assignment. The pipelined stack (the MoE layers, or every layer of a dense model) is split
+into p v blocks of c = L / (p v) consecutive layers; stage s holds blocks s, s + p, s + 2p, ...
+(v "virtual stages" per device; v = 1 is plain GPipe, where stage s holds layers s c .. s c + c - 1,
+exactly its shard of the stack's `layers` axis, so no weight ever moves). The embedding and the
+first-k dense layers run before the pipeline and the final norm, output head and MTP modules after
+it, as ordinary GSPMD code on every stage (their weights are not split over `pipe`). Uneven splits
+are refused by the config (moejax.config._validate_pipeline).
+
+Schedule. One `jax.shard_map`, manual over every mesh axis, scans over ticks. (Manual over `pipe`
+alone, with the MoE layer's expert shard_map nested inside, is what jax 0.10.2 cannot
+differentiate: the nested shard_map's residuals get specs over the outer `pipe` axis and fail to
+lower.) Inside, each device holds its stage's weights with the expert dimension over `expert` and
+every other dimension whole (gathered over `fsdp` once per step on entry: ZeRO-1-like for the
+pipelined stack, as DeepSeek-V3 trained it), and its shard of each microbatch's rows; the MoE
+layer runs its per-shard dispatch directly with the `expert` all_to_all. At each tick
+every stage runs one block on one microbatch and passes the result to the next stage with one
+`ppermute` round the ring (the last stage's output returns to stage 0 for the next virtual
+stage). Work items are ordered so that no stage waits: in groups of q microbatches (q = p when
+v > 1, else all m), a group passes every block of stage s before the next group enters:
+    item w = g q v + r q + i  ->  microbatch g q + i, virtual stage r; stage s runs item t - s.
+That takes m v + p - 1 ticks for m v useful ones: bubble (p - 1) / (m v + p - 1). The backward
+pass is jax's transpose of the scan (all forwards, then all backwards: GPipe's memory profile).
+
+Statistics. Each block's per-layer outputs (the MoE statistics) come back per microbatch and
+batch shard, [L, m S, ...] (S data-parallel shards, equal rows each), for the caller to reduce
+over the whole batch (router.merge_microbatches)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec
+
+from moejax import sharding
+from moejax.config import Config
+
+PIPE = "pipe"
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    stages: int  # p, the size of the `pipe` mesh axis
+    virtual_stages: int  # v blocks per stage
+    microbatches: int  # m
+
+    @property
+    def group(self) -> int:
+        """Microbatches that go round the ring together (q)."""
+        return self.stages if self.virtual_stages > 1 else self.microbatches
+
+    @property
+    def work_items(self) -> int:
+        return self.microbatches * self.virtual_stages
+
+    @property
+    def ticks(self) -> int:
+        return self.work_items + self.stages - 1
+
+    @property
+    def theoretical_bubble(self) -> float:
+        """Idle fraction of a stage's ticks: (p - 1) / (m v + p - 1)."""
+        return (self.stages - 1) / self.ticks
+
+    def item(self, w):
+        """Work item w -> (microbatch, virtual stage r); w may be traced."""
+        q, v = self.group, self.virtual_stages
+        group, rest = w // (q * v), w % (q * v)
+        return group * q + rest % q, rest // q
+
+    def final_ticks(self) -> np.ndarray:
+        """[m]: the tick at which the last stage finishes each microbatch's last block."""
+        q, v = self.group, self.virtual_stages
+        micro = np.arange(self.microbatches)
+        last_item = (micro // q) * q * v + (v - 1) * q + micro % q
+        return last_item + self.stages - 1
+
+
+def pipe_stages() -> int:
+    """The size of the current mesh's `pipe` axis (1 without a mesh)."""
+    mesh = sharding.current_mesh()
+    return mesh.shape[PIPE] if mesh is not None and PIPE in mesh.axis_names else 1
+
+
+def schedule_for(cfg: Config) -> Schedule:
+    return Schedule(pipe_stages(), cfg.train.virtual_stages, cfg.train.microbatches)
+
+
+def pipelined_stack(stack, stack_specs, x, per_layer, block_fn, schedule: Schedule):
+    """Run the stack over the pipeline stages.
+
+    stack and per_layer: pytrees with leaves [L, ...] (layer parameters, per-layer inputs such
+    as the router bias); stack_specs: each stack leaf's spec inside the shard_map
+    (sharding.stage_spec); x [B, T, D]; `block_fn(blocks, x_ [B_/m, T, D], per_layer) -> (x_,
+    outputs with leaves [c, ...])` runs one block of c layers on one shard of one microbatch.
+    Returns (x [B, T, D] after every layer, outputs with leaves [L, m S, ...])."""
+    p, v, m = schedule.stages, schedule.virtual_stages, schedule.microbatches
+    num_layers = jax.tree.leaves(stack)[0].shape[0]
+    per_block = num_layers // (p * v)
+
+    def by_stage(leaf):  # [L, ...] -> [p, v, c, ...]: stage s holds blocks s, s + p, ...
+        return leaf.reshape(v, p, per_block, *leaf.shape[1:]).swapaxes(0, 1)
+
+    staged = jax.tree.map(by_stage, (stack, per_layer))
+    batch = x.shape[0]
+    # microbatch j holds rows j, j + m, ...: each keeps the batch's sharding over data axes
+    micro = x.reshape(batch // m, m, *x.shape[1:]).swapaxes(0, 1)
+    rows = PartitionSpec(None, sharding.BATCH_AXES)
+    run = jax.shard_map(
+        lambda staged_, micro_: _stage_loop(staged_, micro_, block_fn, schedule),
+        in_specs=((stack_specs, jax.tree.map(lambda _: PartitionSpec(PIPE), per_layer)), rows),
+        out_specs=(rows, PartitionSpec(PIPE, sharding.BATCH_AXES)),
+    )
+    out, outputs = run(staged, micro)
+    return out.swapaxes(0, 1).reshape(x.shape), jax.tree.map(
+        lambda leaf: _by_layer(leaf, schedule, per_block), outputs)
+
+
+def _stage_loop(staged, micro, block_fn, schedule: Schedule):
+    """One device's ticks. staged: leaves [1, v, c, ...]; micro [m, B_/m, T, D], this shard's
+    rows of every microbatch (every stage has them; only stage 0 reads them). Returns (the
+    finished microbatches [m, B_/m, T, D], identical on every stage; this device's block outputs
+    per work item, leaves [1, 1, m v, c, ...])."""
+    p, v = schedule.stages, schedule.virtual_stages
+    stage = jax.lax.axis_index(PIPE)
+    blocks, per_layer = jax.tree.map(lambda leaf: leaf[0], staged)
+    ring = [(s, (s + 1) % p) for s in range(p)]
+
+    def tick(received, t):
+        w = jnp.clip(t - stage, 0, schedule.work_items - 1)
+        microbatch, virtual = schedule.item(w)
+        fresh = jax.lax.dynamic_index_in_dim(micro, microbatch, keepdims=False)
+        x_in = jnp.where((stage == 0) & (virtual == 0), fresh, received)
+        block, block_inputs = jax.tree.map(
+            lambda leaf: jax.lax.dynamic_index_in_dim(leaf, virtual, keepdims=False),
+            (blocks, per_layer))
+        y, outputs = block_fn(block, x_in, block_inputs)
+        return jax.lax.ppermute(y, PIPE, ring), (y, outputs)
+
+    first = jax.lax.pcast(jnp.zeros_like(micro[0]), (PIPE,), to="varying")  # micro does not vary over pipe
+    _, (ys, outputs) = jax.lax.scan(tick, first, jnp.arange(schedule.ticks))
+    finished = ys[schedule.final_ticks()]  # meaningful on the last stage only
+    finished = jax.lax.psum(jnp.where(stage == p - 1, finished, 0), PIPE)
+    mine = jax.tree.map(
+        lambda leaf: jax.lax.dynamic_slice_in_dim(leaf, stage, schedule.work_items)[None, None],
+        outputs)  # the ticks stage .. stage + m v - 1 carry this stage's work items in order
+    return finished, mine
+
+
+def _by_layer(leaf, schedule: Schedule, per_block: int):
+    """[p, S, m v, c, ...] by (stage, batch shard, work item, layer in block) -> [L, m S, ...]
+    by (layer, microbatch and shard), where work item g q v + r q + i of stage s ran layers
+    (r p + s) c + j on microbatch g q + i."""
+    p, v, q = schedule.stages, schedule.virtual_stages, schedule.group
+    groups = schedule.microbatches // q
+    shards, rest = leaf.shape[1], leaf.shape[4:]
+    by_item = leaf.reshape(p, shards, groups, v, q, per_block, *rest)
+    by_layer = jnp.transpose(by_item, (3, 0, 5, 2, 4, 1, *range(6, by_item.ndim)))
+    return by_layer.reshape(v * p * per_block, groups * q * shards, *rest)
