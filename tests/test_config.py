@@ -96,6 +96,6 @@ def test_mesh_on_a_subset_of_the_devices():
                              num_devices=8)
     assert moejax.make_mesh(one.mesh).devices.size == 1
     four = moejax.load_config("tiny", ["mesh.data=2", "mesh.expert=2"], num_devices=8)
-    assert dict(moejax.make_mesh(four.mesh).shape) == {"data": 2, "fsdp": 1, "expert": 2}
+    assert dict(moejax.make_mesh(four.mesh).shape) == {"pipe": 1, "data": 2, "fsdp": 1, "expert": 2}
     with pytest.raises(ConfigError, match="needs 16 devices but only 8 are available"):
         moejax.load_config("tiny", ["mesh.data=4", "mesh.expert=4"], num_devices=8)

@@ -1,13 +1,20 @@
-"""Pipeline parallelism (moejax/model/pipeline.py): the same loss and gradients as one device
-on meshes with a `pipe` axis, for every schedule, with MLA, MTP, first-k dense layers, group-
-limited routing, every router loss and the default dropless dispatch; the config refusals."""
+"""Pipeline parallelism (moejax/model/pipeline.py): the same loss, router losses, expert counts
+and gradients as one device on meshes with a `pipe` axis, with MLA, MTP, a first-k dense layer,
+group-limited routing, every router loss and the default dropless dispatch; the compiled step's
+collectives; the config refusals.
+
+Every model-level case costs a whole-model compile (~12 s here), so the suite checks two of the
+eight (schedule, mesh) cases of issue 12; scripts/bench_pipeline.py --check runs all eight
+(docs/bench_pipeline.md)."""
 
 import functools
+import re
 
 import jax
+import jax.numpy as jnp
 import pytest
 from helpers import max_relative_error, tiny_config
-from test_mesh_equivalence import CONFIGS, _batch, _loss_and_grads, _router_state, shardings
+from test_mesh_equivalence import CONFIGS, _batch, _router_state, shardings
 
 import moejax
 from moejax.config import ConfigError, MeshConfig
@@ -25,31 +32,88 @@ MESHES = {  # MeshConfig(data, fsdp, expert, pipe)
     "pipe4_expert2": MeshConfig(1, 1, 2, 4),
     "pipe2_fsdp2_expert2": MeshConfig(1, 2, 2, 2),
 }
-CASES = [("gpipe", mesh) for mesh in MESHES] + [
-    ("interleaved", "pipe2_expert4"), ("interleaved", "pipe2_fsdp2_expert2")]
+CASES = [("gpipe", "pipe2_fsdp2_expert2"), ("interleaved", "pipe2_expert4")]
+
+
+def _grad_fn(cfg, batch):
+    return jax.value_and_grad(
+        lambda p: moejax.loss_fn(p, batch, cfg, _router_state(cfg)), has_aux=True)
 
 
 @functools.cache
 def reference():
     cfg = tiny_config(*PIPELINE_CONFIG)
     params = moejax.init_params(cfg, jax.random.key(0))
-    return params, _loss_and_grads(cfg, params, _batch(cfg), _router_state(cfg))
+    (loss, metrics), grads = jax.jit(_grad_fn(cfg, _batch(cfg)))(params)
+    return params, loss, metrics, grads
 
 
-@pytest.mark.parametrize("schedule,mesh_name", CASES)
-def test_loss_and_grads_match_single_device(schedule, mesh_name):
-    params, (expected_loss, expected_metrics, expected_grads) = reference()
+@functools.cache
+def pipelined(schedule, mesh_name):
+    """(loss, metrics, grads, compiled HLO text) of one (schedule, mesh) case."""
+    params = reference()[0]
     cfg = tiny_config(*PIPELINE_CONFIG, *SCHEDULES[schedule]).replace(mesh=MESHES[mesh_name])
     mesh = moejax.make_mesh(cfg.mesh)
     with jax.set_mesh(mesh):
         sharded = jax.device_put(params, shardings(cfg, mesh))
         batch = jax.device_put(_batch(cfg), batch_sharding(mesh))
-        loss, metrics, grads = _loss_and_grads(cfg, sharded, batch, _router_state(cfg))
+        compiled = jax.jit(_grad_fn(cfg, batch)).lower(sharded).compile()
+        (loss, metrics), grads = compiled(sharded)
+    return loss, metrics, grads, compiled.as_text()
+
+
+@pytest.mark.parametrize("schedule,mesh_name", CASES)
+def test_loss_and_grads_match_single_device(schedule, mesh_name):
+    _, expected_loss, expected_metrics, expected_grads = reference()
+    loss, metrics, grads, _ = pipelined(schedule, mesh_name)
 
     assert abs(float(loss) - float(expected_loss)) <= 1e-5 * abs(float(expected_loss))
-    for name in ("switch_loss", "seq_balance_loss", "z_loss", "aux_loss", "mtp_aux_loss",
-                 "mtp_cross_entropy_1", "cross_entropy"):
+    assert float(expected_metrics["switch_loss"]) > 0 and float(expected_metrics["mtp_aux_loss"]) > 0
+    for name in ("cross_entropy", "switch_loss", "seq_balance_loss", "z_loss", "aux_loss",
+                 "mtp_aux_loss", "mtp_cross_entropy_1"):
         assert max_relative_error(metrics[name], expected_metrics[name]) <= 1e-5, name
-    assert float(expected_metrics["switch_loss"]) > 0
-    assert jax.numpy.array_equal(metrics["expert_counts"], expected_metrics["expert_counts"])
+    assert float(metrics["dropped_fraction"]) == 0.0
+    assert jnp.array_equal(metrics["expert_counts"], expected_metrics["expert_counts"])
     assert max_relative_error(grads, expected_grads) <= 1e-5
+
+
+def test_compiled_step_permutes_activations_and_never_gathers_a_stack_over_pipe():
+    """GPipe on (pipe2, fsdp2, expert2): collective-permutes move the microbatches between
+    stages, and no all-gather rebuilds the layer axis of a stack (each stage keeps its own
+    layers; the fsdp gathers of a stage's weights stay within the stage)."""
+    hlo = pipelined("gpipe", "pipe2_fsdp2_expert2")[3]
+    assert re.search(r"collective-permute(-start)?\(", hlo)
+    num_layers = 4  # the pipelined (MoE) stack; each stage holds 2
+    for line in hlo.splitlines():
+        if re.search(r"all-gather(-start)?\(", line) and "dimensions={0}" in line:
+            result = re.search(r"= \(?[a-z0-9]+\[(\d+)", line)
+            assert result is None or int(result.group(1)) != num_layers, line
+
+
+def test_schedule_bubble_and_work_order():
+    gpipe, circular = Schedule(4, 1, 8), Schedule(4, 2, 8)
+    assert gpipe.ticks == 11 and gpipe.theoretical_bubble == pytest.approx(3 / 11)
+    assert circular.ticks == 19 and circular.theoretical_bubble == pytest.approx(3 / 19)
+    # circular: microbatches 0-3 pass virtual stage 0, then 1, before microbatches 4-7 enter
+    items = [tuple(int(i) for i in circular.item(w)) for w in range(16)]
+    assert items[:8] == [(0, 0), (1, 0), (2, 0), (3, 0), (0, 1), (1, 1), (2, 1), (3, 1)]
+    assert items[8] == (4, 0)
+    assert list(circular.final_ticks()) == [7, 8, 9, 10, 15, 16, 17, 18]
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (("mesh.pipe=4", "mesh.expert=2", "model.num_layers=3"),
+     "the 2 pipelined layers are fewer than the 4 stages"),
+    (("mesh.pipe=2", "mesh.expert=4", "model.num_layers=4"),
+     "the 3 pipelined layers do not split evenly into 2 stages"),
+    (("mesh.pipe=2", "mesh.expert=4", "model.num_layers=5", "train.microbatches=3"),
+     "is not divisible by train.microbatches=3"),
+    (("mesh.pipe=2", "mesh.expert=4", "model.num_layers=5", "train.virtual_stages=2"),
+     "the interleaved schedule needs virtual_stages >= 2"),
+    (("train.pipeline_schedule=1f1b",), "train.pipeline_schedule='1f1b' is unknown"),
+])
+def test_impossible_pipelines_are_refused_with_one_sentence(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)) as err:
+        tiny_config("train.global_batch_size=8", *overrides)
+    text = str(err.value)
+    assert "\n" not in text and text.endswith(".")

@@ -18,7 +18,9 @@ CONFIG_FILE = "config.yaml"
 RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
                      "train.checkpoint_every", "train.keep_checkpoints",
                      "train.peak_flops_per_device", "train.max_skipped_steps_in_row",
-                     "mesh.data", "mesh.fsdp", "mesh.expert"}
+                     "mesh.data", "mesh.fsdp", "mesh.expert", "mesh.pipe",
+                     # how the pipeline runs, not what it computes
+                     "train.microbatches", "train.pipeline_schedule", "train.virtual_stages"}
 
 
 class RunDirError(ValueError):
