@@ -125,7 +125,7 @@ def _stage_loop(staged, micro, block_fn, schedule: Schedule):
     rows of every microbatch (every stage has them; only stage 0 reads them). Returns (the
     finished microbatches [m, B_/m, T, D], identical on every stage; this device's block outputs
     per work item, leaves [1, 1, m v, c, ...])."""
-    p, v = schedule.stages, schedule.virtual_stages
+    p = schedule.stages
     stage = jax.lax.axis_index(PIPE)
     blocks, per_layer = jax.tree.map(lambda leaf: leaf[0], staged)
     ring = [(s, (s + 1) % p) for s in range(p)]

@@ -17,6 +17,7 @@ from flax import struct
 
 from moejax import params as P
 from moejax.config import Config
+from moejax.model import pipeline
 from moejax.model.attention import (
     Attention,
     LatentAttention,
@@ -25,7 +26,6 @@ from moejax.model.attention import (
     causal_attention,
 )
 from moejax.model.layers import FFN, ffn_specs, layer_matmuls, rms_norm, swiglu
-from moejax.model import pipeline
 from moejax.model.moe import MoE, moe_ffn, moe_specs
 from moejax.model.router import merge_microbatches
 from moejax.sharding import constrain, stage_spec
