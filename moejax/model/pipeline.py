@@ -1,9 +1,11 @@
 """Pipeline parallelism: the layer stack split into stages over the `pipe` mesh axis.
 
 Stage assignment. The pipelined stack (the MoE layers, or every layer of a dense model) is split
-into p v blocks of c = L / (p v) consecutive layers; stage s holds blocks s, s + p, s + 2p, ...
-(v "virtual stages" per device; v = 1 is plain GPipe, where stage s holds layers s c .. s c + c - 1,
-exactly its shard of the stack's `layers` axis, so no weight ever moves). The embedding and the
+into p v blocks of c = L / (p v) consecutive layers; stage s runs blocks s, s + p, s + 2p, ...
+(v "virtual stages" per device; v = 1 is plain GPipe, where stage s runs layers s c .. s c + c - 1,
+exactly its shard of the stack's `layers` axis, so no weight ever moves). With v > 1 a stage
+stores blocks s v .. s v + v - 1 (its shard) and fetches the blocks it runs from the stages
+that store them with partial ppermutes inside the shard_map (_virtual_blocks). The embedding and the
 first-k dense layers run before the pipeline and the final norm, output head and MTP modules after
 it, as ordinary GSPMD code on every stage (their weights are not split over `pipe`). Uneven splits
 are refused by the config (moejax.config._validate_pipeline).
@@ -102,8 +104,8 @@ def pipelined_stack(stack, stack_specs, x, per_layer, block_fn, schedule: Schedu
     num_layers = jax.tree.leaves(stack)[0].shape[0]
     per_block = num_layers // (p * v)
 
-    def by_stage(leaf):  # [L, ...] -> [p, v, c, ...]: stage s holds blocks s, s + p, ...
-        return leaf.reshape(v, p, per_block, *leaf.shape[1:]).swapaxes(0, 1)
+    def by_stage(leaf):  # [L, ...] -> [p, v, c, ...]: stage s stores blocks s v .. s v + v - 1
+        return leaf.reshape(p, v, per_block, *leaf.shape[1:])
 
     staged = jax.tree.map(by_stage, (stack, per_layer))
     batch = x.shape[0]
@@ -128,6 +130,10 @@ def _stage_loop(staged, micro, block_fn, schedule: Schedule):
     p = schedule.stages
     stage = jax.lax.axis_index(PIPE)
     blocks, per_layer = jax.tree.map(lambda leaf: leaf[0], staged)
+    if schedule.virtual_stages > 1:
+        blocks, per_layer = jax.tree.map(
+            lambda leaf: _virtual_blocks(leaf, p, schedule.virtual_stages, stage),
+            (blocks, per_layer))
     ring = [(s, (s + 1) % p) for s in range(p)]
 
     def tick(received, t):
@@ -149,6 +155,23 @@ def _stage_loop(staged, micro, block_fn, schedule: Schedule):
         lambda leaf: jax.lax.dynamic_slice_in_dim(leaf, stage, schedule.work_items)[None, None],
         outputs)  # the ticks stage .. stage + m v - 1 carry this stage's work items in order
     return finished, mine
+
+
+def _virtual_blocks(stored, stages: int, virtual: int, stage):
+    """stored [v, c, ...]: this stage's stored blocks s v + k -> [v, c, ...]: the blocks j p + s
+    it runs, fetched with one partial `ppermute` per (j, k) pair (block b is stored on stage
+    b // v at slot b % v), so only the blocks that change stage move, never a whole stack."""
+    runs = []
+    for j in range(virtual):
+        block = jnp.zeros_like(stored[0])
+        for k in range(virtual):
+            pairs = [(d, d * virtual + k - j * stages) for d in range(stages)
+                     if 0 <= d * virtual + k - j * stages < stages]
+            if pairs:
+                received = jax.lax.ppermute(stored[k], PIPE, pairs)
+                block = jnp.where((j * stages + stage) % virtual == k, received, block)
+        runs.append(block)
+    return jnp.stack(runs)
 
 
 def _by_layer(leaf, schedule: Schedule, per_block: int):
