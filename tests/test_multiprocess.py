@@ -47,7 +47,7 @@ def test_two_processes_match_one_with_a_late_process(corpus_dir, tmp_path):  # n
     for proc, output in zip(procs, outputs):
         assert proc.returncode == 0, output
     assert "waiting 45 s" in outputs[1]
-    assert "2 process(es)" in outputs[0] and "'expert': 8}" in outputs[0]
+    assert "2 process(es)" in outputs[0] and "{'pipe': 1, 'data': 1, 'fsdp': 1, 'expert': 8}" in outputs[0]
     assert "MFU" in outputs[0]
 
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
