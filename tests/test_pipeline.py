@@ -8,6 +8,7 @@ eight (schedule, mesh) cases of issue 12; scripts/bench_pipeline.py --check runs
 (docs/bench_pipeline.md)."""
 
 import functools
+import math
 import re
 
 import jax
@@ -88,6 +89,20 @@ def test_compiled_step_permutes_activations_and_never_gathers_a_stack_over_pipe(
         if re.search(r"all-gather(-start)?\(", line) and "dimensions={0}" in line:
             result = re.search(r"= \(?[a-z0-9]+\[(\d+)", line)
             assert result is None or int(result.group(1)) != num_layers, line
+
+
+def test_interleaved_step_moves_blocks_by_permutes_not_whole_stack_gathers():
+    """Interleaved on (pipe2, expert4): the blocks a stage runs but does not store arrive by
+    collective-permutes; every all-gather left is of statistics, smaller than one expert's gate
+    weight (a gather of the stack over pipe, as GSPMD did it, would be whole weight stacks)."""
+    hlo = pipelined("interleaved", "pipe2_expert4")[3]
+    cfg = tiny_config(*PIPELINE_CONFIG)
+    one_expert_gate = cfg.model.d_model * cfg.moe.expert_ffn_dim
+    assert len(re.findall(r"collective-permute(-start)?\(", hlo)) > 0
+    for line in hlo.splitlines():
+        if re.search(r"all-gather(-start)?\(", line):
+            dims = re.search(r"= \(?[a-z0-9]+\[([0-9,]*)\]", line).group(1)
+            assert math.prod(int(d) for d in dims.split(",") if d) < one_expert_gate, line
 
 
 def test_schedule_bubble_and_work_order():
