@@ -133,13 +133,20 @@ def spec_peak_flops(device_kind: str) -> tuple[float | None, float | None]:
 
 @dataclasses.dataclass
 class TrainRun:
-    """A compiled train step of one config on one device, its state and one batch."""
+    """A compiled train step of one config on one device, its state and one batch. A run
+    handed from one section to another drops its state (`release`) and makes a fresh one when
+    next stepped, so that one model's train state at a time lives on the device (two states of
+    the 1B preset would not fit an 80 GB H100)."""
 
     cfg: object
     mesh: object
     compiled: object
-    state: object
+    state: object  # None: made (the same init, the same shardings) at the next step
     batch: dict
+
+    def release(self) -> TrainRun:
+        self.state = None
+        return self
 
     @property
     def tokens_per_step(self) -> int:
@@ -147,6 +154,12 @@ class TrainRun:
 
     def step(self):
         """One step (the state is donated, so the new one replaces it); returns its metrics."""
+        if self.state is None:
+            from moejax.training.optim import make_optimizer
+            from moejax.training.state import init_train_state
+
+            self.state = init_train_state(self.cfg, jax.random.key(0), self.mesh,
+                                          make_optimizer(self.cfg))
         with jax.set_mesh(self.mesh):
             self.state, metrics = self.compiled(self.state, self.batch)
         return metrics
@@ -204,7 +217,8 @@ def count_fp8_gemms(sizes: Sizes, context: dict) -> dict:
     result = {"config": f"{sizes.mfu_preset} {FP8_CAPACITY}", "fp8_dots_lowered": intended,
               "dots_lowered": len(dots)}
     compiled = lowered.compile()
-    context[FP8_CAPACITY] = TrainRun(cfg, mesh, compiled, state, batch)
+    context[FP8_CAPACITY] = TrainRun(cfg, mesh, compiled, state, batch).release()
+    del state
     if not on_gpu():
         result["cublas_fp8_calls"] = result["all_fp8_dots_are_cublas_fp8"] = NOT_RUN
         return result
@@ -298,7 +312,7 @@ def check_mfu(sizes: Sizes, context: dict) -> dict:
                 load_check_config(sizes.mfu_preset, [*sizes.mfu_overrides, *overrides]))
             result["rows"][label] = {"overrides": list(overrides),
                                      **mfu_row(run, sizes.steps, peak, spec_bf16)}
-            del run
+            run.release()
         except Exception:  # noqa: BLE001 (one failed row must not lose the others)
             result["rows"][label] = {"error": traceback.format_exc(limit=4)}
     rows = result["rows"]
@@ -409,9 +423,9 @@ def check_memory(sizes: Sizes, context: dict) -> dict:
     run = train_run(load_check_config(sizes.mfu_preset, [*sizes.mfu_overrides, *overrides]))
     analysis = bench.memory_stats(run.compiled)
     jax.block_until_ready(run.step()["loss"])
-    context[label] = run
-    result = {"config": label, "compiled_memory_analysis_bytes": analysis}
     stats = jax.devices()[0].memory_stats()
+    context[label] = run.release()
+    result = {"config": label, "compiled_memory_analysis_bytes": analysis}
     if not on_gpu() or not stats:
         result["peak_bytes_in_use"] = result["peak_over_analysis_total"] = NOT_RUN
         return result
