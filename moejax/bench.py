@@ -35,6 +35,7 @@ from moejax.model.grouped import padded_rows
 __all__ = [
     "BATCH",
     "FLOP_FORMULA",
+    "LAYER_SHAPES",
     "LayerShape",
     "LayerStep",
     "TrainRun",
@@ -138,6 +139,10 @@ class LayerShape:
 
 
 BATCH = 8  # sequences; T / BATCH tokens each
+# scripts/bench_moe.py's layer shapes (also scripts/check_gpu.py's coarse and fine-grained)
+LAYER_SHAPES = (LayerShape("coarse", 512, 1024, 16, 2, 8192),
+                LayerShape("fine-grained", 512, 256, 64, 8, 8192),
+                LayerShape("E=128", 256, 128, 128, 8, 4096))
 FLOP_FORMULA = ("useful FLOPs = 3 (fwd+bwd) x [2 T k x 3 D F (the k active experts' matmuls) "
                 "+ 2 T D E (router)]")
 

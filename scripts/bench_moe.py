@@ -52,9 +52,7 @@ from moejax.bench import LayerShape
 from moejax.config import MeshConfig
 from moejax.model.dropless import row_tile
 
-SHAPES = (LayerShape("coarse", 512, 1024, 16, 2, 8192),
-          LayerShape("fine-grained", 512, 256, 64, 8, 8192),
-          LayerShape("E=128", 256, 128, 128, 8, 4096))
+SHAPES = bench.LAYER_SHAPES
 # equal active compute: same T and D, k x F = 1024
 SCALING = (LayerShape("E=8 k=2", 256, 512, 8, 2, 8192),
            LayerShape("E=128 k=2", 256, 512, 128, 2, 8192),

@@ -22,6 +22,14 @@ import time
 import jax
 
 DEFAULT_STARTUP_TIMEOUT_S = 1800.0
+# The environment this module reads. A launcher (docs/launch/) sets LAUNCH_ENV on every
+# process; SCHEDULER_ENV is set by SLURM / Open MPI themselves, for jax's own detection.
+COORDINATOR_ENV = "JAX_COORDINATOR_ADDRESS"  # host:port of process 0
+NUM_PROCESSES_ENV = "JAX_NUM_PROCESSES"
+PROCESS_ID_ENV = "JAX_PROCESS_ID"  # 0 .. processes - 1, one per host
+STARTUP_TIMEOUT_ENV = "MOEJAX_STARTUP_TIMEOUT"  # seconds
+LAUNCH_ENV = (COORDINATOR_ENV, NUM_PROCESSES_ENV, PROCESS_ID_ENV, STARTUP_TIMEOUT_ENV)
+SCHEDULER_ENV = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
 _startup_timeout_s = DEFAULT_STARTUP_TIMEOUT_S
 _barrier_counter = itertools.count()
 
@@ -40,9 +48,9 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     process waits for the others at start-up and at each barrier.
     """
     env = os.environ
-    coordinator = coordinator or env.get("JAX_COORDINATOR_ADDRESS")
-    num_processes = num_processes or _int_env("JAX_NUM_PROCESSES")
-    process_id = process_id if process_id is not None else _int_env("JAX_PROCESS_ID")
+    coordinator = coordinator or env.get(COORDINATOR_ENV)
+    num_processes = num_processes or _int_env(NUM_PROCESSES_ENV)
+    process_id = process_id if process_id is not None else _int_env(PROCESS_ID_ENV)
     _set_startup_timeout(startup_timeout_s)
     if coordinator:
         if num_processes is None or process_id is None:
@@ -51,7 +59,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
                              "JAX_NUM_PROCESSES and JAX_PROCESS_ID).")
         _join(coordinator, num_processes, process_id)
         return True
-    if (_int_env("SLURM_NTASKS") or 1) > 1 or (_int_env("OMPI_COMM_WORLD_SIZE") or 1) > 1:
+    if any((_int_env(name) or 1) > 1 for name in SCHEDULER_ENV):
         _join(None, None, None)
         return True
     return False
@@ -60,8 +68,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
 def _set_startup_timeout(startup_timeout_s: float | None) -> None:
     global _startup_timeout_s
     if startup_timeout_s is None:
-        startup_timeout_s = float(os.environ.get("MOEJAX_STARTUP_TIMEOUT",
-                                                 DEFAULT_STARTUP_TIMEOUT_S))
+        startup_timeout_s = float(os.environ.get(STARTUP_TIMEOUT_ENV, DEFAULT_STARTUP_TIMEOUT_S))
     if startup_timeout_s <= 0:
         raise ValueError(f"the start-up timeout must be positive seconds, got {startup_timeout_s}.")
     _startup_timeout_s = startup_timeout_s
