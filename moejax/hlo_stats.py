@@ -1,0 +1,134 @@
+"""Collective traffic of a compiled program, counted from its HLO text.
+
+`collective_traffic(compiled.as_text())` walks the entry computation and everything it calls,
+multiplying a while loop's body by its known trip count (a `lax.scan` over layers runs its
+collectives once per layer), and sums, per collective kind, how many times it runs and the bytes
+one device sends per step. Conditional branches count as their most expensive branch.
+
+Bytes sent per device follow the ring algorithms, with R the op's result bytes on one device and
+n its group size: all-gather R (n-1)/n, reduce-scatter R (n-1), all-reduce 2 R (n-1)/n,
+all-to-all R (n-1)/n, collective-permute R. Async pairs are counted once, at their `-done`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+
+KINDS = ("all-to-all", "all-gather", "reduce-scatter", "all-reduce", "collective-permute")
+
+# bits per element; sub-byte types are packed
+_DTYPE_BITS = {
+    "pred": 8, "s4": 4, "u4": 4, "s8": 8, "u8": 8, "s16": 16, "u16": 16, "s32": 32, "u32": 32,
+    "s64": 64, "u64": 64, "f16": 16, "bf16": 16, "f32": 32, "f64": 64, "c64": 64, "c128": 128,
+}
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%[\w.\-]+ = (.+?) ([a-z][a-z0-9\-]*)\((.*)$")
+_ARRAY_SHAPE = re.compile(r"\b([a-z]+[0-9]*(?:e[0-9]m[0-9][a-z]*)?)\[([0-9,]*)\]")
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%([\w.\-]+) .*\{\s*$")  # unindented header line
+_CALLEE = re.compile(r"\b(?:body|calls|to_apply|true_computation|false_computation)=%([\w.\-]+)")
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+_EXPLICIT_GROUPS = re.compile(r"replica_groups=\{\{([0-9,]*)\}")
+_IOTA_GROUPS = re.compile(r"replica_groups=\[(\d+),(\d+)\]<=")
+
+
+def shape_bytes(shape: str) -> int:
+    """Bytes of an HLO shape string, e.g. 'f32[8,8]{1,0}' or a tuple of such."""
+    total_bits = 0
+    for dtype, dims in _ARRAY_SHAPE.findall(shape):
+        bits = 8 if dtype.startswith("f8") else _DTYPE_BITS.get(dtype, 0)
+        elements = 1
+        for dim in filter(None, dims.split(",")):
+            elements *= int(dim)
+        total_bits += bits * elements
+    return total_bits // 8
+
+
+def _group_size(attributes: str) -> int:
+    explicit = _EXPLICIT_GROUPS.search(attributes)
+    if explicit:
+        return len(explicit.group(1).split(","))
+    iota = _IOTA_GROUPS.search(attributes)
+    return int(iota.group(2)) if iota else 1
+
+
+def _bytes_sent(kind: str, result_bytes: int, group: int) -> float:
+    if kind == "collective-permute":
+        return float(result_bytes)
+    if kind == "reduce-scatter":
+        return float(result_bytes * (group - 1))
+    share = result_bytes * (group - 1) / group
+    return 2 * share if kind == "all-reduce" else share
+
+
+def _collective_kind(opcode: str) -> str | None:
+    """The kind an instruction counts as, or None (async starts are counted at their done)."""
+    base = opcode.removesuffix("-done")
+    if base in KINDS and not opcode.endswith("-start"):
+        return base
+    return None
+
+
+def _split_computations(hlo_text: str) -> tuple[dict[str, list[str]], str]:
+    computations: dict[str, list[str]] = {}
+    entry, current = "", None
+    for line in hlo_text.splitlines():
+        header = _COMPUTATION.match(line)
+        if header:
+            current = header.group(1)
+            computations[current] = []
+            if line.startswith("ENTRY"):
+                entry = current
+        elif line.startswith("}"):
+            current = None
+        elif current is not None:
+            computations[current].append(line)
+    if not entry:
+        raise ValueError("no ENTRY computation in this HLO text: pass compiled.as_text()")
+    return computations, entry
+
+
+def _empty() -> dict[str, dict[str, float]]:
+    return {kind: {"count": 0, "bytes_sent": 0.0} for kind in KINDS}
+
+
+def _add(total, part, times: int = 1) -> None:
+    for kind in KINDS:
+        total[kind]["count"] += part[kind]["count"] * times
+        total[kind]["bytes_sent"] += part[kind]["bytes_sent"] * times
+
+
+def _traffic_of(name, computations, memo):
+    if name in memo:
+        return memo[name]
+    total = _empty()
+    for line in computations.get(name, []):
+        instruction = _INSTRUCTION.match(line)
+        if not instruction:
+            continue
+        shape, opcode, rest = instruction.groups()
+        kind = _collective_kind(opcode)
+        if kind:
+            size = shape_bytes(shape)
+            total[kind]["count"] += 1
+            total[kind]["bytes_sent"] += _bytes_sent(kind, size, _group_size(rest))
+        if opcode in ("async-done", "async-update"):
+            continue  # the async-start names the same computation
+        trip = _TRIP_COUNT.search(rest)
+        for callee in _CALLEE.findall(rest):
+            _add(total, _traffic_of(callee, computations, memo), int(trip.group(1)) if trip else 1)
+        branches = _BRANCHES.search(rest)
+        if branches:
+            options = [_traffic_of(b.strip().lstrip("%"), computations, memo)
+                       for b in branches.group(1).split(",")]
+            _add(total, max(options, key=lambda t: sum(v["bytes_sent"] for v in t.values())))
+    memo[name] = total
+    return total
+
+
+def collective_traffic(hlo_text: str) -> dict[str, dict[str, float]]:
+    """{kind: {"count": executions per step, "bytes_sent": bytes one device sends per step}}.
+
+    A while loop without a known trip count is counted once (XLA records the count for scans)."""
+    computations, entry = _split_computations(hlo_text)
+    return _traffic_of(entry, computations, {})
