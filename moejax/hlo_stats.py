@@ -13,7 +13,6 @@ all-to-all R (n-1)/n, collective-permute R. Async pairs are counted once, at the
 from __future__ import annotations
 
 import re
-from collections import defaultdict
 
 KINDS = ("all-to-all", "all-gather", "reduce-scatter", "all-reduce", "collective-permute")
 
