@@ -12,6 +12,7 @@ all-to-all R (n-1)/n, collective-permute R. Async pairs are counted once, at the
 
 from __future__ import annotations
 
+import math
 import re
 
 KINDS = ("all-to-all", "all-gather", "reduce-scatter", "all-reduce", "collective-permute")
@@ -29,6 +30,10 @@ _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 _EXPLICIT_GROUPS = re.compile(r"replica_groups=\{\{([0-9,]*)\}")
 _IOTA_GROUPS = re.compile(r"replica_groups=\[(\d+),(\d+)\]<=")
+# mesh form (large device counts): replica_groups=mesh['axis_0'=8,'axis_1'=64](, device_ids=(..))?
+# {'axis_1'}: one group per combination of the other axes, of the named axes' size product
+_MESH_GROUPS = re.compile(r"replica_groups=mesh\[([^\]]*)\](?:, device_ids=\S+)? \{([^}]*)\}")
+_MESH_AXIS = re.compile(r"'([\w]+)'=(\d+)")
 
 
 def shape_bytes(shape: str) -> int:
@@ -48,7 +53,13 @@ def _group_size(attributes: str) -> int:
     if explicit:
         return len(explicit.group(1).split(","))
     iota = _IOTA_GROUPS.search(attributes)
-    return int(iota.group(2)) if iota else 1
+    if iota:
+        return int(iota.group(2))
+    mesh = _MESH_GROUPS.search(attributes)
+    if mesh:
+        sizes = {name: int(size) for name, size in _MESH_AXIS.findall(mesh.group(1))}
+        return math.prod(sizes[name.strip().strip("'")] for name in mesh.group(2).split(","))
+    return 1
 
 
 def _bytes_sent(kind: str, result_bytes: int, group: int) -> float:
