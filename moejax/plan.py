@@ -143,9 +143,9 @@ def dispatch_all_to_all_bytes(cfg: Config, shape: StepShape, payload_bytes: int)
     runs = L_stage_layers x ticks per stage; the first-k dense layers have no MoE and the MTP
     modules run their one MoE layer once on the whole shard (N_ = B_ (T - depth)).
 
-    Also `ragged_bound`: what the GPU's ragged_all_to_all sends at most, the N_ x
-    max_destinations rows a token can need (each token to at most min(P, k, topk_groups) shards)
-    instead of the P N_ buffer rows."""
+    Also `ragged_bound`: what the GPU's ragged_all_to_all sends at most: each token to at most
+    min(P, k, topk_groups) shards, so at most N_ min(P - 1, k, topk_groups) rows leave a device
+    per exchange, instead of the (P - 1) N_ buffer rows of the dense exchange."""
     e, p = cfg.moe, shape.mesh["expert"]
     if not cfg.num_moe_layers or p == 1:
         return {"dense": 0.0, "ragged_bound": 0.0, "exchanges": 0}
@@ -165,7 +165,9 @@ def dispatch_all_to_all_bytes(cfg: Config, shape: StepShape, payload_bytes: int)
         rows_bytes = p * tokens * width * payload_bytes * share
         meta_bytes = p * tokens * 2 * slots * 4 * share
         dense += count * (rows_exchanges * rows_bytes + meta_exchanges * meta_bytes)
-        ragged += count * rows_exchanges * tokens * max_destinations(e, p) * width * payload_bytes
+        remote_rows = tokens * min(max_destinations(e, p), p - 1)  # rows to other shards
+        ragged += count * remote_rows * (rows_exchanges * width * payload_bytes
+                                         + meta_exchanges * 2 * slots * 4)
     exchanges = sum(count for count, _ in runs) * (rows_exchanges + meta_exchanges)
     return {"dense": dense, "ragged_bound": ragged, "exchanges": exchanges}
 
