@@ -141,7 +141,8 @@ def dispatch_all_to_all_bytes(cfg: Config, shape: StepShape, payload_bytes: int)
         model.remat=full runs the forward "out" pair again in the backward ("back" is dead there).
     A pipelined stack runs every layer of a stage on every tick, bubble ticks included:
     runs = L_stage_layers x ticks per stage; the first-k dense layers have no MoE and the MTP
-    modules run their one MoE layer once on the whole shard (N_ = B_ (T - depth)).
+    modules run their one MoE layer once on the whole shard (N_ = B_ (T - depth)), outside any
+    remat scan. Other all-to-alls in the HLO are GSPMD's resharding, not the dispatch.
 
     Also `ragged_bound`: what the GPU's ragged_all_to_all sends at most: each token to at most
     min(P, k, topk_groups) shards, so at most N_ min(P - 1, k, topk_groups) rows leave a device
@@ -150,25 +151,27 @@ def dispatch_all_to_all_bytes(cfg: Config, shape: StepShape, payload_bytes: int)
     if not cfg.num_moe_layers or p == 1:
         return {"dense": 0.0, "ragged_bound": 0.0, "exchanges": 0}
     width, slots = cfg.model.d_model, min(e.top_k, e.num_experts // p)
-    remat = cfg.model.remat != "none"
-    rows_exchanges, meta_exchanges = 4 + remat, 2 + remat
     sched = shape.schedule
     stage_layers = staged_layers(cfg) // (sched.stages * sched.virtual_stages)
+    remat = cfg.model.remat != "none"
+    # (MoE layer runs, tokens N_ per run, rematerialised?)
     runs = [(cfg.num_moe_layers if sched.stages == 1
              else stage_layers * sched.virtual_stages * sched.ticks,
-             shape.tokens_per_device // sched.microbatches)]
-    runs += [(1, shape.batch_rows * (shape.seq_len - depth))
+             shape.tokens_per_device // sched.microbatches, remat)]
+    runs += [(1, shape.batch_rows * (shape.seq_len - depth), False)  # MTP: not in a remat scan
              for depth in range(1, cfg.model.mtp_depth + 1)]
     share = (p - 1) / p
     dense = ragged = 0.0
-    for count, tokens in runs:
+    exchanges = 0
+    for count, tokens, rematerialised in runs:
+        rows_exchanges, meta_exchanges = 4 + rematerialised, 2 + rematerialised
         rows_bytes = p * tokens * width * payload_bytes * share
         meta_bytes = p * tokens * 2 * slots * 4 * share
         dense += count * (rows_exchanges * rows_bytes + meta_exchanges * meta_bytes)
         remote_rows = tokens * min(max_destinations(e, p), p - 1)  # rows to other shards
         ragged += count * remote_rows * (rows_exchanges * width * payload_bytes
                                          + meta_exchanges * 2 * slots * 4)
-    exchanges = sum(count for count, _ in runs) * (rows_exchanges + meta_exchanges)
+        exchanges += count * (rows_exchanges + meta_exchanges)
     return {"dense": dense, "ragged_bound": ragged, "exchanges": exchanges}
 
 
