@@ -142,3 +142,71 @@ def collective_traffic(hlo_text: str) -> dict[str, dict[str, float]]:
     A while loop without a known trip count is counted once (XLA records the count for scans)."""
     computations, entry = _split_computations(hlo_text)
     return _traffic_of(entry, computations, {})
+
+
+_NAME = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+) = ")
+_REFERENCE = re.compile(r"%([\w.\-]+)")
+_COMPUTE_OPCODES = ("dot", "convolution")
+
+
+def _computes(name, computations, memo) -> bool:
+    """Whether a computation (a fusion's body, say) contains a dot or convolution."""
+    if name not in memo:
+        memo[name] = False
+        for line in computations.get(name, []):
+            instruction = _INSTRUCTION.match(line)
+            if instruction and (instruction.group(2) in _COMPUTE_OPCODES or any(
+                    _computes(c, computations, memo) for c in _CALLEE.findall(line))):
+                memo[name] = True
+                break
+    return memo[name]
+
+
+def collective_overlap(hlo_text: str, kind: str = "all-to-all") -> list[dict]:
+    """For each `kind` collective of a compiled (scheduled) program, in program order: how many
+    GEMM-carrying instructions (dots, or fusions/calls containing one) of its computation are
+    independent of it (neither feed it nor read its result, directly or not), so that a
+    scheduler may run them while it is in flight, and how many of those the schedule placed
+    before and after it. {"computation", "position", "independent", "before", "after"}."""
+    computations, _ = _split_computations(hlo_text)
+    memo: dict = {}
+    report = []
+    for comp, lines in computations.items():
+        order, operands, opcodes, compute = [], {}, {}, set()
+        for line in lines:
+            named, instruction = _NAME.match(line), _INSTRUCTION.match(line)
+            if not (named and instruction):
+                continue
+            name = named.group(1)
+            order.append(name)
+            opcodes[name] = instruction.group(2)
+            operands[name] = set(_REFERENCE.findall(instruction.group(3)))
+            if instruction.group(2) in _COMPUTE_OPCODES or any(
+                    _computes(c, computations, memo) for c in _CALLEE.findall(line)):
+                compute.add(name)
+        collectives = [n for n in order if _collective_kind(opcodes[n]) == kind
+                       or opcodes[n] == f"{kind}-start"]
+        if not collectives:
+            continue
+        position = {n: i for i, n in enumerate(order)}
+        readers: dict[str, set] = {n: set() for n in order}
+        for n, refs in operands.items():
+            for r in refs & readers.keys():
+                readers[r].add(n)
+        for c in collectives:
+            related = _closure(c, operands) | _closure(c, readers)
+            free = [n for n in compute if n not in related]
+            report.append({"computation": comp, "position": position[c], "independent": len(free),
+                           "before": sum(position[n] < position[c] for n in free),
+                           "after": sum(position[n] > position[c] for n in free)})
+    return report
+
+
+def _closure(start: str, edges: dict[str, set]) -> set:
+    seen, stack = set(), [start]
+    while stack:
+        for nxt in edges.get(stack.pop(), ()):
+            if nxt not in seen:
+                seen.add(nxt)
+                stack.append(nxt)
+    return seen
