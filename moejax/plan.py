@@ -22,8 +22,10 @@ dispatch exchange (`moe.kernels=tiles`, buffers of P N_ rows), not the GPU's rag
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -227,9 +229,9 @@ def compile_step(cfg: Config, num_devices: int):
     return compiled, lowered_at - start, time.perf_counter() - lowered_at
 
 
-def plan(cfg: Config, num_devices: int, compile: bool = True) -> dict:
+def plan(cfg: Config, num_devices: int, compile: bool = True, hlo_out=None) -> dict:
     """The per-device plan of one train step of `cfg` on `num_devices` devices (a JSON-able
-    dict; every figure says where it comes from)."""
+    dict; every figure says where it comes from). `hlo_out`: a path for the compiled HLO text."""
     shape = step_shape(cfg, num_devices)
     payload = jnp.dtype(cfg.precision.compute_dtype).itemsize
     result = {
@@ -254,6 +256,9 @@ def plan(cfg: Config, num_devices: int, compile: bool = True) -> dict:
     if compile:
         compiled, lower_s, compile_s = compile_step(cfg, num_devices)
         memory = compiled.memory_analysis()
+        hlo_text = compiled.as_text()
+        if hlo_out is not None:
+            Path(hlo_out).write_text(hlo_text)
         result["compiled"] = {
             "source": "XLA:CPU compiled program (fake host devices)",
             "lower_seconds": lower_s, "compile_seconds": compile_s,
@@ -261,7 +266,7 @@ def plan(cfg: Config, num_devices: int, compile: bool = True) -> dict:
                        "outputs": memory.output_size_in_bytes,
                        "aliased": memory.alias_size_in_bytes,
                        "temporaries": memory.temp_size_in_bytes},
-            "collectives": hlo_stats.collective_traffic(compiled.as_text()),
+            "collectives": hlo_stats.collective_traffic(hlo_text),
         }
     if cfg.num_moe_layers and cfg.model.mtp_depth and cfg.moe.num_experts == 256:
         result["deepseek_v3_report"] = deepseek_comparison(cfg, result)
@@ -337,3 +342,41 @@ def format_plan(result: dict) -> str:
                      f"{report['report_cross_node_bytes_per_token_per_moe_layer_forward']:,} "
                      "cross-node bytes per token per MoE layer (forward, fp8 out, bf16 back)")
     return "\n".join(lines)
+
+
+def moe_layer_overlap(cfg: Config, mesh, rounds: int = 5) -> dict:
+    """The MoE layer's forward + backward (value_and_grad of sum(y^2)) compiled on `mesh` with
+    moe.overlap_halves off and on: per all-to-all, the GEMM-carrying instructions independent of
+    it and where the schedule put them (hlo_stats.collective_overlap), and the step time over
+    interleaved rounds (on XLA:CPU, whose collectives are synchronous: the cost of halving,
+    not the gain of overlap)."""
+    from moejax import bench
+    from moejax.model.moe import moe_ffn, moe_specs
+
+    specs = moe_specs(cfg)
+    params = P.init(specs, jax.random.key(0), mesh)
+    x = jax.device_put(
+        jax.random.normal(jax.random.key(1), (cfg.train.global_batch_size, cfg.train.seq_len,
+                                              cfg.model.d_model)), sharding.batch_sharding(mesh))
+    bias = jax.device_put(jnp.zeros(cfg.moe.num_experts), NamedSharding(mesh, PartitionSpec()))
+    result, runs = {}, {}
+    for on in (False, True):
+        variant = cfg.replace(moe=dataclasses.replace(cfg.moe, overlap_halves=on))
+
+        def loss(p, x_, c=variant):
+            return jnp.sum(jnp.square(moe_ffn(p, x_, bias, 1.0, c)[0]))
+
+        with jax.set_mesh(mesh):
+            compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(params, x).compile()
+        windows = hlo_stats.collective_overlap(compiled.as_text())
+        name = "halves" if on else "whole"
+        result[name] = {"all_to_alls": len(windows),
+                        "independent_gemms": [w["independent"] for w in windows],
+                        "scheduled_before": [w["before"] for w in windows],
+                        "scheduled_after": [w["after"] for w in windows]}
+        jax.block_until_ready(compiled(params, x))
+        runs[name] = functools.partial(compiled, params, x)
+    times, _ = bench.interleaved_rounds(runs, rounds)
+    for name in runs:
+        result[name]["seconds"] = bench.spread(bench.timed(times[name]))
+    return result
