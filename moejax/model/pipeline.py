@@ -40,6 +40,7 @@ from jax.sharding import PartitionSpec
 
 from moejax import sharding
 from moejax.config import Config
+from moejax.fp8 import varying_axes
 
 PIPE = "pipe"
 
@@ -134,6 +135,7 @@ def _stage_loop(staged, micro, block_fn, schedule: Schedule):
         blocks, per_layer = jax.tree.map(
             lambda leaf: _virtual_blocks(leaf, p, schedule.virtual_stages, stage),
             (blocks, per_layer))
+    blocks = jax.tree.map(_varying_over_batch_axes, blocks)
     ring = [(s, (s + 1) % p) for s in range(p)]
 
     def tick(received, t):
@@ -155,6 +157,15 @@ def _stage_loop(staged, micro, block_fn, schedule: Schedule):
         lambda leaf: jax.lax.dynamic_slice_in_dim(leaf, stage, schedule.work_items)[None, None],
         outputs)  # the ticks stage .. stage + m v - 1 carry this stage's work items in order
     return finished, mine
+
+
+def _varying_over_batch_axes(weight):
+    """The weight marked as varying over every batch axis, outside the tick loop: used
+    invariant inside it, each use would get its own cast, whose transpose sums the gradient
+    over the batch axes at every layer of every tick; cast once here, the gradient accumulates
+    locally over the ticks and is summed once per step."""
+    missing = set(sharding.BATCH_AXES) - varying_axes(weight)
+    return jax.lax.pcast(weight, tuple(sorted(missing)), to="varying") if missing else weight
 
 
 def _virtual_blocks(stored, stages: int, virtual: int, stage):
