@@ -143,9 +143,14 @@ def _stage_loop(staged, micro, block_fn, schedule: Schedule):
         microbatch, virtual = schedule.item(w)
         fresh = jax.lax.dynamic_index_in_dim(micro, microbatch, keepdims=False)
         x_in = jnp.where((stage == 0) & (virtual == 0), fresh, received)
-        block, block_inputs = jax.tree.map(
-            lambda leaf: jax.lax.dynamic_index_in_dim(leaf, virtual, keepdims=False),
-            (blocks, per_layer))
+        if schedule.virtual_stages == 1:
+            # one block: a loop constant. Indexed inside the loop it would become a value of
+            # every tick, and the backward would keep one copy of the block's weights per tick
+            block, block_inputs = jax.tree.map(lambda leaf: leaf[0], (blocks, per_layer))
+        else:
+            block, block_inputs = jax.tree.map(
+                lambda leaf: jax.lax.dynamic_index_in_dim(leaf, virtual, keepdims=False),
+                (blocks, per_layer))
         y, outputs = block_fn(block, x_in, block_inputs)
         return jax.lax.ppermute(y, PIPE, ring), (y, outputs)
 
