@@ -3,7 +3,7 @@ on this machine: the real sharded step is compiled for fake XLA:CPU devices (moe
 
     python scripts/plan.py --config deepseek_v3_671b --devices 2048 \\
         mesh.pipe=2 mesh.expert=64 mesh.fsdp=16 train.microbatches=15 \\
-        [--json] [--no-compile] [--hlo-out step.hlo]
+        [--json] [--json-out plan.json] [--no-compile] [--hlo-out step.hlo]
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ def parse_args(argv=None):
     parser.add_argument("--no-compile", action="store_true",
                         help="arithmetic only (abstract mesh, no fake devices, no HLO counts)")
     parser.add_argument("--hlo-out", help="write the compiled HLO text to this path")
+    parser.add_argument("--json-out", help="also write the plan as JSON to this path")
     parser.add_argument("overrides", nargs="*", help="dotted key=value config overrides")
     return parser.parse_args(argv)
 
@@ -43,6 +44,8 @@ def main(argv=None) -> None:
     cfg = load_config(args.config, args.overrides, num_devices=args.devices)
     result = plan.plan(cfg, args.devices, compile=not args.no_compile, hlo_out=args.hlo_out)
     print(json.dumps(result, indent=1) if args.json else plan.format_plan(result))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":
