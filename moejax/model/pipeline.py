@@ -136,6 +136,9 @@ def _stage_loop(staged, micro, block_fn, schedule: Schedule):
             lambda leaf: _virtual_blocks(leaf, p, schedule.virtual_stages, stage),
             (blocks, per_layer))
     blocks = jax.tree.map(_varying_over_batch_axes, blocks)
+    # micro is the same on every stage; read inside the loop as such, its gradient would be
+    # summed over `pipe` at every tick (the whole [m, ...] array each time): cast once here
+    micro = jax.lax.pcast(micro, (PIPE,), to="varying")
     ring = [(s, (s + 1) % p) for s in range(p)]
 
     def tick(received, t):
@@ -154,7 +157,7 @@ def _stage_loop(staged, micro, block_fn, schedule: Schedule):
         y, outputs = block_fn(block, x_in, block_inputs)
         return jax.lax.ppermute(y, PIPE, ring), (y, outputs)
 
-    first = jax.lax.pcast(jnp.zeros_like(micro[0]), (PIPE,), to="varying")  # micro does not vary over pipe
+    first = jnp.zeros_like(micro[0])
     _, (ys, outputs) = jax.lax.scan(tick, first, jnp.arange(schedule.ticks))
     finished = ys[schedule.final_ticks()]  # meaningful on the last stage only
     finished = jax.lax.psum(jnp.where(stage == p - 1, finished, 0), PIPE)
