@@ -42,13 +42,12 @@ from moejax.training.optim import make_optimizer
 from moejax.training.state import SkippedSteps, TrainState
 from moejax.training.step import HashableTree, compiled_train_step
 
-# DeepSeek-V3 technical report (arXiv 2412.19437; /work/shared/reference/deepseek_v3.md)
+# The DeepSeek-V3 technical report's training figures (arXiv 2412.19437)
 DEEPSEEK_V3_REPORT = {
     "gpus": 2048,
     "layout": "PP16 x EP64 x ZeRO-1 DP (no tensor parallelism)",
     "tokens_per_second_per_gpu": 1543,  # 180K H800-hours per trillion tokens
     "gpu_memory_bytes": 80e9,  # H800
-    "active_params": 37e9,
     "max_nodes_per_token": 4,  # node-limited routing
 }
 
@@ -268,12 +267,17 @@ def plan(cfg: Config, num_devices: int, compile: bool = True, hlo_out=None) -> d
                        "temporaries": memory.temp_size_in_bytes},
             "collectives": hlo_stats.collective_traffic(hlo_text),
         }
-    if cfg.num_moe_layers and cfg.model.mtp_depth and cfg.moe.num_experts == 256:
-        result["deepseek_v3_report"] = deepseek_comparison(cfg, result)
+    if _has_deepseek_v3_shape(cfg):
+        result["deepseek_v3_report"] = deepseek_comparison(cfg)
     return result
 
 
-def deepseek_comparison(cfg: Config, result: dict) -> dict:
+def _has_deepseek_v3_shape(cfg: Config) -> bool:
+    """Width and experts of DeepSeek-V3 (the report's figures mean nothing for other models)."""
+    return cfg.model.d_model == 7168 and cfg.moe.num_experts == 256 and cfg.moe.top_k == 8
+
+
+def deepseek_comparison(cfg: Config) -> dict:
     """The report's figures next to this plan's, where both exist."""
     report = DEEPSEEK_V3_REPORT
     tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
