@@ -76,6 +76,9 @@ class MoEConfig:
     # dropless: tiles (a tiled grouped GEMM, dense all_to_all: CPU) | ragged (ragged_dot and
     # ragged_all_to_all: GPU/TPU) | auto (ragged off CPU)
     kernels: str = "auto"
+    # run the layer as two sequence halves, each dispatch -> experts -> combine -> + shared, so
+    # one half's all-to-all can be in flight while the other computes (moejax/model/overlap.py)
+    overlap_halves: bool = False
     capacity_factor: float | None = None  # capacity: None gives worst-case buffers (no drops)
     drop_policy: str = "position"  # position | probs
     switch_loss_coef: float = 0.0  # Switch Transformer load-balance loss

@@ -12,6 +12,7 @@ all-to-all R (n-1)/n, collective-permute R. Async pairs are counted once, at the
 
 from __future__ import annotations
 
+import math
 import re
 
 KINDS = ("all-to-all", "all-gather", "reduce-scatter", "all-reduce", "collective-permute")
@@ -29,6 +30,10 @@ _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 _EXPLICIT_GROUPS = re.compile(r"replica_groups=\{\{([0-9,]*)\}")
 _IOTA_GROUPS = re.compile(r"replica_groups=\[(\d+),(\d+)\]<=")
+# mesh form (large device counts): replica_groups=mesh['axis_0'=8,'axis_1'=64](, device_ids=(..))?
+# {'axis_1'}: one group per combination of the other axes, of the named axes' size product
+_MESH_GROUPS = re.compile(r"replica_groups=mesh\[([^\]]*)\](?:, device_ids=\S+)? \{([^}]*)\}")
+_MESH_AXIS = re.compile(r"'([\w]+)'=(\d+)")
 
 
 def shape_bytes(shape: str) -> int:
@@ -48,7 +53,13 @@ def _group_size(attributes: str) -> int:
     if explicit:
         return len(explicit.group(1).split(","))
     iota = _IOTA_GROUPS.search(attributes)
-    return int(iota.group(2)) if iota else 1
+    if iota:
+        return int(iota.group(2))
+    mesh = _MESH_GROUPS.search(attributes)
+    if mesh:
+        sizes = {name: int(size) for name, size in _MESH_AXIS.findall(mesh.group(1))}
+        return math.prod(sizes[name.strip().strip("'")] for name in mesh.group(2).split(","))
+    return 1
 
 
 def _bytes_sent(kind: str, result_bytes: int, group: int) -> float:
@@ -131,3 +142,71 @@ def collective_traffic(hlo_text: str) -> dict[str, dict[str, float]]:
     A while loop without a known trip count is counted once (XLA records the count for scans)."""
     computations, entry = _split_computations(hlo_text)
     return _traffic_of(entry, computations, {})
+
+
+_NAME = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+) = ")
+_REFERENCE = re.compile(r"%([\w.\-]+)")
+_COMPUTE_OPCODES = ("dot", "convolution")
+
+
+def _computes(name, computations, memo) -> bool:
+    """Whether a computation (a fusion's body, say) contains a dot or convolution."""
+    if name not in memo:
+        memo[name] = False
+        for line in computations.get(name, []):
+            instruction = _INSTRUCTION.match(line)
+            if instruction and (instruction.group(2) in _COMPUTE_OPCODES or any(
+                    _computes(c, computations, memo) for c in _CALLEE.findall(line))):
+                memo[name] = True
+                break
+    return memo[name]
+
+
+def collective_overlap(hlo_text: str, kind: str = "all-to-all") -> list[dict]:
+    """For each `kind` collective of a compiled (scheduled) program, in program order: how many
+    GEMM-carrying instructions (dots, or fusions/calls containing one) of its computation are
+    independent of it (neither feed it nor read its result, directly or not), so that a
+    scheduler may run them while it is in flight, and how many of those the schedule placed
+    before and after it. {"computation", "position", "independent", "before", "after"}."""
+    computations, _ = _split_computations(hlo_text)
+    memo: dict = {}
+    report = []
+    for comp, lines in computations.items():
+        order, operands, opcodes, compute = [], {}, {}, set()
+        for line in lines:
+            named, instruction = _NAME.match(line), _INSTRUCTION.match(line)
+            if not (named and instruction):
+                continue
+            name = named.group(1)
+            order.append(name)
+            opcodes[name] = instruction.group(2)
+            operands[name] = set(_REFERENCE.findall(instruction.group(3)))
+            if instruction.group(2) in _COMPUTE_OPCODES or any(
+                    _computes(c, computations, memo) for c in _CALLEE.findall(line)):
+                compute.add(name)
+        collectives = [n for n in order if _collective_kind(opcodes[n]) == kind
+                       or opcodes[n] == f"{kind}-start"]
+        if not collectives:
+            continue
+        position = {n: i for i, n in enumerate(order)}
+        readers: dict[str, set] = {n: set() for n in order}
+        for n, refs in operands.items():
+            for r in refs & readers.keys():
+                readers[r].add(n)
+        for c in collectives:
+            related = _closure(c, operands) | _closure(c, readers)
+            free = [n for n in compute if n not in related]
+            report.append({"computation": comp, "position": position[c], "independent": len(free),
+                           "before": sum(position[n] < position[c] for n in free),
+                           "after": sum(position[n] > position[c] for n in free)})
+    return report
+
+
+def _closure(start: str, edges: dict[str, set]) -> set:
+    seen, stack = set(), [start]
+    while stack:
+        for nxt in edges.get(stack.pop(), ()):
+            if nxt not in seen:
+                seen.add(nxt)
+                stack.append(nxt)
+    return seen

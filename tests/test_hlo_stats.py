@@ -60,3 +60,21 @@ def test_collectives_outside_the_loop_count_once(traffic):
 def test_text_without_an_entry_is_refused():
     with pytest.raises(ValueError, match="compiled.as_text"):
         collective_traffic("HloModule m\n")
+
+
+def test_mesh_form_replica_groups_give_the_named_axes_group_size():
+    """Large meshes print replica_groups=mesh[...] {axes}: the group is the named axes' product."""
+    groups = "replica_groups=mesh['axis_0'=2,'axis_1'=4]"
+    hlo = (
+        "ENTRY %main (p: f32[8,8]) -> f32[8,8] {\n"
+        "  %p = f32[8,8]{1,0} parameter(0)\n"
+        f"  %ar = f32[8,8]{{1,0}} all-reduce(%p), channel_id=1, {groups}, "
+        "device_ids=([4,2]T(1,0)) {'axis_1'}, use_global_device_ids=true, to_apply=%add\n"
+        f"  ROOT %ag = f32[8,8]{{1,0}} all-gather(%ar), channel_id=2, {groups} "
+        "{'axis_0','axis_1'}, dimensions={0}, use_global_device_ids=true\n"
+        "}"
+    )
+    traffic = collective_traffic(hlo)
+    block = 8 * 8 * 4
+    assert traffic["all-reduce"]["bytes_sent"] == pytest.approx(2 * block * 3 / 4)  # group 4
+    assert traffic["all-gather"]["bytes_sent"] == pytest.approx(block * 7 / 8)  # group 8

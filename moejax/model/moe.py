@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec
 
 from moejax import sharding
 from moejax.config import Config
-from moejax.model import dispatch, dropless
+from moejax.model import dispatch, dropless, overlap
 from moejax.model.layers import FFN, ffn_specs, layer_matmuls, swiglu
 from moejax.model.router import Routing, balance_losses, expert_counts, route
 from moejax.params import ParamSpec, normal_init
@@ -75,17 +75,32 @@ def moe_ffn(p: MoE, x: jax.Array, bias: jax.Array, temperature, cfg: Config, mat
         stats = balance_losses(routing, e.num_experts, e.top_k)
         stats["expert_counts"] = expert_counts(routing.expert_ids, e.num_experts)
     experts = FFN(p.w_gate, p.w_up, p.w_down)
-    args = (x, routing.expert_ids, routing.weights, experts, e, matmuls["experts"],
-            cfg.precision.fp8_dispatch)
-    if e.dispatch == "dropless":
-        y, dropped, rows = dropless.dropless_moe(*args)
+
+    def routed(x_, ids_, weights_):
+        """-> (routed output, dropped assignments, dropless row statistics [4] or None)."""
+        args = (x_, ids_, weights_, experts, e, matmuls["experts"], cfg.precision.fp8_dispatch)
+        if e.dispatch == "dropless":
+            return dropless.dropless_moe(*args)
+        y_, dropped_ = (dispatch.dense_moe if e.dispatch == "dense" else dispatch.capacity_moe)(
+            *args)
+        return y_, dropped_, None
+
+    def shared(x_):
+        if p.shared is None:
+            return None
+        with jax.named_scope("shared_experts"):
+            return swiglu(p.shared, x_, matmuls["shared"])
+
+    if e.overlap_halves:
+        y, dropped, rows = overlap.in_halves(routed, shared, x, routing.expert_ids,
+                                             routing.weights)
+    else:
+        y, dropped, rows = routed(x, routing.expert_ids, routing.weights)
+        shared_y = shared(x)
+        y = y if shared_y is None else y + shared_y
+    if rows is not None:
         padded, useful, sent, send_buffer = rows[0], rows[1], rows[2], rows[3]
         stats["padding_overhead"] = (padded - useful) / jnp.maximum(useful, 1.0)
         stats["exchange_fill"] = sent / send_buffer
-    else:
-        y, dropped = (dispatch.dense_moe if e.dispatch == "dense" else dispatch.capacity_moe)(*args)
     stats["dropped_fraction"] = dropped / routing.expert_ids.size
-    if p.shared is not None:
-        with jax.named_scope("shared_experts"):
-            y = y + swiglu(p.shared, x, matmuls["shared"])
     return y.astype(x.dtype), stats

@@ -40,6 +40,7 @@ from jax.sharding import PartitionSpec
 
 from moejax import sharding
 from moejax.config import Config
+from moejax.fp8 import varying_axes
 
 PIPE = "pipe"
 
@@ -134,6 +135,10 @@ def _stage_loop(staged, micro, block_fn, schedule: Schedule):
         blocks, per_layer = jax.tree.map(
             lambda leaf: _virtual_blocks(leaf, p, schedule.virtual_stages, stage),
             (blocks, per_layer))
+    blocks = jax.tree.map(_varying_over_batch_axes, blocks)
+    # micro is the same on every stage; read inside the loop as such, its gradient would be
+    # summed over `pipe` at every tick (the whole [m, ...] array each time): cast once here
+    micro = jax.lax.pcast(micro, (PIPE,), to="varying")
     ring = [(s, (s + 1) % p) for s in range(p)]
 
     def tick(received, t):
@@ -141,13 +146,18 @@ def _stage_loop(staged, micro, block_fn, schedule: Schedule):
         microbatch, virtual = schedule.item(w)
         fresh = jax.lax.dynamic_index_in_dim(micro, microbatch, keepdims=False)
         x_in = jnp.where((stage == 0) & (virtual == 0), fresh, received)
-        block, block_inputs = jax.tree.map(
-            lambda leaf: jax.lax.dynamic_index_in_dim(leaf, virtual, keepdims=False),
-            (blocks, per_layer))
+        if schedule.virtual_stages == 1:
+            # one block: a loop constant. Indexed inside the loop it would become a value of
+            # every tick, and the backward would keep one copy of the block's weights per tick
+            block, block_inputs = jax.tree.map(lambda leaf: leaf[0], (blocks, per_layer))
+        else:
+            block, block_inputs = jax.tree.map(
+                lambda leaf: jax.lax.dynamic_index_in_dim(leaf, virtual, keepdims=False),
+                (blocks, per_layer))
         y, outputs = block_fn(block, x_in, block_inputs)
         return jax.lax.ppermute(y, PIPE, ring), (y, outputs)
 
-    first = jax.lax.pcast(jnp.zeros_like(micro[0]), (PIPE,), to="varying")  # micro does not vary over pipe
+    first = jnp.zeros_like(micro[0])
     _, (ys, outputs) = jax.lax.scan(tick, first, jnp.arange(schedule.ticks))
     finished = ys[schedule.final_ticks()]  # meaningful on the last stage only
     finished = jax.lax.psum(jnp.where(stage == p - 1, finished, 0), PIPE)
@@ -155,6 +165,15 @@ def _stage_loop(staged, micro, block_fn, schedule: Schedule):
         lambda leaf: jax.lax.dynamic_slice_in_dim(leaf, stage, schedule.work_items)[None, None],
         outputs)  # the ticks stage .. stage + m v - 1 carry this stage's work items in order
     return finished, mine
+
+
+def _varying_over_batch_axes(weight):
+    """The weight marked as varying over every batch axis, outside the tick loop: used
+    invariant inside it, each use would get its own cast, whose transpose sums the gradient
+    over the batch axes at every layer of every tick; cast once here, the gradient accumulates
+    locally over the ticks and is summed once per step."""
+    missing = set(sharding.BATCH_AXES) - varying_axes(weight)
+    return jax.lax.pcast(weight, tuple(sorted(missing)), to="varying") if missing else weight
 
 
 def _virtual_blocks(stored, stages: int, virtual: int, stage):

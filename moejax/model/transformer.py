@@ -289,7 +289,10 @@ def _mtp_losses(params: Transformer, hidden, tokens, cfg: Config, router_state):
         module = jax.tree.map(lambda leaf, d=depth: leaf[d - 1], params.mtp)
         length = seq - depth
         layers = _Layers(cfg, jnp.arange(length), router_state)
-        next_embed = params.embed[tokens[:, depth:depth + length]].astype(jnp.float32)
+        # constrained like the decoder's embedding: left to itself GSPMD keeps the lookup's
+        # model-width sharding and all-gathers the whole global batch onto every device
+        next_embed = constrain(params.embed[tokens[:, depth:depth + length]].astype(jnp.float32),
+                               ACTIVATION_AXES)
         joined = jnp.concatenate([rms_norm(next_embed, module.embed_norm, m.norm_eps),
                                   rms_norm(hidden[:, :length], module.hidden_norm, m.norm_eps)],
                                  axis=-1)

@@ -1,0 +1,386 @@
+"""What one training step costs per device at full size, without the devices.
+
+`plan(cfg, num_devices)` builds the real sharded train step (the function `moejax.train` jits,
+`training.step.compiled_train_step`) on the configured mesh and reports, per device:
+
+- parameter, optimizer-state and gradient bytes: arithmetic from the shard shapes of the
+  abstract train state (`jax.eval_shape` on a `jax.sharding.AbstractMesh`, no devices needed);
+- activation bytes: arithmetic (the layer inputs that `model.remat=full` keeps for the backward,
+  plus the logits), and the compiled program's own figures (`compiled.memory_analysis()`) when
+  it was compiled;
+- per step, the bytes each device sends per collective kind, counted from the compiled HLO
+  (moejax.hlo_stats), and the all-to-all bytes the dispatch formula predicts
+  (`dispatch_all_to_all_bytes`).
+
+Compiling needs the mesh's devices to exist: scripts/plan.py asks XLA:CPU for that many fake
+host devices before jax starts (2048 start in about a second; the compile is one SPMD program,
+whatever the device count). The compiled program is XLA:CPU's: it widens bfloat16 collectives
+to float32 (so its collective bytes are twice a GPU's for bf16 payloads) and uses the dense
+dispatch exchange (`moe.kernels=tiles`, buffers of P N_ rows), not the GPU's ragged one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec
+
+from moejax import hlo_stats, sharding
+from moejax import params as P
+from moejax.config import MESH_AXES, Config, ConfigError, staged_layers
+from moejax.model.dropless import max_destinations
+from moejax.model.pipeline import Schedule
+from moejax.model.transformer import init_router_state, model_specs
+from moejax.training.optim import make_optimizer
+from moejax.training.state import SkippedSteps, TrainState
+from moejax.training.step import HashableTree, compiled_train_step
+
+# The DeepSeek-V3 technical report's training figures (arXiv 2412.19437)
+DEEPSEEK_V3_REPORT = {
+    "gpus": 2048,
+    "layout": "PP16 x EP64 x ZeRO-1 DP (no tensor parallelism)",
+    "tokens_per_second_per_gpu": 1543,  # 180K H800-hours per trillion tokens
+    "gpu_memory_bytes": 80e9,  # H800
+    "max_nodes_per_token": 4,  # node-limited routing
+}
+
+
+def abstract_mesh(cfg: Config, num_devices: int) -> AbstractMesh:
+    sizes = cfg.mesh.axis_sizes(num_devices)
+    return AbstractMesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def abstract_train_state(cfg: Config, mesh) -> TrainState:
+    """The train state as ShapeDtypeStructs carrying their shardings on `mesh` (abstract or
+    concrete): parameters from their declarations, AdamW moments sharded like the parameters
+    (as `jax.jit(optimizer.init)` leaves them), scalars and router state replicated."""
+    specs = jax.tree.map(
+        lambda s: P.ParamSpec(s.shape, s.logical_axes, s.init, cfg.precision.param_dtype),
+        model_specs(cfg), is_leaf=P.is_spec)
+    params = P.abstract(specs, mesh)
+    optimizer = make_optimizer(cfg)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    opt_shapes = jax.eval_shape(optimizer.init, params)
+    opt_shardings = optax.tree_map_params(
+        optimizer, lambda _, s: s, opt_shapes, P.shardings(specs, mesh),
+        transform_non_params=lambda _: replicated)
+
+    def with_sharding(x, s):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+
+    def replicate(tree):
+        return jax.tree.map(lambda x: with_sharding(x, replicated), tree)
+
+    if cfg.precision.uses_loss_scaling:
+        raise ConfigError("the planner does not model float16 loss scaling: plan with "
+                          "precision.compute_dtype=bfloat16 (the state differs by two scalars).")
+    return TrainState(
+        step=replicate(jax.ShapeDtypeStruct((), jnp.int32)),
+        params=params,
+        opt_state=jax.tree.map(with_sharding, opt_shapes, opt_shardings),
+        router=replicate(jax.eval_shape(lambda: init_router_state(cfg))),
+        loss_scale=None,
+        skipped=replicate(jax.eval_shape(SkippedSteps.zero)),
+    )
+
+
+def bytes_per_device(tree) -> int:
+    """Bytes one device holds of a pytree of sharded ShapeDtypeStructs (the largest shard)."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shard = leaf.sharding.shard_shape(leaf.shape)
+        total += math.prod(shard) * jnp.dtype(leaf.dtype).itemsize
+    return total
+
+
+@dataclasses.dataclass(frozen=True)
+class StepShape:
+    """Sizes one device sees in a step: the mesh, tokens, the pipeline schedule."""
+
+    mesh: dict[str, int]
+    batch_rows: int  # B_ rows of the global batch on one data-parallel shard
+    seq_len: int
+    schedule: Schedule
+
+    @property
+    def batch_shards(self) -> int:
+        return math.prod(size for axis, size in self.mesh.items() if axis != "pipe")
+
+    @property
+    def tokens_per_device(self) -> int:
+        """Tokens whose loss one device's shard of the batch holds (every stage sees them)."""
+        return self.batch_rows * self.seq_len
+
+
+def step_shape(cfg: Config, num_devices: int) -> StepShape:
+    mesh = dict(zip(MESH_AXES, cfg.mesh.axis_sizes(num_devices)))
+    shards = math.prod(size for axis, size in mesh.items() if axis != "pipe")
+    schedule = Schedule(mesh["pipe"], cfg.train.virtual_stages,
+                        cfg.train.microbatches if mesh["pipe"] > 1 else 1)
+    return StepShape(mesh, cfg.train.global_batch_size // shards, cfg.train.seq_len, schedule)
+
+
+def dispatch_all_to_all_bytes(cfg: Config, shape: StepShape, payload_bytes: int) -> dict:
+    """Bytes one device sends per step through the dropless dispatch's dense all_to_all
+    (moe.kernels=tiles, moejax/model/dropless.py), by formula:
+
+        per exchange of a [P N_, W] buffer: P N_ W b (P - 1) / P
+        (P: expert shards; N_: tokens of one device's shard of one microbatch; every pair buffer
+        holds N_ rows, used or not; W: the row width; b: bytes per element)
+
+    and per MoE layer run, the exchanges of the forward and of its transpose:
+        token rows [P N_, D] in the payload dtype: out, back (forward), and their two transposes;
+        metadata [P N_, 2 s] float32 (s = min(k, E_) local expert ids as floats, and weights):
+        out (forward) and its transpose;
+        model.remat=full runs the forward "out" pair again in the backward ("back" is dead there).
+    A pipelined stack runs every layer of a stage on every tick, bubble ticks included:
+    runs = L_stage_layers x ticks per stage; the first-k dense layers have no MoE and the MTP
+    modules run their one MoE layer once on the whole shard (N_ = B_ (T - depth)), outside any
+    remat scan. Other all-to-alls in the HLO are GSPMD's resharding, not the dispatch.
+
+    Also `ragged_bound`: what the GPU's ragged_all_to_all sends at most: each token to at most
+    min(P, k, topk_groups) shards, so at most N_ min(P - 1, k, topk_groups) rows leave a device
+    per exchange, instead of the (P - 1) N_ buffer rows of the dense exchange."""
+    e, p = cfg.moe, shape.mesh["expert"]
+    if not cfg.num_moe_layers or p == 1:
+        return {"dense": 0.0, "ragged_bound": 0.0, "exchanges": 0}
+    width, slots = cfg.model.d_model, min(e.top_k, e.num_experts // p)
+    sched = shape.schedule
+    stage_layers = staged_layers(cfg) // (sched.stages * sched.virtual_stages)
+    remat = cfg.model.remat != "none"
+    # (MoE layer runs, tokens N_ per run, rematerialised?)
+    runs = [(cfg.num_moe_layers if sched.stages == 1
+             else stage_layers * sched.virtual_stages * sched.ticks,
+             shape.tokens_per_device // sched.microbatches, remat)]
+    runs += [(1, shape.batch_rows * (shape.seq_len - depth), False)  # MTP: not in a remat scan
+             for depth in range(1, cfg.model.mtp_depth + 1)]
+    share = (p - 1) / p
+    dense = ragged = 0.0
+    exchanges = 0
+    for count, tokens, rematerialised in runs:
+        rows_exchanges, meta_exchanges = 4 + rematerialised, 2 + rematerialised
+        rows_bytes = p * tokens * width * payload_bytes * share
+        meta_bytes = p * tokens * 2 * slots * 4 * share
+        dense += count * (rows_exchanges * rows_bytes + meta_exchanges * meta_bytes)
+        remote_rows = tokens * min(max_destinations(e, p), p - 1)  # rows to other shards
+        ragged += count * remote_rows * (rows_exchanges * width * payload_bytes
+                                         + meta_exchanges * 2 * slots * 4)
+        exchanges += count * (rows_exchanges + meta_exchanges)
+    return {"dense": dense, "ragged_bound": ragged, "exchanges": exchanges}
+
+
+def activation_bytes(cfg: Config, shape: StepShape) -> dict:
+    """Arithmetic, per device: the layer inputs [B_, T, D] float32 the backward needs (every
+    layer's with model.remat=full or none; with a pipeline, one block input per layer of the
+    stage per tick, GPipe keeping every tick's), and the logits [B_, T, V] float32. Excludes
+    one layer's working set (rematerialised, or kept whole with remat=none) and the dispatch
+    buffers."""
+    width, tokens = cfg.model.d_model, shape.tokens_per_device
+    sched = shape.schedule
+    layer_input = tokens * width * 4
+    unstaged = cfg.model.num_layers - staged_layers(cfg) + cfg.model.mtp_depth
+    if sched.stages > 1:
+        stage_layers = staged_layers(cfg) // sched.stages
+        staged = stage_layers * sched.ticks * layer_input // sched.microbatches
+    else:
+        staged = staged_layers(cfg) * layer_input
+    logits = tokens * cfg.model.vocab_size * 4 * (1 + cfg.model.mtp_depth)
+    return {"layer_inputs": unstaged * layer_input + staged, "logits": logits}
+
+
+def state_bytes(cfg: Config, num_devices: int) -> dict:
+    """Per-device bytes of parameters, AdamW moments and gradients (sharded like the
+    parameters, in param_dtype), by arithmetic on the abstract state; no devices needed."""
+    state = abstract_train_state(cfg, abstract_mesh(cfg, num_devices))
+    params = bytes_per_device(state.params)
+    return {"parameters": params, "optimizer": bytes_per_device(state.opt_state),
+            "gradients": params, "router_state": bytes_per_device(state.router)}
+
+
+def compile_step(cfg: Config, num_devices: int):
+    """(compiled train step, seconds to lower, seconds to compile) on the first `num_devices`
+    devices, with abstract inputs: nothing is allocated."""
+    if jax.device_count() < num_devices:
+        raise ConfigError(
+            f"compiling for {num_devices} devices needs that many, and jax sees "
+            f"{jax.device_count()}: run scripts/plan.py (it asks XLA:CPU for fake devices) or "
+            f"set XLA_FLAGS=--xla_force_host_platform_device_count={num_devices} before jax "
+            "starts, or pass compile=False.")
+    mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:num_devices])
+    state = abstract_train_state(cfg, mesh)
+    batch = {"tokens": jax.ShapeDtypeStruct(
+        (cfg.train.global_batch_size, cfg.train.seq_len + 1), jnp.int32,
+        sharding=sharding.batch_sharding(mesh))}
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+    with jax.set_mesh(mesh):
+        step = compiled_train_step(cfg, mesh, HashableTree(shardings))
+        start = time.perf_counter()
+        lowered = step.lower(state, batch)
+        lowered_at = time.perf_counter()
+        compiled = lowered.compile()
+    return compiled, lowered_at - start, time.perf_counter() - lowered_at
+
+
+def plan(cfg: Config, num_devices: int, compile: bool = True, hlo_out=None) -> dict:
+    """The per-device plan of one train step of `cfg` on `num_devices` devices (a JSON-able
+    dict; every figure says where it comes from). `hlo_out`: a path for the compiled HLO text."""
+    shape = step_shape(cfg, num_devices)
+    payload = jnp.dtype(cfg.precision.compute_dtype).itemsize
+    result = {
+        "devices": num_devices,
+        "mesh": shape.mesh,
+        "global_batch": {"rows": cfg.train.global_batch_size, "seq_len": cfg.train.seq_len},
+        "tokens_per_device_per_step": shape.tokens_per_device / shape.mesh["pipe"],
+        "pipeline": {"stages": shape.schedule.stages, "microbatches": shape.schedule.microbatches,
+                     "virtual_stages": shape.schedule.virtual_stages,
+                     "ticks": shape.schedule.ticks,
+                     "bubble": shape.schedule.theoretical_bubble},
+        "bytes_per_device": {"source": "arithmetic: shard shapes of the abstract train state",
+                             **state_bytes(cfg, num_devices)},
+        "activations": {"source": "arithmetic: remat-saved layer inputs + logits, float32",
+                        **activation_bytes(cfg, shape)},
+        "dispatch_formula": {
+            "source": "formula (dispatch_all_to_all_bytes) at the compute dtype",
+            **dispatch_all_to_all_bytes(cfg, shape, payload)},
+        # what the XLA:CPU program sends: it widens sub-32-bit collective payloads to float32
+        "dispatch_formula_cpu_f32": dispatch_all_to_all_bytes(cfg, shape, max(payload, 4)),
+    }
+    if compile:
+        compiled, lower_s, compile_s = compile_step(cfg, num_devices)
+        memory = compiled.memory_analysis()
+        hlo_text = compiled.as_text()
+        if hlo_out is not None:
+            Path(hlo_out).write_text(hlo_text)
+        result["compiled"] = {
+            "source": "XLA:CPU compiled program (fake host devices)",
+            "lower_seconds": lower_s, "compile_seconds": compile_s,
+            "memory": {"arguments": memory.argument_size_in_bytes,
+                       "outputs": memory.output_size_in_bytes,
+                       "aliased": memory.alias_size_in_bytes,
+                       "temporaries": memory.temp_size_in_bytes},
+            "collectives": hlo_stats.collective_traffic(hlo_text),
+        }
+    if _has_deepseek_v3_shape(cfg):
+        result["deepseek_v3_report"] = deepseek_comparison(cfg)
+    return result
+
+
+def _has_deepseek_v3_shape(cfg: Config) -> bool:
+    """Width and experts of DeepSeek-V3 (the report's figures mean nothing for other models)."""
+    return cfg.model.d_model == 7168 and cfg.moe.num_experts == 256 and cfg.moe.top_k == 8
+
+
+def deepseek_comparison(cfg: Config) -> dict:
+    """The report's figures next to this plan's, where both exist."""
+    report = DEEPSEEK_V3_REPORT
+    tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
+    step_seconds = tokens_per_step / (report["gpus"] * report["tokens_per_second_per_gpu"])
+    # node-limited routing: a token's hidden state crosses to at most 4 nodes, dispatched in
+    # fp8 (1 byte + a scale per 128) and combined in bf16 (2 bytes), per MoE layer, forward
+    d = cfg.model.d_model
+    per_token_layer = report["max_nodes_per_token"] * (d + d // 128 * 4 + 2 * d)
+    return {
+        "layout": report["layout"],
+        "tokens_per_second_per_gpu": report["tokens_per_second_per_gpu"],
+        "implied_step_seconds_at_this_batch": step_seconds,
+        "gpu_memory_bytes": report["gpu_memory_bytes"],
+        "report_cross_node_bytes_per_token_per_moe_layer_forward": per_token_layer,
+    }
+
+
+def _gb(value: float) -> str:
+    return f"{value / 1e9:,.2f} GB"
+
+
+def format_plan(result: dict) -> str:
+    """The plan as a human-readable table."""
+    lines = [(f"devices {result['devices']}  mesh {result['mesh']}  "
+             f"batch {result['global_batch']['rows']} x {result['global_batch']['seq_len']}")]
+    pipe = result["pipeline"]
+    if pipe["stages"] > 1:
+        lines.append(f"pipeline: {pipe['stages']} stages, {pipe['microbatches']} microbatches, "
+                     f"{pipe['virtual_stages']} virtual, {pipe['ticks']} ticks, "
+                     f"bubble {pipe['bubble']:.1%}")
+    lines.append("")
+    lines.append("per device                     bytes         source")
+    state = result["bytes_per_device"]
+    for name in ("parameters", "optimizer", "gradients"):
+        lines.append(f"  {name:<28} {_gb(state[name]):>13}  arithmetic (shard shapes)")
+    act = result["activations"]
+    lines.append(f"  {'activations: layer inputs':<28} {_gb(act['layer_inputs']):>13}  "
+                 "arithmetic (remat-saved, f32)")
+    lines.append(f"  {'activations: logits':<28} {_gb(act['logits']):>13}  arithmetic (f32)")
+    if "compiled" in result:
+        memory = result["compiled"]["memory"]
+        lines.append(f"  {'compiled arguments':<28} {_gb(memory['arguments']):>13}  "
+                     "XLA:CPU memory analysis (state + batch)")
+        lines.append(f"  {'compiled temporaries':<28} {_gb(memory['temporaries']):>13}  "
+                     "XLA:CPU memory analysis (activations, gradients, buffers)")
+        lines.append("")
+        lines.append("per device per step            count    bytes sent    source")
+        for kind, traffic in result["compiled"]["collectives"].items():
+            lines.append(f"  {kind:<28} {traffic['count']:>6} {_gb(traffic['bytes_sent']):>13}"
+                         "  compiled HLO (XLA:CPU: bf16 widened to f32)")
+        lines.append(f"  lower {result['compiled']['lower_seconds']:.1f} s, "
+                     f"compile {result['compiled']['compile_seconds']:.1f} s")
+    formula = result["dispatch_formula"]
+    lines.append("")
+    lines.append(f"dispatch all-to-all, formula at the compute dtype: dense exchange "
+                 f"{_gb(formula['dense'])}, ragged (GPU) at most {_gb(formula['ragged_bound'])}"
+                 f" per device per step ({formula['exchanges']} exchanges); dense at XLA:CPU's "
+                 f"float32 {_gb(result['dispatch_formula_cpu_f32']['dense'])}")
+    if "deepseek_v3_report" in result:
+        report = result["deepseek_v3_report"]
+        lines.append("")
+        lines.append(f"DeepSeek-V3 report: {report['layout']}, "
+                     f"{report['tokens_per_second_per_gpu']} tokens/s/GPU -> "
+                     f"{report['implied_step_seconds_at_this_batch']:.1f} s per step at this "
+                     f"batch; {_gb(report['gpu_memory_bytes'])} per GPU; at most "
+                     f"{report['report_cross_node_bytes_per_token_per_moe_layer_forward']:,} "
+                     "cross-node bytes per token per MoE layer (forward, fp8 out, bf16 back)")
+    return "\n".join(lines)
+
+
+def moe_layer_overlap(cfg: Config, mesh, rounds: int = 5) -> dict:
+    """The MoE layer's forward + backward (value_and_grad of sum(y^2)) compiled on `mesh` with
+    moe.overlap_halves off and on: per all-to-all, the GEMM-carrying instructions independent of
+    it and where the schedule put them (hlo_stats.collective_overlap), and the step time over
+    interleaved rounds (on XLA:CPU, whose collectives are synchronous: the cost of halving,
+    not the gain of overlap)."""
+    from moejax import bench
+    from moejax.model.moe import moe_ffn, moe_specs
+
+    specs = moe_specs(cfg)
+    params = P.init(specs, jax.random.key(0), mesh)
+    x = jax.device_put(
+        jax.random.normal(jax.random.key(1), (cfg.train.global_batch_size, cfg.train.seq_len,
+                                              cfg.model.d_model)), sharding.batch_sharding(mesh))
+    bias = jax.device_put(jnp.zeros(cfg.moe.num_experts), NamedSharding(mesh, PartitionSpec()))
+    result, runs = {}, {}
+    for on in (False, True):
+        variant = cfg.replace(moe=dataclasses.replace(cfg.moe, overlap_halves=on))
+
+        def loss(p, x_, c=variant):
+            return jnp.sum(jnp.square(moe_ffn(p, x_, bias, 1.0, c)[0]))
+
+        with jax.set_mesh(mesh):
+            compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(params, x).compile()
+        windows = hlo_stats.collective_overlap(compiled.as_text())
+        name = "halves" if on else "whole"
+        result[name] = {"all_to_alls": len(windows),
+                        "independent_gemms": [w["independent"] for w in windows],
+                        "scheduled_before": [w["before"] for w in windows],
+                        "scheduled_after": [w["after"] for w in windows]}
+        jax.block_until_ready(compiled(params, x))
+        runs[name] = functools.partial(compiled, params, x)
+    times, _ = bench.interleaved_rounds(runs, rounds)
+    for name in runs:
+        result[name]["seconds"] = bench.spread(bench.timed(times[name]))
+    return result

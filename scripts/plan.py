@@ -1,0 +1,52 @@
+"""Per-device memory and per-step collective bytes of a preset's train step on a mesh, planned
+on this machine: the real sharded step is compiled for fake XLA:CPU devices (moejax/plan.py).
+
+    python scripts/plan.py --config deepseek_v3_671b --devices 2048 \\
+        mesh.pipe=2 mesh.expert=64 mesh.fsdp=16 train.microbatches=15 \\
+        [--json] [--json-out plan.json] [--no-compile] [--hlo-out step.hlo]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="a preset name or YAML path")
+    parser.add_argument("--devices", type=int, required=True, help="devices of the planned mesh")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="arithmetic only (abstract mesh, no fake devices, no HLO counts)")
+    parser.add_argument("--hlo-out", help="write the compiled HLO text to this path")
+    parser.add_argument("--json-out", help="also write the plan as JSON to this path")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value config overrides")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if not args.no_compile:  # before jax starts: one fake host device per planned device;
+        # the program never runs, so LLVM need not optimise it
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+            f" --xla_force_host_platform_device_count={args.devices}").strip()
+    if importlib.util.find_spec("moejax") is None:  # a checkout without `pip install -e .`
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from moejax import plan
+    from moejax.config import load_config
+
+    cfg = load_config(args.config, args.overrides, num_devices=args.devices)
+    result = plan.plan(cfg, args.devices, compile=not args.no_compile, hlo_out=args.hlo_out)
+    print(json.dumps(result, indent=1) if args.json else plan.format_plan(result))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
