@@ -102,8 +102,8 @@ def markdown(result: dict, plot_names: list[str]) -> str:
         "",
         ("A difference is called better/worse only when the gap between seed means exceeds the "
         "larger seed-to-seed spread (max - min) of the two rows; otherwise 'within spread'. "
-        f"The target loss {result['target_loss']:.2f} is the worst main row's mean final "
-        "held-out loss rounded up to 0.05: every main row reaches it on average."),
+        f"The target loss {result['target_loss']:.2f} is the worst final held-out loss of any "
+        "main-row run rounded up to 0.05 nats: every main-row run reaches it."),
         "",
         "## Rows", "", *main_table(result), "",
         "## Steps to each held-out loss of the ladder", "", *ladder_table(result), "",

@@ -3,7 +3,7 @@ per token and equal tokens per step, several seeds, plus the tuning advice as ab
 
     python scripts/compare_architectures.py            # default: 8 rows x 3 seeds (under 60 min
                                                        # on an idle 2-core CPU)
-    python scripts/compare_architectures.py --quick    # 5 rows x 2 seeds, a smaller batch
+    python scripts/compare_architectures.py --quick    # 4 rows x 2 seeds, a smaller batch
 
 Writes {prefix}.json, {prefix}.md and {prefix}_*.png (default prefix docs/compare_architectures,
 with --quick docs/compare_architectures_quick); run directories go under --run-root. Every row
@@ -22,10 +22,6 @@ from pathlib import Path
 if importlib.util.find_spec("moejax") is None:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import jax
-
-from moejax import compare
-
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -33,21 +29,25 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="the main rows, 2 seeds, 40 steps of 8 x 64 tokens (under 5 minutes)")
+                        help="four main rows, 2 seeds, 40 steps of 8 x 64 tokens (under 5 minutes)")
     parser.add_argument("--prefix", type=Path,
                         help="output path prefix (default docs/compare_architectures[_quick])")
     parser.add_argument("--run-root", type=Path,
                         help="where run directories go (default runs/compare_architectures/<time>)")
-    parser.add_argument("--mfu", type=float, default=compare.GPU_MFU,
+    parser.add_argument("--mfu", type=float, default=0.40,
                         help="MFU of the GPU-hours estimate (default %(default)s)")
-    parser.add_argument("--gpu-peak", type=float, default=compare.GPU_PEAK_FLOPS,
-                        help="GPU peak FLOP/s of the estimate (default %(default)s, "
-                             f"{compare.GPU_NAME})")
+    parser.add_argument("--gpu-peak", type=float, default=989.4e12,
+                        help="GPU peak FLOP/s of the estimate (default %(default)s: H100 SXM "
+                             "dense BF16)")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    import jax
+
+    from moejax import compare
+
     plan = compare.QUICK if args.quick else compare.DEFAULT
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
     run_root = args.run_root or REPO / "runs" / "compare_architectures" / stamp
@@ -55,6 +55,7 @@ def main(argv=None) -> int:
     # a row's seeds share one program: the persistent cache compiles it once
     jax.config.update("jax_compilation_cache_dir", str(run_root / "xla-cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     print(f"{plan.mode} mode: rows {', '.join(plan.rows)}; seeds {list(plan.seeds)}; "
           f"{plan.steps} steps; runs under {run_root}", flush=True)
     started = time.perf_counter()

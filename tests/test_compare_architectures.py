@@ -163,4 +163,5 @@ def test_plans_are_consistent():
         assert plan.eval_every % plan.log_every == 0
         for ablation in plan.ablations:
             assert {ablation.baseline, ablation.variant} <= set(plan.rows)
+        assert {"dense", "deepseek"} <= set(plan.rows)
     assert len(compare.QUICK.seeds) >= 2 and len(compare.DEFAULT.seeds) >= 3
