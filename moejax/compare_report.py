@@ -33,7 +33,7 @@ def main_table(result: dict) -> list[str]:
     target = f"{result['target_loss']:.2f}"
     lines = [(f"| row | total / active params | FLOPs/token | final held-out loss (nats/token) "
              f"| steps to {target} | tokens to {target} | tokens/s (this CPU) | load CV (mean) "
-             f"| dropped fraction | vs DeepSeek: loss; tokens to {target}; tokens/s |"),
+             f"| dropped fraction | this row against DeepSeek: loss; tokens to {target}; tokens/s |"),
              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, row in result["rows"].items():
         s = row["summary"]
@@ -165,8 +165,8 @@ def _load_cv_plot(plt, result: dict, prefix: Path) -> Path:
         loads = [r["load"] for r in row["runs"]]
         if loads[0] is not None:
             _mean_band(ax, [ld["step"] for ld in loads], [ld["cv"] for ld in loads], name)
-    ax.set(xlabel="training step", ylabel="expert-load CV (std / mean of tokens per expert; "
-           "mean over MoE layers)", title="Expert-load coefficient of variation, mean over seeds")
+    ax.set(xlabel="training step", ylabel="expert-load CV (std / mean, dimensionless)",
+           title="Expert-load CV (tokens per expert, mean over MoE layers), mean over seeds")
     ax.legend(fontsize=8)
     return _save(fig, prefix, "load_cv")
 
