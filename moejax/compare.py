@@ -250,6 +250,8 @@ def verdict(a: dict, b: dict, lower_is_better: bool = True) -> dict:
     if a["mean"] is None or b["mean"] is None:
         return {"difference": None, "spread": None, "verdict": "not reached by every seed"}
     gap = b["mean"] - a["mean"]
+    if min(len(a["values"]), len(b["values"])) < 2:
+        return {"difference": gap, "spread": None, "verdict": "one seed: no spread"}
     limit = max(a["spread"], b["spread"])
     if abs(gap) <= limit:
         word = "within spread"
@@ -277,10 +279,11 @@ def cost_estimate(row: dict, target: float, mfu: float, peak: float) -> dict:
 
 
 def compare(plan: Plan, run_root: Path, log=print, mfu: float = GPU_MFU,
-            gpu_peak: float = GPU_PEAK_FLOPS) -> dict:
+            gpu_peak: float = GPU_PEAK_FLOPS, partial: Path | None = None) -> dict:
     """Train every (row, seed) of `plan` under `run_root` and return the results record.
     Seeds run in the outer loop, so a row's seeds are spread over the whole run (the machine's
-    load drifts; tokens/s spread then shows it)."""
+    load drifts; tokens/s spread then shows it). After each run the runs so far are written to
+    `partial` (if given), from which `finish_partial` makes a record of a run cut short."""
     started = time.time()
     rows_known = all_rows(plan.steps)
     peak_flops = measure_peak_flops()  # CPU FLOP/s for the loop's MFU figure, measured once
@@ -295,7 +298,27 @@ def compare(plan: Plan, run_root: Path, log=print, mfu: float = GPU_MFU,
             log(f"[{done}/{total}] {name} seed {seed}: held-out {run['final_held_out']:.4f} "
                 f"nats/token, {run['tokens_per_second'] or 0:,.0f} tokens/s, "
                 f"{run['wall_s_including_compile']:.0f} s (elapsed {time.time() - started:.0f} s)")
+            if partial is not None:
+                write_json_atomically(partial, {"plan": dataclasses.asdict(plan),
+                                                "started": started, "rows": rows})
     return finish(plan, rows, started, mfu, gpu_peak)
+
+
+def finish_partial(path: Path, mfu: float = GPU_MFU, gpu_peak: float = GPU_PEAK_FLOPS) -> dict:
+    """The results record of the runs a cut-short comparison wrote to its partial file: rows
+    without a run are left out, and the mode says how many runs of the plan there are."""
+    saved = json.loads(Path(path).read_text())
+    fields = saved["plan"]
+    plan = Plan(**{**fields, "rows": tuple(fields["rows"]), "seeds": tuple(fields["seeds"]),
+                   "overrides": tuple(fields["overrides"]),
+                   "ablations": tuple(Ablation(**a) for a in fields["ablations"])})
+    rows = {name: row for name, row in saved["rows"].items() if row["runs"]}
+    done = sum(len(row["runs"]) for row in rows.values())
+    plan = dataclasses.replace(plan, mode=f"{plan.mode}, cut short: {done} of "
+                               f"{len(plan.rows) * len(plan.seeds)} runs")
+    result = finish(plan, rows, saved["started"], mfu, gpu_peak)
+    result["wall_s"] = os.path.getmtime(path) - saved["started"]  # to the last finished run
+    return result
 
 
 def row_record(row: Row, plan: Plan, peak_flops: float) -> dict:

@@ -25,6 +25,8 @@ def _sci(stat: dict | None) -> str:
 def _verdict(v: dict, digits: int = 3, comma: bool = False) -> str:
     if v["difference"] is None:
         return v["verdict"]
+    if v["spread"] is None:
+        return f"{v['verdict']} ({v['difference']:+,.{digits}f})"
     form = f"+,.{digits}f" if comma else f"+.{digits}f"
     return f"{v['verdict']} ({v['difference']:{form}}, spread {v['spread']:,.{digits}f})"
 

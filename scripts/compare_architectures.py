@@ -6,7 +6,8 @@ per token and equal tokens per step, several seeds, plus the tuning advice as ab
     python scripts/compare_architectures.py --quick    # 4 rows x 2 seeds, a smaller batch
 
 Writes {prefix}.json, {prefix}.md and {prefix}_*.png (default prefix docs/compare_architectures,
-with --quick docs/compare_architectures_quick); run directories go under --run-root. Every row
+with --quick docs/compare_architectures_quick); run directories go under --run-root, with partial.json there after each run (`--from-partial` turns it into the outputs of
+a run cut short). Every row
 trains alone with `python scripts/train.py --config compare_X` (configs/compare_*.yaml).
 """
 
@@ -34,6 +35,9 @@ def parse_args(argv):
                         help="output path prefix (default docs/compare_architectures[_quick])")
     parser.add_argument("--run-root", type=Path,
                         help="where run directories go (default runs/compare_architectures/<time>)")
+    parser.add_argument("--from-partial", type=Path, metavar="PARTIAL_JSON",
+                        help="train nothing: write the outputs from the runs that a cut-short "
+                             "comparison saved in its run root's partial.json")
     parser.add_argument("--mfu", type=float, default=0.40,
                         help="MFU of the GPU-hours estimate (default %(default)s)")
     parser.add_argument("--gpu-peak", type=float, default=989.4e12,
@@ -49,6 +53,13 @@ def main(argv=None) -> int:
     from moejax import compare
 
     plan = compare.QUICK if args.quick else compare.DEFAULT
+    command = " ".join(["python", "scripts/compare_architectures.py", *(argv or sys.argv[1:])])
+    if args.from_partial:
+        prefix = args.prefix or REPO / "docs" / "compare_architectures_partial"
+        result = compare.finish_partial(args.from_partial, args.mfu, args.gpu_peak)
+        for path in compare.write_outputs(result, prefix, command):
+            print(f"wrote {path}")
+        return 0
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
     run_root = args.run_root or REPO / "runs" / "compare_architectures" / stamp
     prefix = args.prefix or REPO / "docs" / f"compare_architectures{'_quick' if args.quick else ''}"
@@ -60,8 +71,8 @@ def main(argv=None) -> int:
           f"{plan.steps} steps; runs under {run_root}", flush=True)
     started = time.perf_counter()
     result = compare.compare(plan, run_root, log=lambda line: print(line, flush=True),
-                             mfu=args.mfu, gpu_peak=args.gpu_peak)
-    command = " ".join(["python", "scripts/compare_architectures.py", *(argv or sys.argv[1:])])
+                             mfu=args.mfu, gpu_peak=args.gpu_peak,
+                             partial=run_root / "partial.json")
     for path in compare.write_outputs(result, prefix, command):
         print(f"wrote {path}")
     print(f"done in {(time.perf_counter() - started) / 60:.1f} minutes")

@@ -29,9 +29,9 @@ TINY = compare.Plan(
 def outputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("compare")
     lines = []
-    result = compare.compare(TINY, root / "runs", log=lines.append)
+    result = compare.compare(TINY, root / "runs", log=lines.append, partial=root / "partial.json")
     paths = compare.write_outputs(result, root / "docs" / "cmp", "test command")
-    return result, paths, lines
+    return result, paths, lines, root
 
 
 def _finite(x) -> bool:
@@ -39,7 +39,7 @@ def _finite(x) -> bool:
 
 
 def test_every_run_reports_finite_curves(outputs):
-    result, _, lines = outputs
+    result, _, lines, _ = outputs
     assert len(lines) == len(TINY.rows) * len(TINY.seeds)  # one progress line per run
     assert list(result["rows"]) == list(TINY.rows)
     for name, row in result["rows"].items():
@@ -62,7 +62,7 @@ def test_every_run_reports_finite_curves(outputs):
 
 
 def test_summary_ladder_and_verdicts(outputs):
-    result, _, _ = outputs
+    result, _, _, _ = outputs
     ladder, target = result["ladder"], result["target_loss"]
     assert ladder == sorted(ladder, reverse=True) and ladder[-1] == target
     for row in result["rows"].values():
@@ -94,7 +94,7 @@ def test_crossing_interpolates_between_evaluations():
 
 
 def test_files_are_written_and_readable(outputs):
-    _, paths, _ = outputs
+    _, paths, _, _ = outputs
     names = {p.name for p in paths}
     assert {"cmp.json", "cmp.md", "cmp_loss_steps.png", "cmp_loss_time.png",
             "cmp_load_cv.png", "cmp_load_heatmap.png"} == names
@@ -165,3 +165,20 @@ def test_plans_are_consistent():
             assert {ablation.baseline, ablation.variant} <= set(plan.rows)
         assert {"dense", "deepseek"} <= set(plan.rows)
     assert len(compare.QUICK.seeds) >= 2 and len(compare.DEFAULT.seeds) >= 3
+
+
+def test_a_run_cut_short_still_gives_outputs(outputs, tmp_path):
+    """The partial file after the first seed: every row has one run, no spread to judge by."""
+    *_, root = outputs
+    saved = json.loads((root / "partial.json").read_text())
+    assert all(len(row["runs"]) == len(TINY.seeds) for row in saved["rows"].values())
+    for row in saved["rows"].values():
+        row["runs"] = row["runs"][:1]
+    cut = tmp_path / "partial.json"
+    cut.write_text(json.dumps(saved))
+    result = compare.finish_partial(cut)
+    assert "cut short: 2 of 4 runs" in result["mode"]
+    assert result["versus_reference"]["dense"]["final_held_out"]["verdict"] == (
+        "one seed: no spread")
+    paths = compare.write_outputs(result, tmp_path / "cut", "cut command")
+    assert "one seed: no spread" in next(p for p in paths if p.suffix == ".md").read_text()
