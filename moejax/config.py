@@ -388,6 +388,12 @@ def _validate_train(t: TrainConfig) -> None:
            "train.grad_clip and train.weight_decay must not be negative.")
     _check(t.peak_flops_per_device >= 0,
            "train.peak_flops_per_device must not be negative (0 measures it at start-up).")
+    _check(0 < t.temperature_decay <= 1,
+           f"train.temperature_decay={t.temperature_decay} must be in (0, 1]: the softmax "
+           "router's temperature is multiplied by it every train.temperature_decay_every steps "
+           "(1.0 keeps it constant).")
+    _check(t.temperature_decay_every >= 1,
+           f"train.temperature_decay_every={t.temperature_decay_every} must be at least 1 step.")
     _check(t.max_skipped_steps_in_row >= 1,
            f"train.max_skipped_steps_in_row={t.max_skipped_steps_in_row} must be at least 1.")
 

@@ -136,8 +136,10 @@ def num_router_layers(cfg: Config) -> int:
 
 
 def init_router_state(cfg: Config) -> RouterState:
+    # a dense model keeps one unused bias row: checkpoints (orbax) cannot store zero-size arrays
+    rows = max(num_router_layers(cfg), 1)
     return RouterState(
-        bias=jnp.zeros((num_router_layers(cfg), max(cfg.moe.num_experts, 1)), jnp.float32),
+        bias=jnp.zeros((rows, max(cfg.moe.num_experts, 1)), jnp.float32),
         temperature=jnp.asarray(cfg.moe.temperature, jnp.float32),
     )
 
