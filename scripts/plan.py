@@ -29,7 +29,7 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     args = parse_args(argv)
     if not args.no_compile:  # before jax starts: one fake host device per planned device;
         # the program never runs, so LLVM need not optimise it
@@ -39,14 +39,19 @@ def main(argv=None) -> None:
     if importlib.util.find_spec("moejax") is None:  # a checkout without `pip install -e .`
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from moejax import plan
-    from moejax.config import load_config
+    from moejax.config import ConfigError, load_config
 
-    cfg = load_config(args.config, args.overrides, num_devices=args.devices)
+    try:
+        cfg = load_config(args.config, args.overrides, num_devices=args.devices)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     result = plan.plan(cfg, args.devices, compile=not args.no_compile, hlo_out=args.hlo_out)
     print(json.dumps(result, indent=1) if args.json else plan.format_plan(result))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=1) + "\n")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

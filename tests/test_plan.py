@@ -4,7 +4,7 @@ all-to-all bytes counted from the compiled train step against the dispatch formu
 import math
 
 import pytest
-from helpers import tiny_config
+from helpers import load_script, tiny_config
 
 import moejax
 from moejax import plan
@@ -64,3 +64,12 @@ def test_all_to_all_bytes_match_the_dispatch_formula(overrides):
     assert counted["count"] == formula["exchanges"]
     assert counted["bytes_sent"] == pytest.approx(formula["dense"], rel=1e-9)
     assert formula["ragged_bound"] <= formula["dense"]
+
+
+def test_a_mesh_larger_than_the_planned_devices_is_one_sentence(capsys):
+    script = load_script("plan")
+    code = script.main(["--config", "tiny", "--devices", "3", "--no-compile", "mesh.expert=8"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: mesh") and "needs 8 devices but only 3" in err
+    assert "Traceback" not in err
