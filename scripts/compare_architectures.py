@@ -55,6 +55,10 @@ def main(argv=None) -> int:
     plan = compare.QUICK if args.quick else compare.DEFAULT
     command = " ".join(["python", "scripts/compare_architectures.py", *(argv or sys.argv[1:])])
     if args.from_partial:
+        if not Path(args.from_partial).is_file():
+            print(f"error: --from-partial {args.from_partial} is not a file: pass the partial.json "
+                  "in the run root of a cut-short comparison.", file=sys.stderr)
+            return 2
         prefix = args.prefix or REPO / "docs" / "compare_architectures_partial"
         result = compare.finish_partial(args.from_partial, args.mfu, args.gpu_peak)
         for path in compare.write_outputs(result, prefix, command):

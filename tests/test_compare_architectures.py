@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import load_script
 
 from moejax import compare, load_config
 from moejax.config import ConfigError
@@ -182,3 +183,12 @@ def test_a_run_cut_short_still_gives_outputs(outputs, tmp_path):
         "one seed: no spread")
     paths = compare.write_outputs(result, tmp_path / "cut", "cut command")
     assert "one seed: no spread" in next(p for p in paths if p.suffix == ".md").read_text()
+
+
+def test_a_missing_partial_file_is_one_sentence(tmp_path, capsys):
+    script = load_script("compare_architectures")
+    missing = tmp_path / "partial.json"
+    assert script.main(["--from-partial", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --from-partial {missing} is not a file")
+    assert not list(tmp_path.iterdir())  # nothing written
