@@ -16,7 +16,8 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# the presets ship inside the package (`configs/` in a checkout links here)
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 MESH_AXES = ("pipe", "data", "fsdp", "expert")  # pipe outermost: stages may span hosts
 
 

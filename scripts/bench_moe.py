@@ -47,8 +47,8 @@ if importlib.util.find_spec("moejax") is None:  # running from a checkout withou
 import jax
 
 import moejax
-from moejax import bench
-from moejax.bench import LayerShape
+from moejax.tools import bench
+from moejax.tools.bench import LayerShape
 from moejax.config import MeshConfig
 from moejax.model.dropless import row_tile
 

@@ -35,7 +35,7 @@ import jax
 
 jax.config.update("jax_default_matmul_precision", "highest")  # f32 equality at 1e-5
 
-from moejax import bench, pipeline_bench
+from moejax.tools import bench, bench_pipeline
 
 
 def parse_args(argv=None):
@@ -91,14 +91,14 @@ def main(argv=None) -> int:
     results = {"date": datetime.date.today().isoformat(), "jax": jax.__version__}
     if args.check:
         print("equality with one device:")
-        results["check"] = pipeline_bench.equality_matrix()
+        results["check"] = bench_pipeline.equality_matrix()
     if args.bubble:
         print("bubble:")
         counts = [int(m) for m in args.bubble.split(",")]
-        results["bubble"] = pipeline_bench.bubble(counts, args.rounds)
+        results["bubble"] = bench_pipeline.bubble(counts, args.rounds)
     if args.train_steps:
         print("training:")
-        results["training"] = pipeline_bench.training_comparison(args.train_steps)
+        results["training"] = bench_pipeline.training_comparison(args.train_steps)
     command = "python scripts/bench_pipeline.py " + " ".join(argv if argv is not None else sys.argv[1:])
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps(results, indent=1))

@@ -34,7 +34,7 @@ if importlib.util.find_spec("moejax") is None:  # running from a checkout withou
 import jax
 
 import moejax
-from moejax import bench
+from moejax.tools import bench
 
 PRESET = "tiny"  # the default of scripts/train.py
 SYSTEMS = {

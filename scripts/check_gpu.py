@@ -8,7 +8,7 @@ capacity 1.0), the dropless layer (ragged_dot, tiles) vs capacity 1.0 at scripts
 coarse and fine-grained shapes plus ragged_all_to_all on a 1-device expert axis, and peak device
 bytes vs the compiled memory analysis. A failing section records its error; the others run.
 On CPU every section runs at tiny sizes and the GPU-only checks say "not run: needs a GPU".
-The work is in moejax/gpu_check.py.
+The work is in moejax/tools/gpu_check.py.
 """
 
 from __future__ import annotations
@@ -21,16 +21,16 @@ from pathlib import Path
 if importlib.util.find_spec("moejax") is None:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from moejax.gpu_check import GPU_XLA_FLAGS, REPORT_JSON, SUMMARY_MD
+from moejax.tools.gpu_check import GPU_XLA_FLAGS, REPORT_JSON, SUMMARY_MD
 
-# before jax starts its backend (moejax.gpu_check imports jax but does not start it)
+# before jax starts its backend (moejax.tools.gpu_check imports jax but does not start it)
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {GPU_XLA_FLAGS}".strip()
 # jax takes 75% of GPU memory by default; the 1B preset's step needs more on an 80 GB card
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 
 
 def main() -> int:
-    from moejax.gpu_check import run_checks
+    from moejax.tools.gpu_check import run_checks
 
     out = Path(os.environ.get("OUT", "gpu_check_out"))
     run_checks(out, log=lambda line: print(line, flush=True))

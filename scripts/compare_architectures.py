@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import jax
 
-    from moejax import compare
+    from moejax.tools import compare
 
     plan = compare.QUICK if args.quick else compare.DEFAULT
     command = " ".join(["python", "scripts/compare_architectures.py", *(argv or sys.argv[1:])])

@@ -11,7 +11,7 @@ Each trial: launch `scripts/train.py` (resuming after the first launch), SIGKILL
 random step or once a checkpoint save has started, then check that the next launch resumes
 from the newest complete checkpoint. Every few kills the run is resumed to its end and its
 per-step losses compared with a straight run's. Extra arguments are config overrides, applied
-after a small fast default (moejax.training.kill_trials.DEFAULT_OVERRIDES). Exit code 1 if any
+after a small fast default (moejax.tools.kill_trials.DEFAULT_OVERRIDES). Exit code 1 if any
 trial or run failed.
 """
 
@@ -61,7 +61,7 @@ def describe_machine(cpu_devices: int) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from moejax.training.kill_trials import markdown_report, run_kill_trials
+    from moejax.tools.kill_trials import markdown_report, run_kill_trials
 
     work_dir = Path(args.work_dir or tempfile.mkdtemp(prefix="kill_resume-"))
     if args.work_dir and work_dir.exists() and any(work_dir.iterdir()):

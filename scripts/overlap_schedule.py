@@ -19,7 +19,8 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
 if importlib.util.find_spec("moejax") is None:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from moejax import load_config, make_mesh, plan
+from moejax import load_config, make_mesh
+from moejax.tools import plan
 
 DEFAULTS = ("mesh.data=2", "mesh.expert=4", "precision.compute_dtype=float32",
             "train.global_batch_size=8", "train.seq_len=256")

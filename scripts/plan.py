@@ -1,5 +1,5 @@
 """Per-device memory and per-step collective bytes of a preset's train step on a mesh, planned
-on this machine: the real sharded step is compiled for fake XLA:CPU devices (moejax/plan.py).
+on this machine: the real sharded step is compiled for fake XLA:CPU devices (moejax/tools/plan.py).
 
     python scripts/plan.py --config deepseek_v3_671b --devices 2048 \\
         mesh.pipe=2 mesh.expert=64 mesh.fsdp=16 train.microbatches=15 \\
@@ -38,7 +38,7 @@ def main(argv=None) -> int:
             f" --xla_force_host_platform_device_count={args.devices}").strip()
     if importlib.util.find_spec("moejax") is None:  # a checkout without `pip install -e .`
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from moejax import plan
+    from moejax.tools import plan
     from moejax.config import ConfigError, load_config
 
     try:

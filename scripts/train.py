@@ -9,10 +9,6 @@ Several hosts: run one process per host with --coordinator HOST:PORT --num-proce
 SLURM / Open MPI, where they are detected).
 """
 
-from __future__ import annotations
-
-import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -21,74 +17,7 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. moe.num_experts=16")
-    parser.add_argument("--config", default="tiny", help="YAML path or preset name in configs/")
-    parser.add_argument("--run-dir", help="run directory (default: a new runs/<time>)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--coordinator", help="HOST:PORT of process 0, for multi-host runs")
-    parser.add_argument("--num-processes", type=int)
-    parser.add_argument("--process-id", type=int)
-    parser.add_argument("--startup-timeout", type=float,
-                        help="seconds a process waits for the others at start-up and at each "
-                             "barrier (default: MOEJAX_STARTUP_TIMEOUT or 1800)")
-    return parser.parse_args(argv)
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    from moejax.training import distributed
-
-    try:
-        distributed.initialize(args.coordinator, args.num_processes, args.process_id,
-                               args.startup_timeout)
-    except (ValueError, distributed.StartupError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-
-    import jax
-
-    from moejax.config import ConfigError, load_config
-    from moejax.convert.layout import ConversionError
-    from moejax.training.checkpoint import CheckpointError
-    from moejax.training.data import DataError
-    from moejax.training.loop import TrainingDiverged, train
-    from moejax.training.rundir import RunDirError
-
-    main_process = jax.process_index() == 0
-    try:
-        cfg = load_config(args.config, args.overrides)
-        summary = train(cfg, args.run_dir, resume=args.resume, progress=not args.no_progress,
-                        announce=print if main_process else None)
-    except distributed.StartupError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        # a normal exit would wait at jax's shutdown barrier for the very process that is missing
-        os._exit(2)
-    except (ConfigError, ConversionError, DataError, RunDirError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except TrainingDiverged as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    if main_process:
-        held_out = summary["held_out"]
-        line = f"final held-out loss {held_out['loss']:.4f} nats/token"
-        if "bits_per_byte" in held_out:
-            line += f", {held_out['bits_per_byte']:.4f} bits/byte"
-        print(f"{line} after {summary['step']} steps; results in {summary['run_dir']}")
-        if "mfu" in summary:
-            print(f"throughput {summary['tokens_per_second']:,.0f} tokens/s, MFU "
-                  f"{summary['mfu']:.2%} (active-parameter FLOPs over the peak)")
-        if summary["skipped_steps"]:
-            print(f"{summary['skipped_steps']} step(s) skipped for a non-finite loss or gradients")
-        if summary["stopped_by"]:
-            print(f"stopped by {summary['stopped_by']}; checkpoint saved, continue with "
-                  f"--run-dir {summary['run_dir']} --resume")
-    return 0
-
+from moejax.training.cli import main, parse_args  # noqa: E402, F401
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,4 +1,4 @@
-"""scripts/compare_architectures.py's library (moejax.compare): a tiny plan through the real
+"""scripts/compare_architectures.py's library (moejax.tools.compare): a tiny plan through the real
 training loop, checked for the shape and content of its outputs (not for which row wins); the
 presets; and the temperature schedule's config."""
 
@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from helpers import load_script
 
-from moejax import compare, load_config
+from moejax import load_config
+from moejax.tools import compare
 from moejax.config import ConfigError
 from moejax.model.router import softmax_topk
 from moejax.training.step import router_temperature

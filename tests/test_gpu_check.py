@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from moejax import gpu_check
-from moejax.gpu_check import NOT_RUN, REPORT_JSON, SUMMARY_MD
+from moejax.tools import gpu_check
+from moejax.tools.gpu_check import NOT_RUN, REPORT_JSON, SUMMARY_MD
 
 
 @pytest.fixture(scope="module")

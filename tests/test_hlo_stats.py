@@ -6,7 +6,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from moejax.hlo_stats import collective_traffic, shape_bytes
+from moejax.tools.hlo_stats import collective_traffic, shape_bytes
 
 STEPS = 5  # scan length: collectives inside the loop run this many times
 

@@ -4,7 +4,7 @@ check every resume and the final losses (scripts/kill_resume.py runs the same wi
 import pytest
 
 from moejax.training import data as data_lib
-from moejax.training.kill_trials import markdown_report, run_kill_trials
+from moejax.tools.kill_trials import markdown_report, run_kill_trials
 
 # Seed 59's plan (40 steps, a checkpoint every 10): a kill after step 4 (before any checkpoint,
 # so the resume starts from scratch), then one once the save of step 20 has started (the resume

@@ -9,7 +9,7 @@ from helpers import max_relative_error, tiny_config
 from jax.sharding import NamedSharding, PartitionSpec
 
 import moejax
-from moejax import hlo_stats
+from moejax.tools import hlo_stats
 from moejax import params as P
 from moejax.model.moe import moe_ffn, moe_specs
 from moejax.sharding import batch_sharding

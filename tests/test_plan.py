@@ -1,4 +1,4 @@
-"""The planner (moejax/plan.py): per-device state bytes against hand arithmetic, and the
+"""The planner (moejax/tools/plan.py): per-device state bytes against hand arithmetic, and the
 all-to-all bytes counted from the compiled train step against the dispatch formula."""
 
 import math
@@ -7,7 +7,7 @@ import pytest
 from helpers import load_script, tiny_config
 
 import moejax
-from moejax import plan
+from moejax.tools import plan
 
 F32 = 4
 # optax adamw keeps two int32 step counts besides its moments (scale_by_adam, the LR schedule)

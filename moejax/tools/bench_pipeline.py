@@ -16,7 +16,7 @@ from unittest import mock
 import jax
 import jax.numpy as jnp
 
-from moejax import bench
+from moejax.tools import bench
 from moejax.config import Config, MeshConfig, load_config
 from moejax.model import pipeline, transformer
 from moejax.params import shardings as param_shardings

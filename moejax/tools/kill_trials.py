@@ -31,7 +31,8 @@ from pathlib import Path
 
 from moejax.config import load_config
 
-TRAIN_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "train.py"
+# the training command users run (scripts/train.py is a shell over the same main)
+TRAIN_COMMAND = [sys.executable, "-m", "moejax.training.cli"]
 SAVE_IN_PROGRESS = ".orbax-checkpoint-tmp"  # orbax writes step S into S.orbax-checkpoint-tmp
 # A small float32 MoE that trains 40 steps in a few seconds on a 2-core CPU. A save there lasts
 # about 4 steps, so checkpointing every 10 steps leaves room for kills outside any save.
@@ -227,9 +228,6 @@ def _failure(proc, log: Path, outcome: str) -> str | None:
 
 class _Launcher:
     def __init__(self, config: str, overrides: list, env: dict, timeout_s: float):
-        if not TRAIN_SCRIPT.exists():
-            raise FileNotFoundError(f"{TRAIN_SCRIPT} not found: kill trials run the checkout's "
-                                    "scripts/train.py")
         self.config, self.overrides, self.env, self.timeout_s = config, overrides, env, timeout_s
 
     def launch(self, run_dir: Path, *, resume: bool, name) -> tuple[subprocess.Popen, Path]:
@@ -237,7 +235,7 @@ class _Launcher:
         stdout and stderr go to `<run_dir>.logs/launch-<name>.log`."""
         log = run_dir.with_name(run_dir.name + ".logs") / f"launch-{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, str(TRAIN_SCRIPT), "--run-dir", str(run_dir), "--no-progress",
+        cmd = [*TRAIN_COMMAND, "--run-dir", str(run_dir), "--no-progress",
                "--config", self.config, *(["--resume"] if resume else []), *self.overrides]
         with log.open("w") as out:
             proc = subprocess.Popen(cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT,
@@ -485,7 +483,7 @@ REPORT_INTRO = (
     "Training (`scripts/train.py`) killed with SIGKILL at random moments, some after a random "
     "step and some once an asynchronous orbax checkpoint save has started, then resumed with "
     "`--resume`; every few kills the run is resumed to its end and its per-step losses compared "
-    "with a straight run's (relative tolerance 1e-6). `moejax/training/kill_trials.py` says what "
+    "with a straight run's (relative tolerance 1e-6). `moejax/tools/kill_trials.py` says what "
     "is checked; verdicts come from files only, so they hold wherever a kill lands.")
 
 

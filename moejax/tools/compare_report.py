@@ -1,4 +1,4 @@
-"""The comparison's markdown tables and PNG plots, from the results record of moejax.compare."""
+"""The comparison's markdown tables and PNG plots, from the results record of moejax.tools.compare."""
 
 from __future__ import annotations
 

@@ -368,7 +368,7 @@ def host_line() -> str:
 
 def write_outputs(result: dict, prefix: Path, command: str) -> list[Path]:
     """JSON, markdown and PNG plots named `{prefix}.json`, `{prefix}.md`, `{prefix}_*.png`."""
-    from moejax import compare_report
+    from moejax.tools import compare_report
 
     result = {**result, "command": command}
     prefix.parent.mkdir(parents=True, exist_ok=True)

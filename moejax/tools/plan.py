@@ -9,7 +9,7 @@
   plus the logits), and the compiled program's own figures (`compiled.memory_analysis()`) when
   it was compiled;
 - per step, the bytes each device sends per collective kind, counted from the compiled HLO
-  (moejax.hlo_stats), and the all-to-all bytes the dispatch formula predicts
+  (moejax.tools.hlo_stats), and the all-to-all bytes the dispatch formula predicts
   (`dispatch_all_to_all_bytes`).
 
 Compiling needs the mesh's devices to exist: scripts/plan.py asks XLA:CPU for that many fake
@@ -32,7 +32,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec
 
-from moejax import hlo_stats, sharding
+from moejax import sharding
+from moejax.tools import hlo_stats
 from moejax import params as P
 from moejax.config import MESH_AXES, Config, ConfigError, staged_layers
 from moejax.model.dropless import max_destinations
@@ -354,7 +355,7 @@ def moe_layer_overlap(cfg: Config, mesh, rounds: int = 5) -> dict:
     it and where the schedule put them (hlo_stats.collective_overlap), and the step time over
     interleaved rounds (on XLA:CPU, whose collectives are synchronous: the cost of halving,
     not the gain of overlap)."""
-    from moejax import bench
+    from moejax.tools import bench
     from moejax.model.moe import moe_ffn, moe_specs
 
     specs = moe_specs(cfg)

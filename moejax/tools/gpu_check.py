@@ -36,8 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moejax import bench
-from moejax.bench import LayerShape
+from moejax.tools import bench
+from moejax.tools.bench import LayerShape
 
 NOT_RUN = "not run: needs a GPU"
 CUBLAS_FP8 = "__cublas$lt$matmul$f8"
