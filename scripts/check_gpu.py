@@ -13,6 +13,7 @@ The work is in moejax/tools/gpu_check.py.
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import os
 import sys
@@ -29,10 +30,15 @@ os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {GPU_XLA_FLAGS}".s
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=os.environ.get("OUT", "gpu_check_out"),
+                        help="directory for the JSON and markdown report (default: $OUT, else "
+                             "gpu_check_out)")
+    args = parser.parse_args(argv)
     from moejax.tools.gpu_check import run_checks
 
-    out = Path(os.environ.get("OUT", "gpu_check_out"))
+    out = Path(args.out)
     run_checks(out, log=lambda line: print(line, flush=True))
     print(f"wrote {out / REPORT_JSON} and {out / SUMMARY_MD}")
     print((out / SUMMARY_MD).read_text())
