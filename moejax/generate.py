@@ -287,12 +287,12 @@ def decode_bytes(tokens) -> str:
 
 def find_tokenizer(cfg: Config, directory: Path):
     """ByteText for a 256-token vocabulary; else the tokenizer.json in `directory` when the
-    `tokenizers` package is installed (moejax.training.data.HFTokenizer); else None."""
+    `tokenizers` package is installed (moejax.data.HFTokenizer); else None."""
     if cfg.model.vocab_size == BYTE_VOCAB:
         return ByteText()
     tokenizer_json = Path(directory) / "tokenizer.json"
     if tokenizer_json.is_file() and importlib.util.find_spec("tokenizers") is not None:
-        from moejax.training.data import HFTokenizer
+        from moejax.data import HFTokenizer
 
         return HFTokenizer(tokenizer_json)
     return None

@@ -73,8 +73,8 @@ def main(argv=None) -> int:
 
     from moejax.config import ConfigError
     from moejax.convert import ConversionError
+    from moejax.data import DataError
     from moejax.generate import GenerationError, find_tokenizer, generate, load_model
-    from moejax.training.data import DataError
 
     try:
         if args.num_samples < 1:

@@ -19,7 +19,7 @@ from pathlib import Path
 if importlib.util.find_spec("moejax") is None:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from moejax.training import data
+from moejax import data
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -1,4 +1,4 @@
-"""Bad corpus input (issue 10): each case answers with one sentence naming the problem and the
+"""Bad corpus input: each case answers with one sentence naming the problem and the
 fix, and loses nothing (no corpus overwritten, no partial directory or file left behind)."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from helpers import load_script, tiny_config
 
-from moejax.training import data
-from moejax.training.loop import load_corpus
+from moejax import data
+from moejax.data import corpus_write, load_corpus
 
 
 def write_texts(directory: Path, texts: dict[str, bytes]) -> str:
@@ -89,7 +89,7 @@ def test_overwrite_replaces_the_corpus_only_once_the_new_one_is_complete(
     tmp_path, capsys, monkeypatch, old_corpus, atomic_exchange
 ):
     if not atomic_exchange:
-        monkeypatch.setattr(data, "_rename_exchange", lambda first, second: False)
+        monkeypatch.setattr(corpus_write, "_rename_exchange", lambda first, second: False)
     reader = data.load_split(old_corpus, "train")  # a run still reading the old corpus
     sources = write_texts(tmp_path / "new_src", {"c.txt": b"new val\n", "d.txt": b"new train\n"})
     exit_code, stderr = prepare(

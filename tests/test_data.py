@@ -1,4 +1,4 @@
-"""Tests for moejax.training.data: corpus discovery, token files, caching, grain iterators, CLI."""
+"""Tests for moejax.data: corpus discovery, token files, caching, grain iterators, CLI."""
 
 from __future__ import annotations
 
@@ -12,7 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from moejax.training import data
+from moejax import data
+from moejax.data import corpus_read, corpus_write
+from moejax.data.batches import window_starts
+from moejax.data.tokenizers import token_dtype
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PREPARE_SCRIPT = REPO_ROOT / "scripts" / "prepare_data.py"
@@ -52,8 +55,8 @@ def stdlib_corpus(tmp_path_factory) -> Path:
 
 
 def test_stdlib_discovery_excludes_site_packages_and_tests_and_is_sorted():
-    root = data.stdlib_dir()
-    files = data.discover_stdlib_sources()
+    root = corpus_write.stdlib_dir()
+    files = corpus_write.discover_stdlib_sources()
     relative = [path.relative_to(root).as_posix() for path in files]
 
     assert len(files) > 300
@@ -65,31 +68,31 @@ def test_stdlib_discovery_excludes_site_packages_and_tests_and_is_sorted():
         assert not {"site-packages", "dist-packages", "idle_test"} & set(directories), name
         assert not any(directory.startswith("test") for directory in directories), name
     assert "json/decoder.py" in relative and "os.py" in relative
-    assert data.discover_stdlib_sources() == files
+    assert corpus_write.discover_stdlib_sources() == files
 
 
 def test_split_by_file_is_disjoint_deterministic_and_every_nth_file():
-    files = data.discover_stdlib_sources()
-    splits = data.split_by_file(files, holdout_every=50)
+    files = corpus_write.discover_stdlib_sources()
+    splits = corpus_write.split_by_file(files, holdout_every=50)
 
     assert set(splits["train"]).isdisjoint(splits["val"])
     assert sorted(splits["train"] + splits["val"]) == sorted(files)
     assert splits["val"] == files[::50]
-    assert data.split_by_file(files, holdout_every=50) == splits
+    assert corpus_write.split_by_file(files, holdout_every=50) == splits
 
 
 def test_split_needs_two_files_and_holdout_of_at_least_two(tmp_path):
     files = write_texts(tmp_path, {"a.txt": b"a", "b.txt": b"b"})
     with pytest.raises(data.DataError, match="needs at least 2"):
-        data.split_by_file(files[:1])
+        corpus_write.split_by_file(files[:1])
     with pytest.raises(data.DataError, match="holdout_every must be at least 2"):
-        data.split_by_file(files, holdout_every=1)
+        corpus_write.split_by_file(files, holdout_every=1)
 
 
 def test_stdlib_corpus_tokens_are_the_file_bytes_in_order(stdlib_corpus):
     meta = data.read_meta(stdlib_corpus)
-    val_files = data.split_by_file(data.discover_stdlib_sources())["val"]
-    expected = b"".join(data._frame_document(path.read_bytes()) for path in val_files)
+    val_files = corpus_write.split_by_file(corpus_write.discover_stdlib_sources())["val"]
+    expected = b"".join(corpus_write._frame_document(path.read_bytes()) for path in val_files)
 
     assert data.ByteTokenizer().decode(data.load_split(stdlib_corpus, "val")) == expected
     assert meta["num_files"]["val"] == len(val_files)
@@ -102,7 +105,9 @@ def test_stdlib_corpus_tokens_are_the_file_bytes_in_order(stdlib_corpus):
 
 def test_byte_token_files_round_trip(tmp_path):
     documents = {"train": [b"hello\n", "w\u00f6rld", b"\x00\xff binary"], "val": [b"held out\n"]}
-    meta = data.write_token_files(documents, tmp_path, "byte", source_description="unit test")
+    meta = corpus_write.write_token_files(
+        documents, tmp_path, "byte", source_description="unit test"
+    )
 
     train = data.load_split(tmp_path, "train")
     assert isinstance(train, np.memmap) and train.dtype == np.uint16 and not train.flags.writeable
@@ -114,16 +119,16 @@ def test_byte_token_files_round_trip(tmp_path):
     assert meta == data.read_meta(tmp_path)
     assert meta["num_tokens"] == {"train": len(train), "val": 9}
     assert meta["splits"]["train"]["max_token_id"] == 255
-    assert meta["source"] == "unit test" and meta["format_version"] == data.FORMAT_VERSION
+    assert meta["source"] == "unit test" and meta["format_version"] == corpus_write.FORMAT_VERSION
     assert sorted(os.listdir(tmp_path)) == ["meta.json", "train.bin", "val.bin"]
 
 
 def test_token_dtype_follows_vocab_size(tmp_path):
-    assert data.token_dtype(256) == np.uint16
-    assert data.token_dtype(65_536) == np.uint16
-    assert data.token_dtype(65_537) == np.uint32
+    assert token_dtype(256) == np.uint16
+    assert token_dtype(65_536) == np.uint16
+    assert token_dtype(65_537) == np.uint32
 
-    data.write_token_files({"train": [b"abc", b"de"]}, tmp_path, WideTokenizer())
+    corpus_write.write_token_files({"train": [b"abc", b"de"]}, tmp_path, WideTokenizer())
     assert data.read_meta(tmp_path)["dtype"] == "uint32"
     np.testing.assert_array_equal(data.load_split(tmp_path, "train"), [4, 69_999, 3, 69_999])
 
@@ -136,30 +141,32 @@ def failing_documents(count_before_failure: int):
 
 def test_crash_while_tokenizing_leaves_no_files(tmp_path):
     with pytest.raises(RuntimeError, match="disk on fire"):
-        data.write_token_files({"train": [b"fine\n"], "val": failing_documents(3)}, tmp_path)
+        corpus_write.write_token_files(
+            {"train": [b"fine\n"], "val": failing_documents(3)}, tmp_path
+        )
     assert os.listdir(tmp_path) == []
 
 
 def test_crash_while_tokenizing_keeps_the_previous_complete_corpus(tmp_path):
-    data.write_token_files({"train": [b"old train\n"], "val": [b"old val\n"]}, tmp_path)
+    corpus_write.write_token_files({"train": [b"old train\n"], "val": [b"old val\n"]}, tmp_path)
     with pytest.raises(RuntimeError):
-        data.write_token_files({"train": failing_documents(2), "val": [b"new\n"]}, tmp_path)
+        corpus_write.write_token_files({"train": failing_documents(2), "val": [b"new\n"]}, tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["meta.json", "train.bin", "val.bin"]
     assert data.ByteTokenizer().decode(data.load_split(tmp_path, "train")) == b"old train\n"
 
 
 def test_crash_before_meta_is_written_leaves_no_meta(tmp_path, monkeypatch):
-    data.write_token_files({"train": [b"old train\n"], "val": [b"old val\n"]}, tmp_path)
+    corpus_write.write_token_files({"train": [b"old train\n"], "val": [b"old val\n"]}, tmp_path)
     real_replace = os.replace
 
     def replace_failing_on_meta(source, destination):
-        if Path(destination).name == data.META_FILENAME:
+        if Path(destination).name == corpus_write.META_FILENAME:
             raise OSError("power cut")
         real_replace(source, destination)
 
     monkeypatch.setattr(os, "replace", replace_failing_on_meta)
     with pytest.raises(OSError, match="power cut"):
-        data.write_token_files({"train": [b"new train\n"], "val": [b"new val\n"]}, tmp_path)
+        corpus_write.write_token_files({"train": [b"new train\n"], "val": [b"new val\n"]}, tmp_path)
     monkeypatch.undo()
 
     assert sorted(os.listdir(tmp_path)) == ["train.bin", "val.bin"]  # no temp files, no meta.json
@@ -181,7 +188,9 @@ def test_prepare_corpus_with_globs_and_byte_tokenizer(tmp_path):
 
     meta = data.read_meta(corpus)
     assert meta["num_files"] == {"train": 2, "val": 3}
-    expected_val = b"".join(data._frame_document(files[index].read_bytes()) for index in (0, 2, 4))
+    expected_val = b"".join(
+        corpus_write._frame_document(files[index].read_bytes()) for index in (0, 2, 4)
+    )
     assert data.ByteTokenizer().decode(data.load_split(corpus, "val")) == expected_val
 
 
@@ -266,17 +275,17 @@ def test_train_iterator_on_memmapped_split(stdlib_corpus):
     train = data.load_split(stdlib_corpus, "train")
     batch = next(data.make_train_iterator(train, seq_len=64, global_batch_size=4, seed=3))["tokens"]
     assert batch.shape == (4, 65) and batch.dtype == np.int32
-    starts = data.window_starts(3, np.arange(4), len(train) - 64)
+    starts = window_starts(3, np.arange(4), len(train) - 64)
     np.testing.assert_array_equal(batch, np.stack([train[start : start + 65] for start in starts]))
 
 
 def test_window_starts_cover_the_whole_valid_range_uniformly():
-    starts = data.window_starts(0, np.arange(20_000), 10)
+    starts = window_starts(0, np.arange(20_000), 10)
     assert starts.min() == 0 and starts.max() == 9
     assert np.all(np.abs(np.bincount(starts, minlength=10) - 2_000) < 200)
     np.testing.assert_array_equal(
-        data.window_starts(0, np.arange(5, 10), 10**9),
-        data.window_starts(0, np.arange(20), 10**9)[5:10],
+        window_starts(0, np.arange(5, 10), 10**9),
+        window_starts(0, np.arange(20), 10**9)[5:10],
     )
 
 
@@ -374,20 +383,20 @@ def test_missing_corpus_directory(tmp_path):
 
 
 def test_missing_token_file(tmp_path):
-    data.write_token_files({"train": [b"abc"], "val": [b"d"]}, tmp_path)
+    corpus_write.write_token_files({"train": [b"abc"], "val": [b"d"]}, tmp_path)
     (tmp_path / "val.bin").unlink()
     with pytest.raises(data.DataError, match=r"Token file .*val\.bin is missing"):
         data.load_split(tmp_path, "val")
 
 
 def test_empty_token_file(tmp_path):
-    data.write_token_files({"train": [b"abc"], "val": []}, tmp_path)
+    corpus_write.write_token_files({"train": [b"abc"], "val": []}, tmp_path)
     with pytest.raises(data.DataError, match=r"val\.bin is empty \(0 tokens\)"):
         data.load_split(tmp_path, "val")
 
 
 def test_truncated_token_file(tmp_path):
-    data.write_token_files({"train": [b"abcdef"]}, tmp_path)
+    corpus_write.write_token_files({"train": [b"abcdef"]}, tmp_path)
     with open(tmp_path / "train.bin", "r+b") as token_file:
         token_file.truncate(4)
     with pytest.raises(data.DataError, match="has 4 bytes but meta.json expects 14"):
@@ -407,7 +416,8 @@ def test_split_too_short_for_one_window():
 
 
 def test_check_vocab(tmp_path):
-    data.write_token_files({"train": [b"az"], "val": [b"b"]}, tmp_path)  # max id: ord("z") = 122
+    # max id: ord("z") = 122
+    corpus_write.write_token_files({"train": [b"az"], "val": [b"b"]}, tmp_path)
     assert data.check_vocab(tmp_path, 256) == 122
     assert data.check_vocab(tmp_path, 123) == 122
     with pytest.raises(
@@ -421,7 +431,7 @@ def test_check_vocab(tmp_path):
 
 
 def test_default_corpus_is_built_once_and_then_reused(tmp_path, monkeypatch):
-    monkeypatch.setenv(data.CACHE_ENV_VAR, str(tmp_path))
+    monkeypatch.setenv(corpus_read.CACHE_ENV_VAR, str(tmp_path))
     corpus = data.default_corpus_dir()
 
     assert (
@@ -434,7 +444,7 @@ def test_default_corpus_is_built_once_and_then_reused(tmp_path, monkeypatch):
     def no_rebuild(*args, **kwargs):
         raise AssertionError("cached corpus was rebuilt")
 
-    monkeypatch.setattr(data, "prepare_stdlib_corpus", no_rebuild)
+    monkeypatch.setattr(corpus_read, "prepare_stdlib_corpus", no_rebuild)
     assert data.default_corpus_dir() == corpus
     assert data.default_corpus_dir(cache_root=tmp_path) == corpus
 
@@ -447,12 +457,12 @@ def test_default_corpus_rebuilds_a_stale_format_version(tmp_path):
         data.read_meta(corpus)
 
     assert data.default_corpus_dir(tmp_path) == corpus
-    assert data.read_meta(corpus)["format_version"] == data.FORMAT_VERSION
+    assert data.read_meta(corpus)["format_version"] == corpus_write.FORMAT_VERSION
 
 
 def test_concurrent_default_corpus_builds_agree(tmp_path, monkeypatch):
-    few_files = data.discover_stdlib_sources()[:30]
-    monkeypatch.setattr(data, "discover_stdlib_sources", lambda root=None: few_files)
+    few_files = corpus_write.discover_stdlib_sources()[:30]
+    monkeypatch.setattr(corpus_write, "discover_stdlib_sources", lambda root=None: few_files)
     with ThreadPoolExecutor(max_workers=4) as pool:  # exceptions re-raise in list()
         results = list(pool.map(data.default_corpus_dir, [tmp_path] * 4))
 
@@ -510,12 +520,12 @@ def test_default_corpus_keeps_a_corpus_that_another_process_finished_first(tmp_p
     real_prepare = data.prepare_stdlib_corpus
 
     def prepare_while_another_process_wins(out_dir, *args, **kwargs):
-        data.write_token_files(
+        corpus_write.write_token_files(
             {"train": [b"winner\n"], "val": [b"v\n"]}, target, source_description="winner"
         )
         return real_prepare(out_dir, *args, **kwargs)
 
-    monkeypatch.setattr(data, "prepare_stdlib_corpus", prepare_while_another_process_wins)
+    monkeypatch.setattr(corpus_read, "prepare_stdlib_corpus", prepare_while_another_process_wins)
     assert data.default_corpus_dir(tmp_path) == target
     assert data.read_meta(target)["source"] == "winner"
     assert os.listdir(target.parent) == [target.name]

@@ -3,7 +3,7 @@ check every resume and the final losses (scripts/kill_resume.py runs the same wi
 
 import pytest
 
-from moejax.training import data as data_lib
+from moejax.data.corpus_write import discover_stdlib_sources, prepare_corpus
 from moejax.tools.kill_trials import markdown_report, run_kill_trials
 
 # Seed 59's plan (40 steps, a checkpoint every 10): a kill after step 4 (before any checkpoint,
@@ -16,9 +16,9 @@ SEED = 59
 
 @pytest.fixture(scope="module")
 def corpus_dir(tmp_path_factory):
-    files = data_lib.discover_stdlib_sources()[:24]
+    files = discover_stdlib_sources()[:24]
     out = tmp_path_factory.mktemp("kill_corpus")
-    return str(data_lib.prepare_corpus([str(f) for f in files], out, holdout_every=6))
+    return str(prepare_corpus([str(f) for f in files], out, holdout_every=6))
 
 
 @pytest.mark.slow
