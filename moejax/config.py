@@ -78,7 +78,7 @@ class MoEConfig:
     # ragged_all_to_all: GPU/TPU) | auto (ragged off CPU)
     kernels: str = "auto"
     # run the layer as two sequence halves, each dispatch -> experts -> combine -> + shared, so
-    # one half's all-to-all can be in flight while the other computes (moejax/model/overlap.py)
+    # one half's all-to-all can be in flight while the other computes (model/moe.py in_halves)
     overlap_halves: bool = False
     capacity_factor: float | None = None  # capacity: None gives worst-case buffers (no drops)
     drop_policy: str = "position"  # position | probs

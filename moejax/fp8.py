@@ -78,6 +78,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from moejax.sharding import varying_axes
+
 E4M3 = jnp.float8_e4m3fn
 E5M2 = jnp.float8_e5m2
 RECIPES = ("tensor", "block")
@@ -246,14 +248,6 @@ def _tensor_backward(residuals, grad, config: _GemmConfig):
     # wgrad: x [M, K] . g [M, N] over M -> [K, N].
     grad_w = _scaled_dot(x_q, g_q, 0, 0, config.batched, x_scale * g_scale)
     return grad_x.astype(config.x_dtype), grad_w.astype(config.w_dtype)
-
-
-def varying_axes(x: jax.Array) -> frozenset:
-    """Mesh axes a value varies over inside shard_map (jax 0.10: manual_axis_type; older
-    versions: vma); empty outside shard_map."""
-    aval = jax.typeof(x)
-    manual = getattr(aval, "manual_axis_type", None)
-    return frozenset(manual.varying if manual is not None else getattr(aval, "vma", ()))
 
 
 def _chunked_scaled_matmul(a_q, a_scales, b_q, b_scales, block_size: int):

@@ -1,4 +1,4 @@
-"""Meshes and the one table that maps logical axes to mesh axes.
+"""Meshes, the one table that maps logical axes to mesh axes, and shard_map helpers.
 
 Weights and activations name their dimensions with logical axes; only this module (and the MoE
 and pipeline shard_map specs) names mesh axes. Parameters are sharded over `fsdp` (ZeRO-3) along
@@ -100,3 +100,28 @@ def stage_spec(logical_axes: tuple[str | None, ...]) -> PartitionSpec:
     dimension over `expert`, every other dimension whole (gathered over `fsdp` on entry)."""
     rest = ("expert" if name == "experts" else None for name in logical_axes[1:])
     return PartitionSpec("pipe", None, None, *rest)
+
+
+def varying_axes(x: jax.Array) -> frozenset:
+    """Mesh axes a value varies over inside shard_map (jax 0.10: manual_axis_type; older
+    versions: vma); empty outside shard_map."""
+    aval = jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)
+    return frozenset(manual.varying if manual is not None else getattr(aval, "vma", ()))
+
+
+def same_varying_axes(x: jax.Array, w):
+    """Inside shard_map, mark x and the weights `w` (an array or a pytree of them) as varying
+    over the same mesh axes before a custom-vjp GEMM: a weight replicated over `data` then gets
+    its gradient summed over `data` by the cast's transpose, as a plain matmul would (a custom
+    vjp cannot do that by itself)."""
+    x_axes = varying_axes(x)
+    w_axes = frozenset().union(*(varying_axes(leaf) for leaf in jax.tree.leaves(w)))
+    if w_axes - x_axes:
+        x = jax.lax.pcast(x, tuple(sorted(w_axes - x_axes)), to="varying")
+
+    def widen(leaf):
+        missing = (x_axes | w_axes) - varying_axes(leaf)
+        return jax.lax.pcast(leaf, tuple(sorted(missing)), to="varying") if missing else leaf
+
+    return x, jax.tree.map(widen, w)

@@ -23,8 +23,8 @@ are reported. useful/peak = median over rounds of (useful FLOP/s) / (that call's
 Also: the tile sweep, sparse scaling (one dropless layer at E = 8 vs E = 128 at equal active
 compute: same k and F, and fine-grained k x 4, F / 4), XLA's memory analysis of every compiled
 moejax step, the 671B preset's dropless buffers per device (arithmetic from the bounds in
-moejax/model/dropless.py), and rows on a (data 1, fsdp 1, expert N) mesh of fake CPU devices
-in a child process (information only: the N devices share the same cores).
+moejax/model/dispatch/dropless.py), and rows on a (data 1, fsdp 1, expert N) mesh of fake CPU
+devices in a child process (information only: the N devices share the same cores).
 """
 
 from __future__ import annotations
@@ -47,10 +47,10 @@ if importlib.util.find_spec("moejax") is None:  # running from a checkout withou
 import jax
 
 import moejax
+from moejax.config import MeshConfig
+from moejax.model.dispatch import row_tile
 from moejax.tools import bench
 from moejax.tools.bench import LayerShape
-from moejax.config import MeshConfig
-from moejax.model.dropless import row_tile
 
 SHAPES = bench.LAYER_SHAPES
 # equal active compute: same T and D, k x F = 1024
@@ -144,9 +144,9 @@ def rows_of_group(shape: LayerShape, times, peaks, info, peak_flops) -> list[dic
                "peak_ms_all": [None if p is None else 1e3 * p for p in peaks[label]],
                "tokens_per_s": shape.tokens / statistics.median(done),
                "useful_gflops": own / statistics.median(done) / 1e9,
-               "useful_over_peak": bench.spread(
+               "useful_over_peak": bench.per_round_summary(
                    [own / peak_flops / u for u in bench.in_peak_units(ts, peaks[label])]),
-               "dropless_speedup": bench.spread(bench.round_ratios(ts, times[DROPLESS])),
+               "dropless_speedup": bench.per_round_summary(bench.round_ratios(ts, times[DROPLESS])),
                **{k: v for k, v in info[label].items() if k != "flops"}}
         rows.append(row)
     return rows
@@ -175,7 +175,7 @@ def run_group(shape: LayerShape, args, sweep: bool, with_torch: bool):
     comparisons = {}
     for prefix in ("HF grouped_mm",):
         if any(label.startswith(prefix) for label in times):
-            comparisons[f"{prefix} (faster thread count per round)"] = bench.spread(
+            comparisons[f"{prefix} (faster thread count per round)"] = bench.per_round_summary(
                 bench.round_ratios(best_of(times, prefix), times[DROPLESS]))
     if slow and args.slow_rounds:
         print("  slow systems, against dropless:", flush=True)
@@ -185,7 +185,7 @@ def run_group(shape: LayerShape, args, sweep: bool, with_torch: bool):
         rows += [r for r in rows_of_group(shape, slow_times, slow_peaks, info, peak_flops)
                  if r["system"] != DROPLESS]
         if any(label.startswith("HF eager") for label in slow):
-            comparisons["HF eager (faster thread count per round)"] = bench.spread(
+            comparisons["HF eager (faster thread count per round)"] = bench.per_round_summary(
                 bench.round_ratios(best_of(slow_times, "HF eager"), slow_times[DROPLESS]))
     return {"shape": shape.name, "label": shape.label(), "rows": rows,
             "comparisons": comparisons}
@@ -208,15 +208,15 @@ def run_scaling(args, quick: bool):
     return {"base": base, "info": info,
             "ms_all": {k: [1e3 * t for t in v] for k, v in times.items()},
             "ms_per_step": {k: 1e3 * statistics.median(v) for k, v in times.items()},
-            "time_ratio": {s.name: bench.spread(bench.round_ratios(times[s.name], times[base]))
+            "time_ratio": {s.name: bench.per_round_summary(bench.round_ratios(times[s.name], times[base]))
                            for s in shapes[1:]}}
 
 
 def plan_671b() -> dict:
     """Per-device dropless buffers of the deepseek_v3_671b preset's MoE layer, by arithmetic,
     on an expert axis of 64 (DeepSeek-V3's EP64) with the batch over every device (the preset
-    names no mesh; moejax has no pipeline or gradient accumulation, so a step's tokens are all
-    on the devices at once). Two device counts whose data axis divides the 15360-sequence batch:
+    names no mesh; without a pipeline's microbatches a step's tokens are all on the devices
+    at once). Two device counts whose data axis divides the 15360-sequence batch:
     1024 devices (15 sequences each) and 15360 (one 4096-token sequence each)."""
     out = {"preset": "deepseek_v3_671b", "expert_shards": PLAN_EXPERT, "cases": []}
     for devices in PLAN_DEVICES:
@@ -337,7 +337,7 @@ def tile_table(groups: list[dict]) -> str:
         hf = best_of({label: r["ms_all"] for label, r in rows.items()}, "HF grouped_mm")
         for t in sorted(by_tile):
             r = by_tile[t]
-            ratios = [fmt_spread(bench.spread(bench.round_ratios(other, r["ms_all"])))
+            ratios = [fmt_spread(bench.per_round_summary(bench.round_ratios(other, r["ms_all"])))
                       if any(v is not None for v in other) else "-"
                       for other in (by_tile[128]["ms_all"], capacity, hf)]
             if t == 128:
@@ -371,8 +371,9 @@ def plan_table(plan: dict) -> str:
     gib = 2.0**30
     lines = [(f"deepseek_v3_671b MoE layer (D {plan['D']}, F {plan['F']}, E {plan['E']}, "
              f"k {plan['k']}, {plan['compute_dtype']}), dropless, per device, ARITHMETIC from "
-             f"the bounds in moejax/model/dropless.py (not measured); assumed mesh: expert "
-             f"{plan['expert_shards']} (DeepSeek-V3's EP64) x data, batch over every device:"),
+             f"the bounds in moejax/model/dispatch/dropless.py (not measured); assumed mesh: "
+             f"expert {plan['expert_shards']} (DeepSeek-V3's EP64) x data, batch over every "
+             "device:"),
              "", ("| devices | tokens per device N_ | row tile | exchange rows P N_ "
              "| sorted rows R | exchange GiB | sorted + pre-activations GiB "
              "| combine [P N_ min(k, E_), D] GiB | total GiB "
@@ -418,7 +419,7 @@ def scaling_table(scaling: dict) -> str:
 
 
 def check_targets(groups: list[dict], scaling: dict | None) -> list[str]:
-    """One line per target of issue 11: the figure, the target, met or MISSED."""
+    """One line per target: the figure, the target, met or MISSED."""
     def verdict(ok):
         return "met" if ok else "MISSED"
 
@@ -503,7 +504,7 @@ def report(record: dict) -> list[str]:
         print()
     for line in notes(record["peak_size"]):
         print(line)
-    print("\nTargets (issue 11):")
+    print("\nTargets:")
     targets = check_targets(groups, scaling)
     for line in targets:
         print("  " + line)

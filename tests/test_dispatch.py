@@ -51,13 +51,13 @@ def crafted_routing():
 def test_drops_match_capacity_formula(policy, capacity_factor):
     cfg = moe_config(f"moe.capacity_factor={capacity_factor}", f"moe.drop_policy={policy}")
     x, ids, weights = crafted_routing()
-    y, dropped = dispatch.capacity_moe(x, ids, weights, expert_weights(), cfg, F32)
+    y, stats = dispatch.capacity_moe(x, ids, weights, expert_weights(), cfg, F32)
 
     slots = int(np.ceil(capacity_factor * NUM_TOKENS * 2 / NUM_EXPERTS))
     per_expert = np.bincount(np.asarray(ids).ravel(), minlength=NUM_EXPERTS)
     expected_dropped = np.maximum(per_expert - slots, 0).sum()
     assert expected_dropped > 0
-    assert float(dropped) == expected_dropped
+    assert float(stats.dropped) == expected_dropped
     assert bool(jnp.all(jnp.isfinite(y)))
 
     kept = kept_assignments(np.asarray(ids[0]), np.asarray(weights[0]), slots, policy)

@@ -16,8 +16,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 import moejax
 from moejax import params as P
 from moejax.config import MeshConfig
-from moejax.model import grouped
-from moejax.model.dropless import compact_slots, max_destinations
+from moejax.model.dispatch import grouped
+from moejax.model.dispatch.dropless import compact_slots, max_destinations
 from moejax.model.moe import moe_ffn, moe_specs
 from moejax.sharding import batch_sharding
 

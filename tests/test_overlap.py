@@ -1,5 +1,6 @@
-"""moe.overlap_halves (moejax/model/overlap.py): the same loss and gradients as the whole-batch
-layer, and, in the compiled program, GEMMs that do not depend on each dispatch all-to-all."""
+"""moe.overlap_halves (moejax/model/moe.py `in_halves`): the same loss and gradients as the
+whole-batch layer, and, in the compiled program, GEMMs that do not depend on each dispatch
+all-to-all."""
 
 import dataclasses
 
@@ -9,10 +10,10 @@ from helpers import max_relative_error, tiny_config
 from jax.sharding import NamedSharding, PartitionSpec
 
 import moejax
-from moejax.tools import hlo_stats
 from moejax import params as P
 from moejax.model.moe import moe_ffn, moe_specs
 from moejax.sharding import batch_sharding
+from moejax.tools import hlo_stats
 
 MESH = ("mesh.data=2", "mesh.expert=4")
 

@@ -11,8 +11,9 @@ import numpy as np
 from flax import struct
 
 from moejax.config import ModelConfig, PrecisionConfig
-from moejax.fp8 import fp8_matmul, varying_axes
+from moejax.fp8 import fp8_matmul
 from moejax.params import ParamSpec, normal_init
+from moejax.sharding import same_varying_axes
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -92,23 +93,6 @@ class Matmul:
             return fp8_matmul(x, w, recipe=self.fp8, out_dtype=self.dtype,
                               block_size=self.fp8_block_size)
         return jnp.matmul(x.astype(self.dtype), w.astype(self.dtype))
-
-
-def same_varying_axes(x: jax.Array, w):
-    """Inside shard_map, mark x and the weights `w` (an array or a pytree of them) as varying
-    over the same mesh axes before a custom-vjp GEMM: a weight replicated over `data` then gets
-    its gradient summed over `data` by the cast's transpose, as a plain matmul would (a custom
-    vjp cannot do that by itself)."""
-    x_axes = varying_axes(x)
-    w_axes = frozenset().union(*(varying_axes(leaf) for leaf in jax.tree.leaves(w)))
-    if w_axes - x_axes:
-        x = jax.lax.pcast(x, tuple(sorted(w_axes - x_axes)), to="varying")
-
-    def widen(leaf):
-        missing = (x_axes | w_axes) - varying_axes(leaf)
-        return jax.lax.pcast(leaf, tuple(sorted(missing)), to="varying") if missing else leaf
-
-    return x, jax.tree.map(widen, w)
 
 
 FP8_LAYER_GROUPS = ("attention", "dense_ffn", "shared", "experts")

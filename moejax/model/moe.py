@@ -5,9 +5,15 @@ like any activation), so the balance losses and expert loads are global statisti
 per-shard ones; only the dispatch itself runs inside a shard_map. Inside the pipeline's
 shard_map (moejax/model/pipeline.py) x is one shard's microbatch and the statistics are that
 shard's; the pipeline merges them over shards and microbatches (router.merge_microbatches).
+
+With moe.overlap_halves the layer runs as two halves of the sequence (`in_halves`), so that
+one half's exchange can be in flight while the other computes (docs/overlap.md).
 """
 
 from __future__ import annotations
+
+import functools
+import operator
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +22,7 @@ from jax.sharding import PartitionSpec
 
 from moejax import sharding
 from moejax.config import Config
-from moejax.model import dispatch, dropless, overlap
+from moejax.model import dispatch
 from moejax.model.layers import FFN, ffn_specs, layer_matmuls, swiglu
 from moejax.model.router import Routing, balance_losses, expert_counts, route
 from moejax.params import ParamSpec, normal_init
@@ -77,13 +83,9 @@ def moe_ffn(p: MoE, x: jax.Array, bias: jax.Array, temperature, cfg: Config, mat
     experts = FFN(p.w_gate, p.w_up, p.w_down)
 
     def routed(x_, ids_, weights_):
-        """-> (routed output, dropped assignments, dropless row statistics [4] or None)."""
-        args = (x_, ids_, weights_, experts, e, matmuls["experts"], cfg.precision.fp8_dispatch)
-        if e.dispatch == "dropless":
-            return dropless.dropless_moe(*args)
-        y_, dropped_ = (dispatch.dense_moe if e.dispatch == "dense" else dispatch.capacity_moe)(
-            *args)
-        return y_, dropped_, None
+        """-> (routed output, DispatchStats) from the back-end moe.dispatch names."""
+        return dispatch.backend(e.dispatch)(x_, ids_, weights_, experts, e, matmuls["experts"],
+                                            cfg.precision.fp8_dispatch)
 
     def shared(x_):
         if p.shared is None:
@@ -92,15 +94,46 @@ def moe_ffn(p: MoE, x: jax.Array, bias: jax.Array, temperature, cfg: Config, mat
             return swiglu(p.shared, x_, matmuls["shared"])
 
     if e.overlap_halves:
-        y, dropped, rows = overlap.in_halves(routed, shared, x, routing.expert_ids,
-                                             routing.weights)
+        y, dispatch_stats = in_halves(routed, shared, x, routing.expert_ids, routing.weights)
     else:
-        y, dropped, rows = routed(x, routing.expert_ids, routing.weights)
+        y, dispatch_stats = routed(x, routing.expert_ids, routing.weights)
         shared_y = shared(x)
         y = y if shared_y is None else y + shared_y
-    if rows is not None:
-        padded, useful, sent, send_buffer = rows[0], rows[1], rows[2], rows[3]
-        stats["padding_overhead"] = (padded - useful) / jnp.maximum(useful, 1.0)
-        stats["exchange_fill"] = sent / send_buffer
-    stats["dropped_fraction"] = dropped / routing.expert_ids.size
+    stats.update(dispatch_stats.metrics(routing.expert_ids.size))
     return y.astype(x.dtype), stats
+
+
+HALVES = 2
+
+
+def in_halves(routed, shared, x: jax.Array, expert_ids: jax.Array, weights: jax.Array):
+    """The layer in two halves of the sequence (moe.overlap_halves); every batch shard keeps its
+    rows, so no data moves. Each half runs its own dispatch -> experts -> combine, then adds
+    its shared expert:
+
+        half 0:  dispatch a2a | experts | combine a2a | + shared
+        half 1:        dispatch a2a | experts | combine a2a | + shared
+
+    Nothing of half 1 depends on half 0 (routing is token-local and ran on the whole batch
+    before), so a scheduler may run half 0's expert GEMMs and both halves' shared experts while
+    half 1's all-to-all is in flight, and half 1's experts while half 0's results travel back.
+    On GPU, XLA's latency-hiding scheduler does that with async collectives; XLA:CPU runs
+    collectives synchronously (docs/overlap.md). Per token the arithmetic is that of the
+    whole-batch layer, so the output equals it; only the dispatch statistics (padding rows)
+    differ.
+
+    x [B, T, D], expert_ids and weights [B, T, k]; `routed(x_, ids_, weights_) -> (y_,
+    DispatchStats)` and `shared(x_) -> y_ or None` on [B, T / 2, ...] halves. Returns
+    (routed + shared [B, T, D], DispatchStats summed over the halves). An odd T splits
+    unequally (the MTP modules see T - 1 tokens); a single token (generation) is not split."""
+    seq = x.shape[1]
+    bounds = [0, seq // HALVES, seq] if seq >= HALVES else [0, seq]  # odd: unequal halves
+    outputs, stats = [], []
+    for h in range(len(bounds) - 1):
+        part = slice(bounds[h], bounds[h + 1])
+        with jax.named_scope(f"half{h}"):
+            y, stats_h = routed(x[:, part], expert_ids[:, part], weights[:, part])
+            shared_y = shared(x[:, part])
+        outputs.append(y if shared_y is None else y + shared_y)
+        stats.append(stats_h)
+    return jnp.concatenate(outputs, axis=1), functools.reduce(operator.add, stats)

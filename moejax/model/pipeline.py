@@ -40,7 +40,6 @@ from jax.sharding import PartitionSpec
 
 from moejax import sharding
 from moejax.config import Config
-from moejax.fp8 import varying_axes
 
 PIPE = "pipe"
 
@@ -172,7 +171,7 @@ def _varying_over_batch_axes(weight):
     invariant inside it, each use would get its own cast, whose transpose sums the gradient
     over the batch axes at every layer of every tick; cast once here, the gradient accumulates
     locally over the ticks and is summed once per step."""
-    missing = set(sharding.BATCH_AXES) - varying_axes(weight)
+    missing = set(sharding.BATCH_AXES) - sharding.varying_axes(weight)
     return jax.lax.pcast(weight, tuple(sorted(missing)), to="varying") if missing else weight
 
 

@@ -121,13 +121,22 @@ def model_specs(cfg: Config) -> Transformer:
     )
 
 
-def init_params(cfg: Config, key: jax.Array, mesh=None) -> Transformer:
-    """Parameters in `precision.param_dtype`, created sharded when a mesh is given."""
-    specs = jax.tree.map(
+def param_specs(cfg: Config) -> Transformer:
+    """The model's declarations in `precision.param_dtype` (the master weights' dtype)."""
+    return jax.tree.map(
         lambda s: P.ParamSpec(s.shape, s.logical_axes, s.init, cfg.precision.param_dtype),
         model_specs(cfg), is_leaf=P.is_spec,
     )
-    return P.init(specs, key, mesh)
+
+
+def init_params(cfg: Config, key: jax.Array, mesh=None) -> Transformer:
+    """Parameters in `precision.param_dtype`, created sharded when a mesh is given."""
+    return P.init(param_specs(cfg), key, mesh)
+
+
+def initial_params(cfg: Config, key: jax.Array) -> Transformer:
+    """The values `init_params` creates, as a traceable function (for a larger jitted init)."""
+    return P.initial_values(param_specs(cfg), key)
 
 
 def num_router_layers(cfg: Config) -> int:
@@ -174,11 +183,12 @@ def _run_stack(blocks: Block, x, per_layer, layer_fn, cfg: Config):
     return jax.lax.scan(body, x, (blocks, per_layer))
 
 
-def _run_staged_stack(blocks: Block, x, per_layer, layer_fn, cfg: Config, cached: bool):
+def _run_staged_stack(blocks: Block, x, per_layer, layer_fn, cfg: Config, cached: bool,
+                      schedule: pipeline.Schedule | None = None):
     """The pipelined stack: over the pipeline stages when the mesh has more than one (outputs
     then come per microbatch, [L, m, ...]), else `_run_stack`. Generation (with a cache) always
-    runs the plain scan."""
-    schedule = pipeline.schedule_for(cfg)
+    runs the plain scan. `schedule` defaults to the config's on the current mesh."""
+    schedule = schedule or pipeline.schedule_for(cfg)
     if cached or schedule.stages == 1:
         return _run_stack(blocks, x, per_layer, layer_fn, cfg)
     run_block = lambda block, x_, inputs: _run_stack(block, x_, inputs, layer_fn, cfg)
@@ -215,6 +225,23 @@ class _Layers:
         y, stats = moe_ffn(block.ffn, h, bias, self.router_state.temperature, self.cfg,
                            self.matmuls)
         return constrain(x + y, ACTIVATION_AXES), stats, entries
+
+
+def moe_stack(blocks: Block, x, cfg: Config, router_state: RouterState,
+              schedule: pipeline.Schedule | None = None):
+    """The MoE block stack alone, as the forward pass runs it (pipelined over the mesh's stages
+    by `schedule`, default the config's): x [B, T, D] -> (y, per-layer MoE statistics; with a
+    pipeline [L, m, ...] per microbatch). For measuring a schedule without the rest of the model."""
+    layers = _Layers(cfg, jnp.arange(x.shape[1]), router_state)
+
+    def moe_layer(block, x_, inputs):
+        x_, stats, _ = layers.moe(block, x_, inputs[0])
+        return x_, (stats, None)
+
+    bias = router_state.bias[:cfg.num_moe_layers]
+    y, (stats, _) = _run_staged_stack(blocks, x, (bias, None), moe_layer, cfg, cached=False,
+                                      schedule=schedule)
+    return y, stats
 
 
 def _decoder(params: Transformer, tokens, positions, cfg: Config, router_state, cache=None):

@@ -2,8 +2,8 @@
 and the work and memory follow the N k useful assignments, not E N.
 
 On one shard: the token copies are sorted by expert, each expert's group is padded to whole row
-tiles and one grouped SwiGLU runs over the used tiles (moejax/model/grouped.py). Static bound
-on the sorted buffer: N k + E (tile - 1) rows.
+tiles and one grouped SwiGLU runs over the used tiles (grouped.py). Static bound on the sorted
+buffer: N k + E (tile - 1) rows.
 
 Under expert parallelism (P shards of the `expert` axis, E_ = E / P experts each), inside the
 one shard_map:
@@ -11,13 +11,13 @@ one shard_map:
    expert), with its local expert ids (-1 for experts elsewhere) and their routing weights;
 2. the receiving shard runs its local experts on the token and sums their weighted outputs;
 3. that one row travels back, and the token's shard sums the rows of all its destinations.
-The exchange is a dense all_to_all of one buffer per (source, destination) pair of N_ rows (a
-token visits a destination at most once, so no pair can overflow). A row carries min(k, E_)
-local expert ids (a token has at most that many experts on one shard), so the receiving
-shard's sorted buffer and its combine buffer hold P N_ min(k, E_) assignments at most (every
-token of every shard on every local expert), plus the tile padding. With group-limited
-routing whose groups line up with the shards (moe.num_groups a multiple of P), a token reaches
-at most min(P, k, topk_groups) shards.
+The exchange (shards.Exchange) is a dense all_to_all of one buffer per (source, destination)
+pair of N_ rows (a token visits a destination at most once, so no pair can overflow), or on
+GPU/TPU a ragged_all_to_all of the used rows. A row carries min(k, E_) local expert ids (a token
+has at most that many experts on one shard), so the receiving shard's sorted buffer and its
+combine buffer hold P N_ min(k, E_) assignments at most (every token of every shard on every
+local expert), plus the tile padding. With group-limited routing whose groups line up with the
+shards (moe.num_groups a multiple of P), a token reaches at most min(P, k, topk_groups) shards.
 """
 
 from __future__ import annotations
@@ -26,9 +26,10 @@ import jax
 import jax.numpy as jnp
 
 from moejax.config import MoEConfig
-from moejax.model import grouped
-from moejax.model.dispatch import on_expert_shards
-from moejax.model.layers import FFN, Matmul, same_varying_axes
+from moejax.model.dispatch import grouped
+from moejax.model.dispatch.shards import DispatchStats, Exchange, on_expert_shards
+from moejax.model.layers import FFN, Matmul
+from moejax.sharding import same_varying_axes
 
 
 def max_destinations(cfg: MoEConfig, shards: int) -> int:
@@ -96,7 +97,7 @@ def _send_layout(expert_ids, experts_per_shard: int, shards: int):
 def dropless_moe_local(x, expert_ids, weights, experts: FFN, cfg: MoEConfig, matmul: Matmul,
                        use_ragged: bool, expert_axis=None):
     """One shard's routed-expert output: x [N_, D], expert_ids and weights [N_, k] ->
-    (y [N_, D], statistics [4]: padded rows, useful rows, rows sent, send-buffer rows).
+    (y [N_, D], the shard's DispatchStats: padded and useful rows, rows sent, send-buffer rows).
     `use_ragged`: ragged_dot and ragged_all_to_all (GPU/TPU) instead of the CPU paths."""
     num_tokens, top_k = expert_ids.shape
     shards = 1 if expert_axis is None else jax.lax.axis_size(expert_axis)
@@ -104,7 +105,7 @@ def dropless_moe_local(x, expert_ids, weights, experts: FFN, cfg: MoEConfig, mat
     if shards == 1:
         y, padded, useful = grouped_experts(
             x, expert_ids, weights, experts, matmul, tile, num_tokens * top_k, use_ragged)
-        return y, jnp.stack([padded, useful, num_tokens, num_tokens]).astype(jnp.float32)
+        return y, _row_stats(padded, useful, num_tokens, num_tokens)
     local_experts = experts.w_gate.shape[0]
     with jax.named_scope("dispatch"):
         slot, token = _send_layout(expert_ids, local_experts, shards)
@@ -118,7 +119,7 @@ def dropless_moe_local(x, expert_ids, weights, experts: FFN, cfg: MoEConfig, mat
         slots = min(top_k, local_experts)  # a row reaches at most this many local experts
         send_ids, send_weights = compact_slots(send_ids, send_weights, slots)
         sent_per_shard = jnp.sum(token.reshape(shards, num_tokens) < num_tokens, axis=1)
-        exchange = Exchange(expert_axis, shards, sent_per_shard, use_ragged)
+        exchange = Exchange(expert_axis, sent_per_shard if use_ragged else None)
         # ids travel as float32 beside the weights (exact below 2^24): one message, not two
         received_rows = exchange.out(send_rows)
         received_meta = exchange.out(
@@ -133,7 +134,15 @@ def dropless_moe_local(x, expert_ids, weights, experts: FFN, cfg: MoEConfig, mat
                                             _flat_inverse(token, shards, num_tokens))
         y = jnp.sum(per_destination.reshape(num_tokens, shards, -1), axis=1)
     sent = jnp.sum(token < num_tokens)
-    return y, jnp.stack([padded, useful, sent, shards * num_tokens]).astype(jnp.float32)
+    return y, _row_stats(padded, useful, sent, shards * num_tokens)
+
+
+def _row_stats(padded, useful, sent, send_buffer) -> DispatchStats:
+    """The dropless statistics as float32 counts (nothing is ever dropped)."""
+    f32 = jnp.float32
+    return DispatchStats(dropped=jnp.zeros((), f32), padded_rows=jnp.asarray(padded, f32),
+                         useful_rows=jnp.asarray(useful, f32), rows_sent=jnp.asarray(sent, f32),
+                         send_buffer_rows=jnp.asarray(send_buffer, f32))
 
 
 def compact_slots(ids, weights, slots: int):
@@ -156,42 +165,12 @@ def _flat_inverse(token, shards: int, num_tokens: int):
     return jnp.where(token < num_tokens, token * shards + shard, num_tokens * shards)[:, None]
 
 
-class Exchange:
-    """Moves [P X, ...] buffers whose row block p (X rows) is meant for shard p so that block q
-    holds what shard q sent (`out`), and back (`back`). Dense: one all_to_all of every row.
-    Ragged (GPU/TPU): `jax.lax.ragged_all_to_all` sends only the `send_sizes` [P] used rows at
-    the start of each block (XLA:CPU cannot run it); the result is the same."""
-
-    def __init__(self, expert_axis: str, shards: int, send_sizes: jax.Array, ragged: bool):
-        self.axis, self.shards, self.ragged = expert_axis, shards, ragged
-        self.send_sizes = send_sizes.astype(jnp.int32)
-        if ragged:
-            self.recv_sizes = jax.lax.all_to_all(self.send_sizes, expert_axis, 0, 0, tiled=True)
-
-    def out(self, a: jax.Array) -> jax.Array:
-        return self._move(a, self.send_sizes, self.recv_sizes if self.ragged else None)
-
-    def back(self, a: jax.Array) -> jax.Array:
-        return self._move(a, self.recv_sizes if self.ragged else None, self.send_sizes)
-
-    def _move(self, a, send_sizes, recv_sizes):
-        rows_per_block = a.shape[0] // self.shards
-        if not self.ragged:
-            by_shard = a.reshape(self.shards, rows_per_block, *a.shape[1:])
-            return jax.lax.all_to_all(by_shard, self.axis, 0, 0, tiled=True).reshape(a.shape)
-        block_starts = jnp.arange(self.shards, dtype=jnp.int32) * rows_per_block
-        # where this shard's block lands on every receiver: at its own index
-        landing = jnp.full(self.shards, jax.lax.axis_index(self.axis) * rows_per_block, jnp.int32)
-        return jax.lax.ragged_all_to_all(a, jnp.zeros_like(a), block_starts, send_sizes, landing,
-                                         recv_sizes, axis_name=self.axis)
-
-
 def dropless_moe(x, expert_ids, weights, experts: FFN, cfg: MoEConfig, matmul: Matmul,
                  fp8_dispatch: bool = False):
     """Routed-expert output for x [B, T, D] with nothing dropped; returns (y [B, T, D],
-    dropped assignments (always 0), statistics [4] summed over shards: padded rows, useful rows,
-    rows sent, send-buffer rows). The payload travels in the compute dtype (the config refuses
-    fp8_dispatch with this dispatch)."""
+    DispatchStats summed over shards: padded rows, useful rows, rows sent, send-buffer rows).
+    The payload travels in the compute dtype (the config refuses fp8_dispatch with this
+    dispatch)."""
     del fp8_dispatch
     use_ragged = cfg.kernels == "ragged" or (
         cfg.kernels == "auto" and jax.default_backend() != "cpu")
@@ -199,5 +178,4 @@ def dropless_moe(x, expert_ids, weights, experts: FFN, cfg: MoEConfig, matmul: M
     def local(x_, ids_, w_, experts_, expert_axis):
         return dropless_moe_local(x_, ids_, w_, experts_, cfg, matmul, use_ragged, expert_axis)
 
-    y, stats = on_expert_shards(local, x, expert_ids, weights, experts)
-    return y, jnp.zeros((), jnp.float32), stats
+    return on_expert_shards(local, x, expert_ids, weights, experts)

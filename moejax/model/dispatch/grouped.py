@@ -1,5 +1,5 @@
 """Grouped expert computation over rows sorted by expert: the building blocks of the dropless
-dispatch (moejax/model/dropless.py).
+dispatch (dropless.py beside it).
 
 - `take_rows`: a gather of rows whose gradient is again a gather, through the known inverse map
   (plain autodiff of a gather is a scatter-add, slow on every backend).
@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from moejax.fp8 import varying_axes
 from moejax.model.layers import FFN
+from moejax.sharding import varying_axes
 
 
 def _with_zero_row(x: jax.Array) -> jax.Array:
