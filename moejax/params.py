@@ -87,18 +87,19 @@ def init(specs, key: jax.Array, mesh=None):
     return _compiled_init(specs, mesh)(key)
 
 
+def initial_values(specs, key: jax.Array):
+    """The initial values (traceable): one key per leaf, split from `key` in leaf order."""
+    leaves, treedef = jax.tree.flatten(specs, is_leaf=is_spec)
+    keys = jax.random.split(key, len(leaves))
+    values = [s.init(k, s.shape, jnp.dtype(s.dtype)) for s, k in zip(leaves, keys)]
+    return jax.tree.unflatten(treedef, values)
+
+
 @functools.lru_cache(maxsize=32)
 def _compiled_init(specs, mesh):
     """One jitted init per (declarations, mesh): specs are hashable frozen dataclasses."""
-    leaves, treedef = jax.tree.flatten(specs, is_leaf=is_spec)
-
-    def make(key):
-        keys = jax.random.split(key, len(leaves))
-        values = [s.init(k, s.shape, jnp.dtype(s.dtype)) for s, k in zip(leaves, keys)]
-        return jax.tree.unflatten(treedef, values)
-
     out_shardings = shardings(specs, mesh) if mesh is not None else None
-    return jax.jit(make, out_shardings=out_shardings)
+    return jax.jit(functools.partial(initial_values, specs), out_shardings=out_shardings)
 
 
 def count(specs) -> int:

@@ -46,7 +46,7 @@ DROPLESS, NULL = "dropless (preset)", "capacity null (old dropless)"
 TARGET_SPEEDUP = 1.5  # dropless tokens/s over capacity null
 
 
-def run_seed(seed: int, args, compiled: dict) -> dict:
+def run_seed(seed: int, args) -> dict:
     runs = {}
     for label, overrides in SYSTEMS.items():
         if args.quick and label not in (DROPLESS, NULL):
@@ -54,7 +54,7 @@ def run_seed(seed: int, args, compiled: dict) -> dict:
         cfg = moejax.load_config(PRESET, [*overrides, f"train.steps={args.steps}",
                                           f"train.seed={seed}"])
         print(f"  seed {seed}: preparing {label}", flush=True)
-        runs[label] = bench.prepare_train_run(cfg, seed, compiled)
+        runs[label] = bench.prepare_train_run(cfg, seed)
     times = bench.interleaved_training(runs, args.steps // args.block, args.block, log=print)
     tokens = {label: args.block * run.tokens_per_step for label, run in runs.items()}
     return {
@@ -79,7 +79,7 @@ def summarise(results: list[dict]) -> dict:
             "held_out": losses,
         }
         if label != DROPLESS:
-            summary[label]["dropless_speedup"] = bench.spread(
+            summary[label]["dropless_speedup"] = bench.per_round_summary(
                 [v for r in results for v in r["speedup_all"][label]])
             summary[label]["held_out_minus_dropless"] = [
                 r["held_out"][label] - r["held_out"][DROPLESS] for r in results]
@@ -150,14 +150,13 @@ def main(argv=None) -> int:
           f"E {cfg.moe.num_experts}, k {cfg.moe.top_k}, batch {cfg.train.global_batch_size} x "
           f"{cfg.train.seq_len} tokens, {cfg.precision.compute_dtype}; {args.steps} steps per "
           f"system and seed, blocks of {args.block}, seeds {args.seeds}", flush=True)
-    compiled: dict = {}
-    results = [run_seed(seed, args, compiled) for seed in args.seeds]
+    results = [run_seed(seed, args) for seed in args.seeds]
     summary = summarise(results)
     print()
     print(table(summary))
     print()
     lines = targets(summary)
-    print("Targets (issue 11):")
+    print("Targets:")
     for line in lines:
         print("  " + line)
     if args.json:

@@ -38,8 +38,8 @@ def main(argv=None) -> int:
             f" --xla_force_host_platform_device_count={args.devices}").strip()
     if importlib.util.find_spec("moejax") is None:  # a checkout without `pip install -e .`
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from moejax.tools import plan
     from moejax.config import ConfigError, load_config
+    from moejax.tools import plan
 
     try:
         cfg = load_config(args.config, args.overrides, num_devices=args.devices)

@@ -4,7 +4,6 @@
 test_mesh_equivalence.py, its cached form in test_generate.py.)
 """
 
-import functools
 import math
 
 import jax
@@ -18,9 +17,8 @@ import moejax
 from moejax.model.attention import softmax_scale
 from moejax.model.layers import rms_norm, rope_frequencies
 from moejax.model.transformer import _decoder, _Layers, output_logits
-from moejax.training.optim import make_optimizer
-from moejax.training.state import init_train_state
-from moejax.training.step import mtp_loss_weight, train_step
+from moejax.training.run import build_run
+from moejax.training.step import mtp_loss_weight
 
 MLA = ("model.attention=mla", "model.q_lora_rank=16", "model.kv_lora_rank=16",
        "model.qk_nope_head_dim=8", "model.qk_rope_head_dim=4", "model.v_head_dim=8")
@@ -138,13 +136,12 @@ def test_mtp_weight_schedule():
 def _train(cfg, steps=3):
     """Main-model params, router bias and per-step cross-entropy after `steps` on one device."""
     mesh = moejax.make_mesh(cfg.mesh, devices=jax.devices()[:1])
-    optimizer = make_optimizer(cfg)
+    run = build_run(cfg, mesh, key=jax.random.key(0))
+    state = run.state
     with jax.set_mesh(mesh):
-        state = init_train_state(cfg, jax.random.key(0), mesh, optimizer)
-        step = jax.jit(functools.partial(train_step, cfg=cfg, optimizer=optimizer))
         losses = []
         for _ in range(steps):
-            state, metrics = step(state, {"tokens": _tokens(cfg)})
+            state, metrics = run.step(state, {"tokens": _tokens(cfg)})
             losses.append(float(metrics["cross_entropy"]))
     return state.params.replace(mtp=None), state.router.bias[:cfg.num_moe_layers], losses
 

@@ -17,6 +17,7 @@ from moejax.config import MeshConfig
 from moejax.model.moe import moe_ffn, moe_specs
 from moejax.sharding import batch_sharding
 from moejax.training.optim import make_optimizer
+from moejax.training.run import build_run
 from moejax.training.state import init_train_state
 from moejax.training.step import train_step
 
@@ -59,12 +60,7 @@ def test_fp8_model_stays_close_to_float32(recipe):
 
 def test_tensor_fp8_train_step_lowers_to_e4m3_and_e5m2_dots():
     cfg = tiny_config("precision.fp8=tensor", CAPACITY, "mesh.expert=1", "mesh.data=-1")
-    mesh = moejax.make_mesh(cfg.mesh)
-    optimizer = make_optimizer(cfg)
-    state = init_train_state(cfg, jax.random.key(0), mesh, optimizer)
-    batch = {"tokens": jnp.zeros((8, 17), jnp.int32)}
-    with jax.set_mesh(mesh):
-        hlo = jax.jit(lambda s, b: train_step(s, b, cfg, optimizer)).lower(state, batch).as_text()
+    hlo = build_run(cfg, abstract=True).lower().as_text()
     dots = [line for line in hlo.splitlines() if "dot_general" in line]
     e4m3_by_e4m3 = [d for d in dots if d.count("f8E4M3FN") >= 2]
     with_e5m2 = [d for d in dots if "f8E5M2" in d and "f8E4M3FN" in d]
@@ -106,7 +102,7 @@ def test_float16_loss_scaling_skips_overflowing_steps_and_recovers():
                       "mesh.expert=1", "mesh.data=-1", "train.warmup_steps=0")
     mesh = moejax.make_mesh(cfg.mesh)
     optimizer = make_optimizer(cfg)
-    state = init_train_state(cfg, jax.random.key(0), mesh, optimizer)
+    state = init_train_state(cfg, jax.random.key(0), mesh)
     batch = {"tokens": jax.random.randint(jax.random.key(1), (8, 17), 0, 256)}
     step = jax.jit(lambda s, b: train_step(s, b, cfg, optimizer))
     with jax.set_mesh(mesh):

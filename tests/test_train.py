@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 from helpers import max_relative_error, subprocess_env, tiny_config
 
+from moejax import data as data_lib
 from moejax import make_mesh
 from moejax.config import ConfigError, load_config
-from moejax.training import data as data_lib
+from moejax.data.corpus_write import discover_stdlib_sources, write_token_files
 from moejax.training.checkpoint import Checkpoints
 from moejax.training.loop import train
-from moejax.training.optim import make_optimizer
 from moejax.training.rundir import RunDirError
 from moejax.training.state import init_train_state
 from moejax.training.step import update_router_bias
@@ -33,7 +33,7 @@ TRAIN_OVERRIDES = ("train.steps=200", "train.log_every=1", "train.eval_every=0",
 @pytest.fixture(scope="session")
 def corpus_dir(tmp_path_factory):
     """A small byte-level corpus from 24 stdlib files (4 of them held out)."""
-    files = data_lib.discover_stdlib_sources()[:24]
+    files = discover_stdlib_sources()[:24]
     out = tmp_path_factory.mktemp("corpus")
     return str(data_lib.prepare_corpus([str(f) for f in files], out, holdout_every=6))
 
@@ -51,7 +51,7 @@ def straight_losses(corpus_dir, steps):
 
 def final_params(cfg, run_dir):
     mesh = make_mesh(cfg.mesh)
-    like = init_train_state(cfg, jax.random.key(0), mesh, make_optimizer(cfg))
+    like = init_train_state(cfg, jax.random.key(0), mesh)
     checkpoints = Checkpoints(Path(run_dir) / "checkpoints", 2)
     state, _ = checkpoints.restore(checkpoints.latest_step(), like)
     checkpoints.close()
@@ -158,7 +158,7 @@ def test_bad_data_gives_one_sentence(corpus_dir, tmp_path):
         train(train_config(tmp_path / "nowhere"), tmp_path / "a", progress=False)
     assert not (tmp_path / "a").exists()  # bad data leaves no run directory behind
     empty = tmp_path / "empty_corpus"
-    data_lib.write_token_files({"train": [], "val": []}, empty)
+    write_token_files({"train": [], "val": []}, empty)
     with pytest.raises(data_lib.DataError, match="empty"):
         train(train_config(empty), tmp_path / "b", progress=False)
     with pytest.raises(data_lib.DataError, match=r"vocab"):

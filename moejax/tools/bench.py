@@ -9,7 +9,8 @@ taken per round, against the same round, then summarised by its median and sprea
 - `LayerShape`, `useful_flops`, `layer_config`, `moe_layer_step`: one moejax MoE layer,
   forward + backward, compiled once, with its XLA memory analysis.
 - `hf_moe_step`: the same layer as Hugging Face's `DeepseekV3MoE` (torch), same weights.
-- `dropless_buffer_bytes`: the static buffer bounds of moejax/model/dropless.py, as arithmetic.
+- `dropless_buffer_bytes`: the static buffer bounds of moejax/model/dispatch/dropless.py, as
+  arithmetic.
 - `prepare_train_run`, `interleaved_training`, `held_out_loss`: whole-model train steps of
   several configs in one process, timed in interleaved blocks (compilation not timed).
 """
@@ -30,15 +31,16 @@ import numpy as np
 
 from moejax import params as P
 from moejax.config import Config, load_config
-from moejax.model.grouped import padded_rows
+from moejax.model.dispatch import padded_rows
+from moejax.training.run import Run, build_run
 
 __all__ = [
     "BATCH",
     "FLOP_FORMULA",
     "LAYER_SHAPES",
+    "BenchRun",
     "LayerShape",
     "LayerStep",
-    "TrainRun",
     "cpu_threads",
     "dropless_buffer_bytes",
     "held_out_loss",
@@ -51,10 +53,10 @@ __all__ = [
     "memory_stats",
     "mib",
     "moe_layer_step",
+    "per_round_summary",
     "prepare_train_run",
     "round_ratios",
     "seconds",
-    "spread",
     "timed",
     "torch_available",
     "torch_matmul",
@@ -108,7 +110,7 @@ def round_ratios(numerator: list, denominator: list) -> list[float]:
     return [a / b for a, b in zip(numerator, denominator) if a is not None and b is not None]
 
 
-def spread(values: list[float]) -> dict:
+def per_round_summary(values: list[float]) -> dict:
     """Median, min and max of per-round values (None when there are none)."""
     if not values:
         return {"median": None, "min": None, "max": None, "n": 0, "all": []}
@@ -335,8 +337,8 @@ def torch_matmul(size: int, threads: int | None = None) -> tuple[Callable, float
 def dropless_buffer_bytes(tokens_per_device: int, d_model: int, ffn_dim: int, num_experts: int,
                           top_k: int, expert_shards: int, tile: int, bytes_per_value: int) -> dict:
     """Rows and bytes of the dropless layer's main activation buffers on one device, from the
-    static bounds stated in moejax/model/dropless.py (N_ tokens on the device, P shards of the
-    expert axis, E_ = E / P local experts):
+    static bounds stated in moejax/model/dispatch/dropless.py (N_ tokens on the device, P shards
+    of the expert axis, E_ = E / P local experts):
     - send and receive buffers of the exchange: P pairs x N_ rows each, [P N_, D], both ways;
     - the sorted buffer: P N_ min(k, E_) assignments + E_ (tile - 1) padding rows, in whole
       tiles (one shard: N k + E (tile - 1)); the grouped SwiGLU holds its input and output
@@ -374,63 +376,47 @@ def mib(x: float) -> float:
 
 
 @dataclasses.dataclass
-class TrainRun:
-    """One config's training run in this process: compiled step, state, data, held-out data."""
+class BenchRun:
+    """A config's run (the trainer's own state and step, `training.run.build_run`) with the
+    data `moejax.train` would feed it."""
 
-    cfg: Config
-    mesh: object
-    step: Callable  # compiled (state, batch) -> (state, metrics); donates the state
-    state: object
+    run: Run
     train_iter: object
     eval_batches: list
-    eval_fn: Callable
     corpus: object
 
     @property
     def tokens_per_step(self) -> int:
-        return self.cfg.train.global_batch_size * self.cfg.train.seq_len
+        return self.run.tokens_per_step
 
 
-def prepare_train_run(cfg: Config, seed: int, compiled: dict | None = None) -> TrainRun:
+def prepare_train_run(cfg: Config, seed: int) -> BenchRun:
     """The state, data and step that `moejax.train` would use for `cfg` with train.seed=`seed`,
-    the step compiled ahead of time and run once on a copy of the state (so the run itself has
-    taken no step); `compiled` caches steps by config across seeds."""
-    from moejax import sharding
-    from moejax.training import data as data_lib
-    from moejax.training.loop import global_batch, load_corpus
-    from moejax.training.optim import make_optimizer
-    from moejax.training.state import init_train_state, state_shardings
-    from moejax.training.step import HashableTree, compiled_eval_step, compiled_train_step
+    the step compiled and run once on a copy of the state (so the run itself has taken no
+    step). Runs that differ only in their seed share one compiled step (build_run's cache)."""
+    from moejax import data as data_lib
+    from moejax.data import load_corpus
 
     corpus = load_corpus(cfg)
-    mesh = sharding.make_mesh(cfg.mesh)
     t = cfg.train
-    state = init_train_state(cfg, jax.random.key(seed), mesh, make_optimizer(cfg))
+    run = build_run(cfg, key=jax.random.key(seed))
     train_iter = data_lib.make_train_iterator(
         corpus.train_tokens, seq_len=t.seq_len, global_batch_size=t.global_batch_size, seed=seed)
     eval_batches = data_lib.make_eval_batches(
         corpus.val_tokens, seq_len=t.seq_len, batch_size=t.global_batch_size,
         num_batches=t.eval_batches)
-    compiled = {} if compiled is None else compiled
-    key = cfg.replace(train=dataclasses.replace(t, seed=0))  # the step does not use the seed
-    if key not in compiled:
-        with jax.set_mesh(mesh):
-            step_fn = compiled_train_step(key, mesh, HashableTree(state_shardings(state)))
-            example = global_batch(mesh, eval_batches[0]["tokens"])
-            compiled[key] = step_fn.lower(state, example).compile()
-            # one untimed execution, on a copy (the step donates its state): first-call costs
-            throwaway = jax.tree.map(jnp.copy, state)
-            jax.block_until_ready(compiled[key](throwaway, example))
-    return TrainRun(cfg, mesh, compiled[key], state, train_iter, eval_batches,
-                    compiled_eval_step(key), corpus)
+    example = run.global_batch(eval_batches[0]["tokens"])
+    # one untimed execution, on a copy (the step donates its state): compilation, first-call costs
+    with jax.set_mesh(run.mesh):
+        jax.block_until_ready(run.step(jax.tree.map(jnp.copy, run.state), example))
+    return BenchRun(run, train_iter, eval_batches, corpus)
 
 
-def train_block(run: TrainRun, steps: int) -> float:
-    """Run `steps` train steps of `run` (its next batches, fetched and placed before the clock
-    starts); returns their wall time in seconds."""
-    from moejax.training.loop import global_batch
-
-    batches = [global_batch(run.mesh, next(run.train_iter)["tokens"]) for _ in range(steps)]
+def train_block(bench_run: BenchRun, steps: int) -> float:
+    """Run `steps` train steps of `bench_run` (its next batches, fetched and placed before the
+    clock starts); returns their wall time in seconds."""
+    run = bench_run.run
+    batches = [run.global_batch(next(bench_run.train_iter)["tokens"]) for _ in range(steps)]
     jax.block_until_ready(batches)
     started = time.perf_counter()
     with jax.set_mesh(run.mesh):
@@ -440,7 +426,7 @@ def train_block(run: TrainRun, steps: int) -> float:
     return time.perf_counter() - started
 
 
-def interleaved_training(runs: dict[str, TrainRun], rounds: int, block: int,
+def interleaved_training(runs: dict[str, BenchRun], rounds: int, block: int,
                          log: Callable | None = None) -> dict[str, list[float]]:
     """Each round runs `block` steps of every run, in an order rotated per round; returns the
     seconds of each block ({label: [seconds per round]})."""
@@ -457,11 +443,12 @@ def interleaved_training(runs: dict[str, TrainRun], rounds: int, block: int,
     return times
 
 
-def held_out_loss(run: TrainRun) -> float:
+def held_out_loss(bench_run: BenchRun) -> float:
     """Mean held-out cross-entropy (nats/token) of the run's current state, as moejax.train
     reports it."""
     from moejax.training.loop import evaluate
 
+    run = bench_run.run
     with jax.set_mesh(run.mesh):
-        return evaluate(run.cfg, run.mesh, run.state, run.eval_batches, run.eval_fn,
-                        run.corpus)["loss"]
+        return evaluate(run.cfg, run.mesh, run.state, bench_run.eval_batches, run.eval_step,
+                        bench_run.corpus)["loss"]

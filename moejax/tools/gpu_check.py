@@ -38,6 +38,7 @@ import numpy as np
 
 from moejax.tools import bench
 from moejax.tools.bench import LayerShape
+from moejax.training.run import Run, build_run
 
 NOT_RUN = "not run: needs a GPU"
 CUBLAS_FP8 = "__cublas$lt$matmul$f8"
@@ -135,20 +136,20 @@ def spec_peak_flops(device_kind: str) -> tuple[float | None, float | None]:
 
 
 @dataclasses.dataclass
-class TrainRun:
-    """A compiled train step of one config on one device, its state and one batch. A run
-    handed from one section to another drops its state (`release`) and makes a fresh one when
-    next stepped, so that one model's train state at a time lives on the device (two states of
-    the 1B preset would not fit an 80 GB H100)."""
+class CompiledRun:
+    """A config's run on one device (`training.run.build_run`), its step compiled for one batch
+    of random tokens. A run handed from one section to another drops its state (`release`) and
+    is built afresh (the same init, the same shardings) when next stepped, so that one model's
+    train state at a time lives on the device (two states of the 1B preset would not fit an
+    80 GB H100)."""
 
+    run: Run | None  # None: released
     cfg: object
-    mesh: object
     compiled: object
-    state: object  # None: made (the same init, the same shardings) at the next step
     batch: dict
 
-    def release(self) -> TrainRun:
-        self.state = None
+    def release(self) -> CompiledRun:
+        self.run = None
         return self
 
     @property
@@ -157,14 +158,10 @@ class TrainRun:
 
     def step(self):
         """One step (the state is donated, so the new one replaces it); returns its metrics."""
-        if self.state is None:
-            from moejax.training.optim import make_optimizer
-            from moejax.training.state import init_train_state
-
-            self.state = init_train_state(self.cfg, jax.random.key(0), self.mesh,
-                                          make_optimizer(self.cfg))
-        with jax.set_mesh(self.mesh):
-            self.state, metrics = self.compiled(self.state, self.batch)
+        if self.run is None:
+            self.run = build_run(self.cfg, key=jax.random.key(0))
+        with jax.set_mesh(self.run.mesh):
+            self.run.state, metrics = self.compiled(self.run.state, self.batch)
         return metrics
 
     def seconds_per_step(self, steps: int) -> float:
@@ -183,26 +180,17 @@ def load_check_config(preset: str | None, overrides):
 
 
 def lowered_train_step(cfg):
-    """(lowered step, mesh, state, batch) of `cfg` on the first device, random tokens."""
-    from moejax import sharding
-    from moejax.training.loop import global_batch
-    from moejax.training.optim import make_optimizer
-    from moejax.training.state import init_train_state, state_shardings
-    from moejax.training.step import HashableTree, compiled_train_step
-
-    mesh = sharding.make_mesh(cfg.mesh)
-    state = init_train_state(cfg, jax.random.key(0), mesh, make_optimizer(cfg))
+    """(lowered step, run, batch) of `cfg` on the first device, random tokens."""
+    run = build_run(cfg, key=jax.random.key(0))
     shape = (cfg.train.global_batch_size, cfg.train.seq_len + 1)
     tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, shape, dtype=np.int32)
-    batch = global_batch(mesh, tokens)
-    with jax.set_mesh(mesh):
-        step = compiled_train_step(cfg, mesh, HashableTree(state_shardings(state)))
-        return step.lower(state, batch), mesh, state, batch
+    batch = run.global_batch(tokens)
+    return run.lower(batch), run, batch
 
 
-def train_run(cfg) -> TrainRun:
-    lowered, mesh, state, batch = lowered_train_step(cfg)
-    return TrainRun(cfg, mesh, lowered.compile(), state, batch)
+def compiled_run(cfg) -> CompiledRun:
+    lowered, run, batch = lowered_train_step(cfg)
+    return CompiledRun(run, cfg, lowered.compile(), batch)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,14 +202,14 @@ def count_fp8_gemms(sizes: Sizes, context: dict) -> dict:
     1.0) asks for in the lowered program, and (GPU) how many became cuBLASLt fp8 custom calls
     once compiled. The compiled step is handed to the MFU section through `context`."""
     cfg = load_check_config(sizes.mfu_preset, [*sizes.mfu_overrides, *MFU_ROWS[FP8_CAPACITY]])
-    lowered, mesh, state, batch = lowered_train_step(cfg)
+    lowered, run, batch = lowered_train_step(cfg)
     dots = [line for line in lowered.as_text().splitlines() if "dot_general" in line]
     intended = sum("f8E4M3FN" in d or "f8E5M2" in d for d in dots)
     result = {"config": f"{sizes.mfu_preset} {FP8_CAPACITY}", "fp8_dots_lowered": intended,
               "dots_lowered": len(dots)}
     compiled = lowered.compile()
-    context[FP8_CAPACITY] = TrainRun(cfg, mesh, compiled, state, batch).release()
-    del state
+    context[FP8_CAPACITY] = CompiledRun(run, cfg, compiled, batch).release()
+    del run
     if not on_gpu():
         result["cublas_fp8_calls"] = result["all_fp8_dots_are_cublas_fp8"] = NOT_RUN
         return result
@@ -280,7 +268,7 @@ def check_fp8(sizes: Sizes, context: dict) -> dict:
 # 2. MFU
 
 
-def mfu_row(run: TrainRun, steps: int, peak: float, spec: float | None) -> dict:
+def mfu_row(run: CompiledRun, steps: int, peak: float, spec: float | None) -> dict:
     from moejax.training.metrics import flops_per_token
 
     seconds = run.seconds_per_step(steps)
@@ -314,7 +302,7 @@ def check_mfu(sizes: Sizes, context: dict) -> dict:
             result["rows"][label] = NOT_RUN
             continue
         try:
-            run = context.pop(label, None) or train_run(
+            run = context.pop(label, None) or compiled_run(
                 load_check_config(sizes.mfu_preset, [*sizes.mfu_overrides, *overrides]))
             result["rows"][label] = {"overrides": list(overrides),
                                      **mfu_row(run, sizes.steps, peak, spec_bf16)}
@@ -370,7 +358,7 @@ def dropless_layers(sizes: Sizes) -> list[dict]:
             median = float(np.median(times[label]))
             row["useful_tflops"][label] = bench.useful_flops(shape) / median / 1e12
             if label != "capacity 1.0":  # tokens/s ratio = inverse time ratio, per round
-                row["over_capacity_1.0"][label] = bench.spread(
+                row["over_capacity_1.0"][label] = bench.per_round_summary(
                     bench.round_ratios(times["capacity 1.0"], times[label]))["median"]
         rows.append(row)
     return rows
@@ -382,14 +370,14 @@ def ragged_exchange_check() -> dict:
     a GPU only (XLA:CPU has no ragged-all-to-all)."""
     from jax.sharding import PartitionSpec
 
-    from moejax.model.dropless import Exchange
+    from moejax.model.dispatch import Exchange
 
     mesh = jax.make_mesh((1,), ("expert",), axis_types=(jax.sharding.AxisType.Auto,),
                          devices=jax.devices()[:1])
     rows, used = 16, 11
 
     def round_trip(a):
-        exchange = Exchange("expert", 1, jnp.array([used], jnp.int32), ragged=True)
+        exchange = Exchange("expert", send_sizes=jnp.array([used], jnp.int32))  # ragged
         return exchange.back(exchange.out(a))
 
     step = jax.jit(jax.shard_map(round_trip, mesh=mesh, in_specs=PartitionSpec(),
@@ -426,7 +414,7 @@ def check_memory(sizes: Sizes, context: dict) -> dict:
     Runs first, in a fresh process, so the device's peak is this step's; the compiled step is
     then handed to the MFU section."""
     label, overrides = BF16_DROPLESS, MFU_ROWS[BF16_DROPLESS]
-    run = train_run(load_check_config(sizes.mfu_preset, [*sizes.mfu_overrides, *overrides]))
+    run = compiled_run(load_check_config(sizes.mfu_preset, [*sizes.mfu_overrides, *overrides]))
     analysis = bench.memory_stats(run.compiled)
     jax.block_until_ready(run.step()["loss"])
     stats = jax.devices()[0].memory_stats()

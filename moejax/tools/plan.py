@@ -1,10 +1,11 @@
 """What one training step costs per device at full size, without the devices.
 
-`plan(cfg, num_devices)` builds the real sharded train step (the function `moejax.train` jits,
-`training.step.compiled_train_step`) on the configured mesh and reports, per device:
+`plan(cfg, num_devices)` builds the real sharded train step (the run `moejax.train` builds,
+`training.run.build_run`) on the configured mesh and reports, per device:
 
 - parameter, optimizer-state and gradient bytes: arithmetic from the shard shapes of the
-  abstract train state (`jax.eval_shape` on a `jax.sharding.AbstractMesh`, no devices needed);
+  trainer's own state built abstract (`training.run.build_run(..., abstract=True)` on a
+  `jax.sharding.AbstractMesh`, no devices needed);
 - activation bytes: arithmetic (the layer inputs that `model.remat=full` keeps for the backward,
   plus the logits), and the compiled program's own figures (`compiled.memory_analysis()`) when
   it was compiled;
@@ -29,19 +30,15 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import optax
 from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec
 
-from moejax import sharding
-from moejax.tools import hlo_stats
 from moejax import params as P
+from moejax import sharding
 from moejax.config import MESH_AXES, Config, ConfigError, staged_layers
-from moejax.model.dropless import max_destinations
+from moejax.model.dispatch import max_destinations
 from moejax.model.pipeline import Schedule
-from moejax.model.transformer import init_router_state, model_specs
-from moejax.training.optim import make_optimizer
-from moejax.training.state import SkippedSteps, TrainState
-from moejax.training.step import HashableTree, compiled_train_step
+from moejax.tools import hlo_stats
+from moejax.training.run import build_run
 
 # The DeepSeek-V3 technical report's training figures (arXiv 2412.19437)
 DEEPSEEK_V3_REPORT = {
@@ -56,40 +53,6 @@ DEEPSEEK_V3_REPORT = {
 def abstract_mesh(cfg: Config, num_devices: int) -> AbstractMesh:
     sizes = cfg.mesh.axis_sizes(num_devices)
     return AbstractMesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
-
-
-def abstract_train_state(cfg: Config, mesh) -> TrainState:
-    """The train state as ShapeDtypeStructs carrying their shardings on `mesh` (abstract or
-    concrete): parameters from their declarations, AdamW moments sharded like the parameters
-    (as `jax.jit(optimizer.init)` leaves them), scalars and router state replicated."""
-    specs = jax.tree.map(
-        lambda s: P.ParamSpec(s.shape, s.logical_axes, s.init, cfg.precision.param_dtype),
-        model_specs(cfg), is_leaf=P.is_spec)
-    params = P.abstract(specs, mesh)
-    optimizer = make_optimizer(cfg)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    opt_shapes = jax.eval_shape(optimizer.init, params)
-    opt_shardings = optax.tree_map_params(
-        optimizer, lambda _, s: s, opt_shapes, P.shardings(specs, mesh),
-        transform_non_params=lambda _: replicated)
-
-    def with_sharding(x, s):
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-
-    def replicate(tree):
-        return jax.tree.map(lambda x: with_sharding(x, replicated), tree)
-
-    if cfg.precision.uses_loss_scaling:
-        raise ConfigError("the planner does not model float16 loss scaling: plan with "
-                          "precision.compute_dtype=bfloat16 (the state differs by two scalars).")
-    return TrainState(
-        step=replicate(jax.ShapeDtypeStruct((), jnp.int32)),
-        params=params,
-        opt_state=jax.tree.map(with_sharding, opt_shapes, opt_shardings),
-        router=replicate(jax.eval_shape(lambda: init_router_state(cfg))),
-        loss_scale=None,
-        skipped=replicate(jax.eval_shape(SkippedSteps.zero)),
-    )
 
 
 def bytes_per_device(tree) -> int:
@@ -130,7 +93,7 @@ def step_shape(cfg: Config, num_devices: int) -> StepShape:
 
 def dispatch_all_to_all_bytes(cfg: Config, shape: StepShape, payload_bytes: int) -> dict:
     """Bytes one device sends per step through the dropless dispatch's dense all_to_all
-    (moe.kernels=tiles, moejax/model/dropless.py), by formula:
+    (moe.kernels=tiles, moejax/model/dispatch/dropless.py), by formula:
 
         per exchange of a [P N_, W] buffer: P N_ W b (P - 1) / P
         (P: expert shards; N_: tokens of one device's shard of one microbatch; every pair buffer
@@ -199,7 +162,7 @@ def activation_bytes(cfg: Config, shape: StepShape) -> dict:
 def state_bytes(cfg: Config, num_devices: int) -> dict:
     """Per-device bytes of parameters, AdamW moments and gradients (sharded like the
     parameters, in param_dtype), by arithmetic on the abstract state; no devices needed."""
-    state = abstract_train_state(cfg, abstract_mesh(cfg, num_devices))
+    state = build_run(cfg, abstract_mesh(cfg, num_devices), abstract=True).state
     params = bytes_per_device(state.params)
     return {"parameters": params, "optimizer": bytes_per_device(state.opt_state),
             "gradients": params, "router_state": bytes_per_device(state.router)}
@@ -214,18 +177,12 @@ def compile_step(cfg: Config, num_devices: int):
             f"{jax.device_count()}: run scripts/plan.py (it asks XLA:CPU for fake devices) or "
             f"set XLA_FLAGS=--xla_force_host_platform_device_count={num_devices} before jax "
             "starts, or pass compile=False.")
-    mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:num_devices])
-    state = abstract_train_state(cfg, mesh)
-    batch = {"tokens": jax.ShapeDtypeStruct(
-        (cfg.train.global_batch_size, cfg.train.seq_len + 1), jnp.int32,
-        sharding=sharding.batch_sharding(mesh))}
-    shardings = jax.tree.map(lambda x: x.sharding, state)
-    with jax.set_mesh(mesh):
-        step = compiled_train_step(cfg, mesh, HashableTree(shardings))
-        start = time.perf_counter()
-        lowered = step.lower(state, batch)
-        lowered_at = time.perf_counter()
-        compiled = lowered.compile()
+    run = build_run(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:num_devices]),
+                    abstract=True)
+    start = time.perf_counter()
+    lowered = run.lower()
+    lowered_at = time.perf_counter()
+    compiled = lowered.compile()
     return compiled, lowered_at - start, time.perf_counter() - lowered_at
 
 
@@ -355,8 +312,8 @@ def moe_layer_overlap(cfg: Config, mesh, rounds: int = 5) -> dict:
     it and where the schedule put them (hlo_stats.collective_overlap), and the step time over
     interleaved rounds (on XLA:CPU, whose collectives are synchronous: the cost of halving,
     not the gain of overlap)."""
-    from moejax.tools import bench
     from moejax.model.moe import moe_ffn, moe_specs
+    from moejax.tools import bench
 
     specs = moe_specs(cfg)
     params = P.init(specs, jax.random.key(0), mesh)
@@ -383,5 +340,5 @@ def moe_layer_overlap(cfg: Config, mesh, rounds: int = 5) -> dict:
         runs[name] = functools.partial(compiled, params, x)
     times, _ = bench.interleaved_rounds(runs, rounds)
     for name in runs:
-        result[name]["seconds"] = bench.spread(bench.timed(times[name]))
+        result[name]["seconds"] = bench.per_round_summary(bench.timed(times[name]))
     return result

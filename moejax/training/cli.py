@@ -48,8 +48,8 @@ def main(argv=None) -> int:
 
     from moejax.config import ConfigError, load_config
     from moejax.convert.layout import ConversionError
+    from moejax.data import DataError
     from moejax.training.checkpoint import CheckpointError
-    from moejax.training.data import DataError
     from moejax.training.loop import TrainingDiverged, train
     from moejax.training.rundir import RunDirError
 

@@ -15,10 +15,11 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from moejax import data as data_lib
 from moejax import sharding
 from moejax.config import Config
+from moejax.data import Corpus, load_corpus
 from moejax.model.transformer import count_params
-from moejax.training import data as data_lib
 from moejax.training import distributed
 from moejax.training.checkpoint import Checkpoints, set_aside
 from moejax.training.init_from import load_initial_model
@@ -28,29 +29,8 @@ from moejax.training.metrics import (
     measure_peak_flops,
     truncate_metrics,
 )
-from moejax.training.optim import make_optimizer
+from moejax.training.run import build_run, global_batch
 from moejax.training.rundir import check_run_dir, write_run_config
-from moejax.training.state import init_train_state, state_shardings
-from moejax.training.step import HashableTree, compiled_eval_step, compiled_train_step
-
-
-@dataclasses.dataclass
-class Corpus:
-    train_tokens: np.ndarray
-    val_tokens: np.ndarray
-    bytes_per_token: float | None  # 1.0 for byte-level tokens: bits per byte = loss / ln 2
-
-
-def load_corpus(cfg: Config) -> Corpus:
-    corpus_dir = cfg.data.corpus_dir or data_lib.default_corpus_dir(cfg.data.cache_dir)
-    data_lib.check_vocab(corpus_dir, cfg.model.vocab_size)
-    byte_level = data_lib.read_meta(corpus_dir)["tokenizer"] == "byte"
-    corpus = Corpus(data_lib.load_split(corpus_dir, "train"), data_lib.load_split(corpus_dir, "val"),
-                    1.0 if byte_level else None)
-    t = cfg.train
-    data_lib.check_corpus_fits(corpus.train_tokens, corpus.val_tokens, seq_len=t.seq_len,
-                               global_batch_size=t.global_batch_size, eval_batches=t.eval_batches)
-    return corpus
 
 
 class StopSignal:
@@ -71,12 +51,6 @@ class StopSignal:
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
-
-
-def global_batch(mesh, local_tokens: np.ndarray) -> dict:
-    """This process's rows [B / processes, T + 1] -> one global array sharded over the batch."""
-    tokens = jax.make_array_from_process_local_data(sharding.batch_sharding(mesh), local_tokens)
-    return {"tokens": tokens}
 
 
 def evaluate(cfg: Config, mesh, state, eval_batches, eval_fn, corpus: Corpus) -> dict:
@@ -109,8 +83,8 @@ def train(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = Fals
     if announce:
         _announce(announce, cfg, run_dir, corpus, mesh)
     distributed.barrier("before initialising the train state")
-    optimizer = make_optimizer(cfg)
-    state = init_train_state(cfg, jax.random.key(cfg.train.seed), mesh, optimizer)
+    run = build_run(cfg, mesh)
+    state = run.state
     train_iter = data_lib.make_train_iterator(
         corpus.train_tokens, seq_len=cfg.train.seq_len, global_batch_size=cfg.train.global_batch_size,
         process_index=jax.process_index(), process_count=jax.process_count(), seed=cfg.train.seed)
@@ -125,8 +99,7 @@ def train(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = Fals
         num_batches=cfg.train.eval_batches, process_index=jax.process_index(),
         process_count=jax.process_count())
     with jax.set_mesh(mesh), StopSignal() as stop:
-        step_fn = compiled_train_step(cfg, mesh, HashableTree(state_shardings(state)))
-        eval_fn = compiled_eval_step(cfg)
+        step_fn, eval_fn = run.step, run.eval_step
         _compile(step_fn, eval_fn, state, global_batch(mesh, eval_batches[0]["tokens"]))
         distributed.barrier("compiled")  # no process enters a collective long before another
         write_run_config(cfg, run_dir)

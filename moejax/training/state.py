@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec
 
+from moejax import params as P
 from moejax.config import Config
-from moejax.model.transformer import RouterState, init_params, init_router_state
+from moejax.model.transformer import RouterState, init_router_state, initial_params, param_specs
 from moejax.training.loss_scale import LossScaleState, init_loss_scale
+from moejax.training.optim import make_optimizer
 
 
 @struct.dataclass
@@ -31,29 +35,62 @@ class SkippedSteps:
 class TrainState:
     step: jax.Array  # [] int32, optimizer steps taken
     params: object  # Transformer, float32 master weights
-    opt_state: optax.OptState  # AdamW moments, sharded like the parameters (ZeRO-3)
+    opt_state: optax.OptState  # AdamW moments, sharded exactly like the parameters
     router: RouterState  # selection bias and temperature: state, never seen by the optimizer
     loss_scale: LossScaleState | None = None  # float16 compute only: dynamic loss scaling
     # steps skipped because the loss, gradients or updated parameters were not finite:
     skipped: SkippedSteps | None = None
 
 
-def init_train_state(cfg: Config, key: jax.Array, mesh, optimizer) -> TrainState:
-    """A fresh state, every array created directly in its sharding on `mesh`."""
-    params = init_params(cfg, key, mesh)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    with jax.set_mesh(mesh):
-        opt_state = jax.jit(optimizer.init)(params)
+def _fresh_state(cfg: Config, key: jax.Array, optimizer) -> TrainState:
+    """The initial state's values (traced under jit: the shardings come from out_shardings)."""
+    params = initial_params(cfg, key)
     return TrainState(
-        step=jax.device_put(jnp.zeros((), jnp.int32), replicated),
+        step=jnp.zeros((), jnp.int32),
         params=params,
-        opt_state=opt_state,
-        router=jax.device_put(init_router_state(cfg), replicated),
-        loss_scale=(jax.device_put(init_loss_scale(cfg.precision.loss_scale_init), replicated)
+        opt_state=optimizer.init(params),
+        router=init_router_state(cfg),
+        loss_scale=(init_loss_scale(cfg.precision.loss_scale_init)
                     if cfg.precision.uses_loss_scaling else None),
-        skipped=jax.device_put(SkippedSteps.zero(), replicated),
+        skipped=SkippedSteps.zero(),
     )
 
 
-def state_shardings(state: TrainState):
-    return jax.tree.map(lambda x: x.sharding, state)
+def train_state_shardings(cfg: Config, mesh) -> TrainState:
+    """Where every leaf of the state lives on `mesh` (concrete or abstract): parameters by
+    their declared logical axes; AdamW moments exactly like their parameters (ZeRO: no device
+    holds a moment it does not hold the parameter of); scalars and router state replicated."""
+    optimizer = make_optimizer(cfg)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    shapes = jax.eval_shape(lambda key: _fresh_state(cfg, key, optimizer), jax.random.key(0))
+    params = P.shardings(param_specs(cfg), mesh)
+    return shapes.replace(
+        step=replicated,
+        params=params,
+        opt_state=optax.tree_map_params(optimizer, lambda _, s: s, shapes.opt_state, params,
+                                        transform_non_params=lambda _: replicated),
+        router=jax.tree.map(lambda _: replicated, shapes.router),
+        loss_scale=jax.tree.map(lambda _: replicated, shapes.loss_scale),
+        skipped=jax.tree.map(lambda _: replicated, shapes.skipped),
+    )
+
+
+def abstract_train_state(cfg: Config, mesh) -> TrainState:
+    """The state as ShapeDtypeStructs carrying their shardings on `mesh`: what
+    `init_train_state` creates, without creating it (for planning at full size)."""
+    shapes = jax.eval_shape(lambda key: _fresh_state(cfg, key, make_optimizer(cfg)),
+                            jax.random.key(0))
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        shapes, train_state_shardings(cfg, mesh))
+
+
+def init_train_state(cfg: Config, key: jax.Array, mesh) -> TrainState:
+    """A fresh state, every array created directly in its sharding on `mesh`."""
+    return _compiled_init(cfg, mesh)(key)
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled_init(cfg: Config, mesh):
+    optimizer = make_optimizer(cfg)
+    return jax.jit(lambda key: _fresh_state(cfg, key, optimizer),
+                   out_shardings=train_state_shardings(cfg, mesh))

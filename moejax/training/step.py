@@ -12,7 +12,7 @@ from moejax.config import Config
 from moejax.model.transformer import RouterState, loss_fn
 from moejax.training import loss_scale as ls
 from moejax.training.optim import learning_rate_schedule, make_optimizer
-from moejax.training.state import TrainState
+from moejax.training.state import TrainState, train_state_shardings
 
 
 def router_temperature(cfg: Config, step: jax.Array) -> jax.Array:
@@ -103,10 +103,11 @@ def train_step(state: TrainState, batch: dict, cfg: Config, optimizer):
 
 
 @functools.lru_cache(maxsize=8)
-def compiled_train_step(cfg: Config, mesh, shardings_of_state: HashableTree):
-    """The jitted step with explicit in/out shardings and the old state donated; cached so that
-    runs of the same config on the same mesh in one process share one compilation."""
-    shardings = shardings_of_state.tree
+def compiled_train_step(cfg: Config, mesh):
+    """The jitted step with the state's shardings (train_state_shardings) in and out and the
+    old state donated; cached so that runs of the same config on the same mesh in one process
+    share one compilation."""
+    shardings = train_state_shardings(cfg, mesh)
     optimizer = make_optimizer(cfg)
     return jax.jit(
         lambda state, batch: train_step(state, batch, cfg, optimizer),
@@ -124,18 +125,3 @@ def eval_step(params, batch: dict, cfg: Config, router: RouterState) -> jax.Arra
 @functools.lru_cache(maxsize=8)
 def compiled_eval_step(cfg: Config):
     return jax.jit(lambda params, batch, router: eval_step(params, batch, cfg, router))
-
-
-class HashableTree:
-    """A pytree of shardings, hashed by its leaves and structure (for the step cache)."""
-
-    def __init__(self, tree):
-        self.tree = tree
-        leaves, treedef = jax.tree.flatten(tree)
-        self._key = (tuple(leaves), treedef)
-
-    def __hash__(self):
-        return hash(self._key)
-
-    def __eq__(self, other):
-        return isinstance(other, HashableTree) and self._key == other._key
