@@ -56,7 +56,7 @@ def smoothed_final(curve, last: int = 5) -> float:
     return sum(loss for _, loss in curve[-last:]) / min(last, len(curve))
 
 
-def spread(values: list[float]) -> dict:
+def seed_statistics(values: list[float]) -> dict:
     std = statistics.stdev(values) if len(values) > 1 else 0.0
     return {"mean": statistics.fmean(values), "std": std, "min": min(values), "max": max(values)}
 
@@ -70,14 +70,14 @@ def summarize(runs: dict, seeds: list[int]) -> dict:
         for metric in METRICS:
             values = [by_seed[s][metric] for s in seeds]
             base = [runs["bf16"][s][metric] for s in seeds]
-            stats = spread(values)
+            stats = seed_statistics(values)
             paired = [v / b - 1 for v, b in zip(values, base)]
             summary[name][metric] = {
                 **stats, "relative_std": stats["std"] / stats["mean"],
                 "relative_range": (stats["max"] - stats["min"]) / stats["mean"],
                 "gap_of_means": stats["mean"] / statistics.fmean(base) - 1,
                 "paired_gaps": dict(zip(map(str, seeds), paired)),
-                "paired_gap": spread(paired)}
+                "paired_gap": seed_statistics(paired)}
     return summary
 
 
@@ -101,11 +101,11 @@ def print_summary(summary: dict, seeds: list[int]) -> None:
 def plot(runs: dict, seeds: list[int], path: Path) -> None:
     """Seed-mean curve per run with a min..max band; the right panel zooms on the second half,
     where gaps of a few percent are invisible at the full scale."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    from moejax.tools.compare_report import pyplot
+
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     zoom_lo, zoom_hi = [], []

@@ -17,7 +17,7 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from moejax.training.cli import main, parse_args  # noqa: E402, F401
+from moejax.training.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

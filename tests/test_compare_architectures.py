@@ -14,9 +14,9 @@ import pytest
 from helpers import load_script
 
 from moejax import load_config
-from moejax.tools import compare
 from moejax.config import ConfigError
 from moejax.model.router import softmax_topk
+from moejax.tools import compare
 from moejax.training.step import router_temperature
 
 PRESETS = ("dense", "switch", "gshard", "deepseek", "temperature")
@@ -81,11 +81,11 @@ def test_summary_ladder_and_verdicts(outputs):
 
 
 def test_verdict_needs_a_gap_beyond_the_spread():
-    a = compare.spread([1.0, 1.2])
-    assert compare.verdict(a, compare.spread([1.25, 1.3]))["verdict"] == "within spread"
-    assert compare.verdict(a, compare.spread([1.5, 1.55]))["verdict"] == "worse"
-    assert compare.verdict(a, compare.spread([0.5, 0.6]))["verdict"] == "better"
-    assert compare.verdict(a, compare.spread([0.5, None]))["difference"] is None
+    a = compare.seed_spread([1.0, 1.2])
+    assert compare.verdict(a, compare.seed_spread([1.25, 1.3]))["verdict"] == "within spread"
+    assert compare.verdict(a, compare.seed_spread([1.5, 1.55]))["verdict"] == "worse"
+    assert compare.verdict(a, compare.seed_spread([0.5, 0.6]))["verdict"] == "better"
+    assert compare.verdict(a, compare.seed_spread([0.5, None]))["difference"] is None
 
 
 def test_crossing_interpolates_between_evaluations():

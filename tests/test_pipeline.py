@@ -4,7 +4,7 @@ group-limited routing, every router loss and the default dropless dispatch; the 
 collectives; the config refusals.
 
 Every model-level case costs a whole-model compile (~12 s here), so the suite checks two of the
-eight (schedule, mesh) cases of issue 12; scripts/bench_pipeline.py --check runs all eight
+eight (schedule, mesh) cases; scripts/bench_pipeline.py --check runs all eight
 (docs/bench_pipeline.md)."""
 
 import functools

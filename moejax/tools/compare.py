@@ -182,7 +182,7 @@ def load_curves(train_records: list[dict]) -> dict:
             "share": share.mean(axis=1).tolist()}
 
 
-def spread(values: list) -> dict:
+def seed_spread(values: list) -> dict:
     """Mean, seed-to-seed spread (max - min) and the values; None when any value is missing."""
     if not values or any(v is None for v in values):
         return {"mean": None, "spread": None, "values": values}
@@ -218,14 +218,14 @@ def crossing(curve: dict, level: float, key: str) -> float | None:
 def summarise_row(runs: list[dict]) -> dict:
     """Per-row seed statistics of the scalar results."""
     summary = {
-        "final_held_out": spread([r["final_held_out"] for r in runs]),
-        "tokens_per_second": spread([r["tokens_per_second"] for r in runs]),
-        "train_seconds": spread([r["train_seconds"] for r in runs]),
+        "final_held_out": seed_spread([r["final_held_out"] for r in runs]),
+        "tokens_per_second": seed_spread([r["tokens_per_second"] for r in runs]),
+        "train_seconds": seed_spread([r["train_seconds"] for r in runs]),
     }
     if runs[0]["load"] is not None:
-        summary["load_cv_final"] = spread([r["load"]["cv"][-1] for r in runs])
-        summary["load_cv_mean"] = spread([statistics.mean(r["load"]["cv"]) for r in runs])
-        summary["dropped_fraction"] = spread(
+        summary["load_cv_final"] = seed_spread([r["load"]["cv"][-1] for r in runs])
+        summary["load_cv_mean"] = seed_spread([statistics.mean(r["load"]["cv"]) for r in runs])
+        summary["dropped_fraction"] = seed_spread(
             [statistics.mean(r["load"]["dropped_fraction"]) for r in runs])
     return summary
 
@@ -235,12 +235,12 @@ def add_ladder(row: dict, ladder: list[float], target: float) -> None:
     did); the target's FLOPs follow from the active-parameter FLOPs per token."""
     to = {}
     for level in ladder:
-        to[f"{level:.2f}"] = {key: spread([crossing(r["held_out"], level, key)
+        to[f"{level:.2f}"] = {key: seed_spread([crossing(r["held_out"], level, key)
                                            for r in row["runs"]])
                               for key in ("step", "tokens", "train_seconds")}
     row["summary"]["to_loss"] = to
     tokens = to[f"{target:.2f}"]["tokens"]["values"]
-    row["summary"]["flops_to_target"] = spread(
+    row["summary"]["flops_to_target"] = seed_spread(
         [None if t is None else t * row["flops_per_token"] for t in tokens])
 
 
@@ -274,7 +274,7 @@ def cost_estimate(row: dict, target: float, mfu: float, peak: float) -> dict:
     """GPU-hours to the target loss, an estimate: FLOPs to target / (MFU x peak) / 3600 s."""
     flops = row["summary"]["flops_to_target"]
     hours = [None if f is None else f / (mfu * peak) / 3600 for f in flops["values"]]
-    return {"target_loss": target, "flops_to_target": flops, "gpu_hours": spread(hours),
+    return {"target_loss": target, "flops_to_target": flops, "gpu_hours": seed_spread(hours),
             "tokens_per_day_at_mfu": mfu * peak * 86400 / row["flops_per_token"]}
 
 
@@ -378,7 +378,3 @@ def write_outputs(result: dict, prefix: Path, command: str) -> list[Path]:
     md_path = prefix.with_name(prefix.name + ".md")
     md_path.write_text(compare_report.markdown(result, [p.name for p in plots]))
     return [json_path, md_path, *plots]
-
-
-def load_result(path: Path) -> dict:
-    return json.loads(Path(path).read_text())

@@ -125,14 +125,22 @@ def markdown(result: dict, plot_names: list[str]) -> str:
     return "\n".join(parts)
 
 
-def plots(result: dict, prefix: Path) -> list[Path]:
-    """Held-out loss vs steps and vs training seconds, load CV over time, and expert-load
-    heatmaps; returns the PNG paths."""
-    import matplotlib
-
+def pyplot():
+    """matplotlib.pyplot drawing to files (Agg); matplotlib is the `plots` extra."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("error: plots need matplotlib: pip install 'moejax[plots]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plots(result: dict, prefix: Path) -> list[Path]:
+    """Held-out loss vs steps and vs training seconds, load CV over time, and expert-load
+    heatmaps; returns the PNG paths."""
+    plt = pyplot()
     paths = []
     for key, xlabel, suffix in (("step", "training step", "loss_steps"),
                                 ("train_seconds", ("training wall time (s, this CPU; compilation "
@@ -194,7 +202,6 @@ def _save(fig, prefix: Path, suffix: str) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     fig.clf()
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     plt.close(fig)
     return path

@@ -121,10 +121,6 @@ def _exit_if_not_joined(where: str, process_id, num_processes):
         watchdog.cancel()
 
 
-def is_multiprocess() -> bool:
-    return _client() is not None
-
-
 def _client():
     # The coordinator's key-value store has no public API; jax.distributed keeps its client here.
     from jax._src import distributed as jax_distributed
