@@ -3,6 +3,7 @@
 every token to the experts of one shard, which fills a shard's buffers to their bound), nothing
 dropped, no buffer overflow, and permutation gradients that are gathers, never scatters."""
 
+import contextlib
 import dataclasses
 import functools
 
@@ -11,13 +12,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import max_relative_error, tiny_config
+from jax.extend.core import jaxprs_in_params
 from jax.sharding import NamedSharding, PartitionSpec
 
 import moejax
 from moejax import params as P
 from moejax.config import MeshConfig
 from moejax.model.dispatch import grouped
-from moejax.model.dispatch.dropless import compact_slots, max_destinations
+from moejax.model.dispatch.dropless import compact_slots, max_destinations, row_tile, static_rows
 from moejax.model.moe import moe_ffn, moe_specs
 from moejax.sharding import batch_sharding
 
@@ -118,6 +120,55 @@ def test_group_limited_routing_reaches_at_most_topk_groups_shards():
         _, stats = jax.jit(moe_ffn, static_argnums=4)(params, x, jnp.zeros(8), 1.0, cfg)
     assert 0.25 < float(stats["exchange_fill"]) <= max_destinations(cfg.moe, 4) / 4
     assert max_destinations(dataclasses.replace(cfg.moe, num_groups=1), 4) == 4
+
+
+def traced_shapes(fn, *args, per_shard: bool) -> tuple[set, list]:
+    """(every shape an equation of fn's program outputs, the operand shape of every all_to_all),
+    from its jaxpr and sub-jaxprs (custom_vjp, loops); `per_shard`: only inside shard_maps
+    (outside, the backward's residuals are the shards' stacked, [P R, F] and the like)."""
+    shapes, exchanged = set(), []
+    stack = [(jax.make_jaxpr(fn)(*args).jaxpr, not per_shard)]
+    while stack:
+        jaxpr, recording = stack.pop()
+        for eqn in jaxpr.eqns:
+            if recording:
+                shapes.update(tuple(v.aval.shape) for v in eqn.outvars)
+            if eqn.primitive.name == "all_to_all":
+                exchanged.append(tuple(eqn.invars[0].aval.shape))
+            inside = recording or eqn.primitive.name == "shard_map"
+            stack += [(sub, inside) for sub in jaxprs_in_params(eqn.params)]
+    return shapes, exchanged
+
+
+@pytest.mark.parametrize("mesh_shape", [None, (2, 1, 4), (1, 1, 8)])
+def test_static_rows_are_the_traced_buffer_shapes(mesh_shape):
+    """`static_rows` is what the layer's program allocates, forward and backward: exchange
+    buffers of P N_ rows ([P N_, D] and [P N_, 2 s] metadata), the combine's [A, D], the sorted
+    buffer [R, D] with its pre-activations [R, F], and no larger [*, F] buffer. F = 24 is a
+    width no other array has."""
+    cfg = layer_config("deepseek", "moe.expert_ffn_dim=24")
+    params = P.init(moe_specs(cfg), jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (*BATCH, cfg.model.d_model))
+    shards, batch_shards = 1, 1
+    if mesh_shape is not None:
+        cfg = cfg.replace(mesh=MeshConfig(*mesh_shape))
+        shards, batch_shards = mesh_shape[2], int(np.prod(mesh_shape))
+    tokens, e, width = BATCH[0] * BATCH[1] // batch_shards, cfg.moe, cfg.model.d_model
+    bound = static_rows(tokens, e.num_experts, e.top_k, shards,
+                        row_tile(tokens * shards * e.top_k, e))
+    step = jax.grad(lambda p, x: layer_loss(p, x, jnp.zeros(8), cfg)[0], argnums=(0, 1))
+    with contextlib.ExitStack() as stack:
+        if mesh_shape is not None:
+            stack.enter_context(jax.set_mesh(moejax.make_mesh(cfg.mesh)))
+        shapes, exchanged = traced_shapes(step, params, x, per_shard=mesh_shape is not None)
+    assert {(bound.sorted_rows, width), (bound.sorted_rows, 24),
+            (bound.assignment_rows, width)} <= shapes
+    assert max(s[0] for s in shapes if len(s) == 2 and s[1] == 24) == bound.sorted_rows
+    if shards == 1:
+        assert not exchanged and bound.exchange_rows == 0
+    else:  # Exchange sends [P, N_, W]
+        assert {s[0] * s[1] for s in exchanged} == {bound.exchange_rows}
+        assert {s[-1] for s in exchanged} == {width, 2 * bound.slots}
 
 
 def test_exchanged_rows_carry_only_the_local_expert_slots():

@@ -1,4 +1,4 @@
-"""Benchmark building blocks for scripts/bench_moe.py and scripts/bench_train.py.
+"""Benchmark building blocks for moejax.tools.bench_moe and scripts/bench_train.py.
 
 The machine these run on is shared and noisy (its load changes by 2-3x within a run), so every
 comparison is made inside one process with the compared systems interleaved: each round times
@@ -9,8 +9,8 @@ taken per round, against the same round, then summarised by its median and sprea
 - `LayerShape`, `useful_flops`, `layer_config`, `moe_layer_step`: one moejax MoE layer,
   forward + backward, compiled once, with its XLA memory analysis.
 - `hf_moe_step`: the same layer as Hugging Face's `DeepseekV3MoE` (torch), same weights.
-- `dropless_buffer_bytes`: the static buffer bounds of moejax/model/dispatch/dropless.py, as
-  arithmetic.
+- `dropless_buffer_bytes`: the bytes of the dropless layer's static buffer bounds
+  (`moejax.model.dispatch.dropless.static_rows`), as arithmetic.
 - `prepare_train_run`, `interleaved_training`, `held_out_loss`: whole-model train steps of
   several configs in one process, timed in interleaved blocks (compilation not timed).
 """
@@ -31,7 +31,7 @@ import numpy as np
 
 from moejax import params as P
 from moejax.config import Config, load_config
-from moejax.model.dispatch import padded_rows
+from moejax.model.dispatch.dropless import static_rows
 from moejax.training.run import Run, build_run
 
 __all__ = [
@@ -336,32 +336,22 @@ def torch_matmul(size: int, threads: int | None = None) -> tuple[Callable, float
 
 def dropless_buffer_bytes(tokens_per_device: int, d_model: int, ffn_dim: int, num_experts: int,
                           top_k: int, expert_shards: int, tile: int, bytes_per_value: int) -> dict:
-    """Rows and bytes of the dropless layer's main activation buffers on one device, from the
-    static bounds stated in moejax/model/dispatch/dropless.py (N_ tokens on the device, P shards
-    of the expert axis, E_ = E / P local experts):
-    - send and receive buffers of the exchange: P pairs x N_ rows each, [P N_, D], both ways;
-    - the sorted buffer: P N_ min(k, E_) assignments + E_ (tile - 1) padding rows, in whole
-      tiles (one shard: N k + E (tile - 1)); the grouped SwiGLU holds its input and output
-      [R, D] and its two pre-activations [R, F] for the backward;
-    - the combine step's one [D] row per assignment slot, [P N_ min(k, E_), D] (N k on one
-      shard).
-    `useful` is the mean case: N_ k assignments of [D] in, [F] x 2 and [D] out."""
-    shards, n = expert_shards, tokens_per_device
-    local = num_experts // shards
-    if shards == 1:
-        exchange_rows, assignments = 0, n * top_k
-    else:
-        exchange_rows, assignments = shards * n, shards * n * min(top_k, local)
-    sorted_rows = padded_rows(assignments, local, tile)
+    """Bytes of the dropless layer's main activation buffers on one device, from its static
+    row bounds (`dropless.static_rows`: exchange rows P N_, assignments A, sorted rows R):
+    the exchange's send and receive buffers [P N_, D], out and back; the grouped SwiGLU's input
+    and output [R, D] and its two pre-activations [R, F], kept for the backward; the combine's
+    [A, D]. `useful` is the mean case: N_ k assignments of [D] in, [F] x 2 and [D] out."""
+    n = tokens_per_device
+    rows = static_rows(n, num_experts, top_k, expert_shards, tile)
     values = {
-        "exchange (send + receive, out and back)": 4 * exchange_rows * d_model,
-        "sorted buffer in + out [R, D] x 2": 2 * sorted_rows * d_model,
-        "pre-activations [R, F] x 2": 2 * sorted_rows * ffn_dim,
-        "combine [A, D]": assignments * d_model,
+        "exchange (send + receive, out and back)": 4 * rows.exchange_rows * d_model,
+        "sorted buffer in + out [R, D] x 2": 2 * rows.sorted_rows * d_model,
+        "pre-activations [R, F] x 2": 2 * rows.sorted_rows * ffn_dim,
+        "combine [A, D]": rows.assignment_rows * d_model,
     }
     useful = n * top_k * (2 * d_model + 2 * ffn_dim)
     out = {name: v * bytes_per_value for name, v in values.items()}
-    return {"exchange_rows": exchange_rows, "sorted_rows": sorted_rows,
+    return {"exchange_rows": rows.exchange_rows, "sorted_rows": rows.sorted_rows,
             "useful_rows": n * top_k, "bytes": out, "total_bytes": sum(out.values()),
             "useful_bytes": useful * bytes_per_value}
 

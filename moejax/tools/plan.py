@@ -35,7 +35,8 @@ from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec
 from moejax import params as P
 from moejax import sharding
 from moejax.config import MESH_AXES, Config, ConfigError, staged_layers
-from moejax.model.dispatch import max_destinations
+from moejax.model.dispatch import max_destinations, row_tile
+from moejax.model.dispatch.dropless import static_rows
 from moejax.model.pipeline import Schedule
 from moejax.tools import hlo_stats
 from moejax.training.run import build_run
@@ -96,13 +97,14 @@ def dispatch_all_to_all_bytes(cfg: Config, shape: StepShape, payload_bytes: int)
     (moe.kernels=tiles, moejax/model/dispatch/dropless.py), by formula:
 
         per exchange of a [P N_, W] buffer: P N_ W b (P - 1) / P
-        (P: expert shards; N_: tokens of one device's shard of one microbatch; every pair buffer
-        holds N_ rows, used or not; W: the row width; b: bytes per element)
+        (P: expert shards; N_: tokens of one device's shard of one microbatch; P N_: the
+        exchange rows of `dropless.static_rows`, used or not; W: the row width; b: bytes per
+        element)
 
     and per MoE layer run, the exchanges of the forward and of its transpose:
         token rows [P N_, D] in the payload dtype: out, back (forward), and their two transposes;
-        metadata [P N_, 2 s] float32 (s = min(k, E_) local expert ids as floats, and weights):
-        out (forward) and its transpose;
+        metadata [P N_, 2 s] float32 (the s slots of `static_rows`: local expert ids as floats,
+        and weights): out (forward) and its transpose;
         model.remat=full runs the forward "out" pair again in the backward ("back" is dead there).
     A pipelined stack runs every layer of a stage on every tick, bubble ticks included:
     runs = L_stage_layers x ticks per stage; the first-k dense layers have no MoE and the MTP
@@ -115,7 +117,7 @@ def dispatch_all_to_all_bytes(cfg: Config, shape: StepShape, payload_bytes: int)
     e, p = cfg.moe, shape.mesh["expert"]
     if not cfg.num_moe_layers or p == 1:
         return {"dense": 0.0, "ragged_bound": 0.0, "exchanges": 0}
-    width, slots = cfg.model.d_model, min(e.top_k, e.num_experts // p)
+    width = cfg.model.d_model
     sched = shape.schedule
     stage_layers = staged_layers(cfg) // (sched.stages * sched.virtual_stages)
     remat = cfg.model.remat != "none"
@@ -130,8 +132,10 @@ def dispatch_all_to_all_bytes(cfg: Config, shape: StepShape, payload_bytes: int)
     exchanges = 0
     for count, tokens, rematerialised in runs:
         rows_exchanges, meta_exchanges = 4 + rematerialised, 2 + rematerialised
-        rows_bytes = p * tokens * width * payload_bytes * share
-        meta_bytes = p * tokens * 2 * slots * 4 * share
+        bound = static_rows(tokens, e.num_experts, e.top_k, p, row_tile(tokens * p * e.top_k, e))
+        slots = bound.slots
+        rows_bytes = bound.exchange_rows * width * payload_bytes * share
+        meta_bytes = bound.exchange_rows * 2 * slots * 4 * share
         dense += count * (rows_exchanges * rows_bytes + meta_exchanges * meta_bytes)
         remote_rows = tokens * min(max_destinations(e, p), p - 1)  # rows to other shards
         ragged += count * remote_rows * (rows_exchanges * width * payload_bytes

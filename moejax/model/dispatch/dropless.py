@@ -22,6 +22,8 @@ shards (moe.num_groups a multiple of P), a token reaches at most min(P, k, topk_
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -48,6 +50,36 @@ def row_tile(num_assignments: int, cfg: MoEConfig) -> int:
     tiles run faster on CPU (docs/bench_moe.md: tile sweep)."""
     half_mean_group = max(8, num_assignments // (2 * cfg.num_experts))
     return min(cfg.tile_rows, 1 << (half_mean_group.bit_length() - 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class StaticRows:
+    """The static row counts of one shard's dropless buffers (see `static_rows`)."""
+
+    exchange_rows: int  # P N_: each exchange buffer, [P N_, D] out and back (0 on one shard)
+    slots: int  # s: (id, weight) slots a row carries, min(k, E_) (k on one shard)
+    assignment_rows: int  # A: P N_ s (N k on one shard), the combine's [A, D] rows
+    sorted_rows: int  # R: A + E_ (tile - 1) padding rows, in whole tiles; [R, D] and [R, F]
+
+
+def static_rows(tokens_per_shard: int, num_experts: int, top_k: int, expert_shards: int,
+                tile: int) -> StaticRows:
+    """The buffer bounds `dropless_moe_local` sizes its arrays by (tests/test_dropless.py checks
+    them against its traced program), for N_ tokens on a shard, E experts over P expert shards
+    (E_ = E / P each) and the row tile (`row_tile` of N_ P k).
+    One shard: no exchange, N k assignments. P shards: a token is sent at most once to each
+    shard, so each of the P pair buffers holds N_ rows and none can overflow; a row carries
+    s = min(k, E_) local expert slots, so the receiving shard sorts at most P N_ s assignments.
+    The sorted buffer adds at most tile - 1 padding rows per local expert."""
+    local_experts = num_experts // expert_shards
+    if expert_shards == 1:
+        exchange_rows, slots = 0, top_k
+        assignments = tokens_per_shard * top_k
+    else:
+        exchange_rows, slots = expert_shards * tokens_per_shard, min(top_k, local_experts)
+        assignments = exchange_rows * slots
+    return StaticRows(exchange_rows, slots, assignments,
+                      grouped.padded_rows(assignments, local_experts, tile))
 
 
 def grouped_experts(rows, local_ids, weights, experts: FFN, matmul: Matmul, tile: int,
