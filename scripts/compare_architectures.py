@@ -52,7 +52,7 @@ def main(argv=None) -> int:
 
     from moejax.tools import compare
 
-    plan = compare.QUICK if args.quick else compare.DEFAULT
+    study = compare.QUICK if args.quick else compare.DEFAULT
     command = " ".join(["python", "scripts/compare_architectures.py", *(argv or sys.argv[1:])])
     if args.from_partial:
         if not Path(args.from_partial).is_file():
@@ -60,7 +60,11 @@ def main(argv=None) -> int:
                   "in the run root of a cut-short comparison.", file=sys.stderr)
             return 2
         prefix = args.prefix or REPO / "docs" / "compare_architectures_partial"
-        result = compare.finish_partial(args.from_partial, args.mfu, args.gpu_peak)
+        try:
+            result = compare.finish_partial(args.from_partial, args.mfu, args.gpu_peak)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         for path in compare.write_outputs(result, prefix, command):
             print(f"wrote {path}")
         return 0
@@ -71,10 +75,10 @@ def main(argv=None) -> int:
     jax.config.update("jax_compilation_cache_dir", str(run_root / "xla-cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    print(f"{plan.mode} mode: rows {', '.join(plan.rows)}; seeds {list(plan.seeds)}; "
-          f"{plan.steps} steps; runs under {run_root}", flush=True)
+    print(f"{study.mode} mode: rows {', '.join(study.rows)}; seeds {list(study.seeds)}; "
+          f"{study.steps} steps; runs under {run_root}", flush=True)
     started = time.perf_counter()
-    result = compare.compare(plan, run_root, log=lambda line: print(line, flush=True),
+    result = compare.compare(study, run_root, log=lambda line: print(line, flush=True),
                              mfu=args.mfu, gpu_peak=args.gpu_peak,
                              partial=run_root / "partial.json")
     for path in compare.write_outputs(result, prefix, command):

@@ -38,7 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. train.steps=60")
     parser.add_argument("--trials", type=int, default=20, help="how many kills (default 20)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the kill plan")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the kill schedule")
     parser.add_argument("--kills-per-run", type=int, default=5,
                         help="kills before a run is resumed to its end (default 5)")
     parser.add_argument("--config", default="tiny", help="YAML path or preset name")

@@ -20,7 +20,7 @@ if importlib.util.find_spec("moejax") is None:  # a checkout without `pip instal
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from moejax import load_config, make_mesh
-from moejax.tools import plan
+from moejax.tools import bench
 
 DEFAULTS = ("mesh.data=2", "mesh.expert=4", "precision.compute_dtype=float32",
             "train.global_batch_size=8", "train.seq_len=256")
@@ -32,7 +32,7 @@ def main(argv=None) -> None:
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides of tiny")
     args = parser.parse_args(argv)
     cfg = load_config("tiny", DEFAULTS + tuple(args.overrides))
-    result = plan.moe_layer_overlap(cfg, make_mesh(cfg.mesh), args.rounds)
+    result = bench.moe_layer_overlap(cfg, make_mesh(cfg.mesh), args.rounds)
     for name, layer in result.items():
         seconds = layer.pop("seconds")
         print(f"{name}: {json.dumps(layer)}")

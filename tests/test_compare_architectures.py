@@ -1,4 +1,4 @@
-"""scripts/compare_architectures.py's library (moejax.tools.compare): a tiny plan through the real
+"""scripts/compare_architectures.py's library (moejax.tools.compare): a tiny study through the real
 training loop, checked for the shape and content of its outputs (not for which row wins); the
 presets; and the temperature schedule's config."""
 
@@ -20,7 +20,7 @@ from moejax.tools import compare
 from moejax.training.step import router_temperature
 
 PRESETS = ("dense", "switch", "gshard", "deepseek", "temperature")
-TINY = compare.Plan(
+TINY = compare.Study(
     "test", rows=("dense", "deepseek"),
     ablations=(compare.Ablation("test pair", "dense", "deepseek"),),
     seeds=(0, 1), steps=6, eval_every=2, eval_batches=1, log_every=2,
@@ -126,9 +126,9 @@ def test_presets_have_equal_active_size_and_tokens(name):
 
 
 def test_every_row_loads():
-    plan = dataclasses.replace(compare.DEFAULT, overrides=("mesh.expert=1",))  # 8 fake devices
-    for row in compare.all_rows(plan.steps).values():
-        compare.run_config(row, plan, 0, 1e9)
+    study = dataclasses.replace(compare.DEFAULT, overrides=("mesh.expert=1",))  # 8 fake devices
+    for row in compare.all_rows(study.steps).values():
+        compare.run_config(row, study, 0, 1e9)
 
 
 def test_temperature_schedule():
@@ -158,14 +158,14 @@ def test_bad_temperature_schedule_is_one_sentence(override, words):
     assert words in str(err.value)
 
 
-def test_plans_are_consistent():
-    for plan in (compare.QUICK, compare.DEFAULT):
-        rows = compare.all_rows(plan.steps)
-        assert set(plan.rows) <= set(rows)
-        assert plan.eval_every % plan.log_every == 0
-        for ablation in plan.ablations:
-            assert {ablation.baseline, ablation.variant} <= set(plan.rows)
-        assert {"dense", "deepseek"} <= set(plan.rows)
+def test_studies_are_consistent():
+    for study in (compare.QUICK, compare.DEFAULT):
+        rows = compare.all_rows(study.steps)
+        assert set(study.rows) <= set(rows)
+        assert study.eval_every % study.log_every == 0
+        for ablation in study.ablations:
+            assert {ablation.baseline, ablation.variant} <= set(study.rows)
+        assert {"dense", "deepseek"} <= set(study.rows)
     assert len(compare.QUICK.seeds) >= 2 and len(compare.DEFAULT.seeds) >= 3
 
 

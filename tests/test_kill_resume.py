@@ -6,7 +6,7 @@ import pytest
 from moejax.data.corpus_write import discover_stdlib_sources, prepare_corpus
 from moejax.tools.kill_trials import markdown_report, run_kill_trials
 
-# Seed 59's plan (40 steps, a checkpoint every 10): a kill after step 4 (before any checkpoint,
+# Seed 59's kill schedule (40 steps, a checkpoint every 10): a kill after step 4 (before any checkpoint,
 # so the resume starts from scratch), then one once the save of step 20 has started (the resume
 # then starts from step 10). Where each kill lands depends on timing; the verdicts do not. Two
 # kills keep the test near a minute: every launch pays jax's start-up (~10 s, the first one

@@ -8,6 +8,8 @@ taken per round, against the same round, then summarised by its median and sprea
 - `interleaved_rounds`, `round_ratios`, `spread`: the timing protocol.
 - `LayerShape`, `useful_flops`, `layer_config`, `moe_layer_step`: one moejax MoE layer,
   forward + backward, compiled once, with its XLA memory analysis.
+- `moe_layer_overlap`: that layer on a mesh, compiled with moe.overlap_halves off and on: the
+  GEMMs independent of each all-to-all and where the schedule put them, and the step time.
 - `hf_moe_step`: the same layer as Hugging Face's `DeepseekV3MoE` (torch), same weights.
 - `dropless_buffer_bytes`: the bytes of the dropless layer's static buffer bounds
   (`moejax.model.dispatch.dropless.static_rows`), as arithmetic.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import statistics
 import time
@@ -52,6 +55,7 @@ __all__ = [
     "matmul_peak",
     "memory_stats",
     "mib",
+    "moe_layer_overlap",
     "moe_layer_step",
     "per_round_summary",
     "prepare_train_run",
@@ -227,6 +231,47 @@ def moe_layer_step(cfg: Config, seed: int = 0, mesh=None) -> LayerStep:
         (_, stats), _ = jax.block_until_ready(compiled(*args))
     return LayerStep(lambda: compiled(*args), memory_stats(compiled),
                      {k: float(v) for k, v in stats.items()}, params, x)
+
+
+def moe_layer_overlap(cfg: Config, mesh, rounds: int = 5) -> dict:
+    """The MoE layer's forward + backward (value_and_grad of sum(y^2)) compiled on `mesh` with
+    moe.overlap_halves off and on: per all-to-all, the GEMM-carrying instructions independent of
+    it and where the schedule put them (hlo_stats.collective_overlap), and the step time over
+    interleaved rounds (on XLA:CPU, whose collectives are synchronous: the cost of halving,
+    not the gain of overlap)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from moejax import sharding
+    from moejax.model.moe import moe_ffn, moe_specs
+    from moejax.tools import hlo_stats
+
+    specs = moe_specs(cfg)
+    params = P.init(specs, jax.random.key(0), mesh)
+    x = jax.device_put(
+        jax.random.normal(jax.random.key(1), (cfg.train.global_batch_size, cfg.train.seq_len,
+                                              cfg.model.d_model)), sharding.batch_sharding(mesh))
+    bias = jax.device_put(jnp.zeros(cfg.moe.num_experts), NamedSharding(mesh, PartitionSpec()))
+    result, runs = {}, {}
+    for on in (False, True):
+        variant = cfg.replace(moe=dataclasses.replace(cfg.moe, overlap_halves=on))
+
+        def loss(p, x_, c=variant):
+            return jnp.sum(jnp.square(moe_ffn(p, x_, bias, 1.0, c)[0]))
+
+        with jax.set_mesh(mesh):
+            compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(params, x).compile()
+        windows = hlo_stats.collective_overlap(compiled.as_text())
+        name = "halves" if on else "whole"
+        result[name] = {"all_to_alls": len(windows),
+                        "independent_gemms": [w["independent"] for w in windows],
+                        "scheduled_before": [w["before"] for w in windows],
+                        "scheduled_after": [w["after"] for w in windows]}
+        jax.block_until_ready(compiled(params, x))
+        runs[name] = functools.partial(compiled, params, x)
+    times, _ = interleaved_rounds(runs, rounds)
+    for name in runs:
+        result[name]["seconds"] = per_round_summary(timed(times[name]))
+    return result
 
 
 def matmul_peak(size: int) -> tuple[Callable, float]:

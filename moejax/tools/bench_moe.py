@@ -55,7 +55,7 @@ SCALING = (LayerShape("E=8 k=2", 256, 512, 8, 2, 8192),
 TILE_SWEEP = (64, 128, 256)
 QUICK_TOKENS = 1024
 PEAK_SIZE, QUICK_PEAK_SIZE = 3072, 1024
-PLAN_EXPERT, PLAN_DEVICES = 64, (1024, 15360)  # DeepSeek-V3's EP64; see plan_671b
+BUFFERS_EXPERT, BUFFERS_DEVICES = 64, (1024, 15360)  # DeepSeek-V3's EP64; see buffers_671b
 
 TARGETS = {
     "capacity": 0.9,  # dropless tokens/s over capacity 1.0's, fine-grained and E=128
@@ -207,23 +207,23 @@ def run_scaling(args, quick: bool):
                            for s in shapes[1:]}}
 
 
-def plan_671b() -> dict:
+def buffers_671b() -> dict:
     """Per-device dropless buffers of the deepseek_v3_671b preset's MoE layer, by arithmetic,
     on an expert axis of 64 (DeepSeek-V3's EP64) with the batch over every device (the preset
     names no mesh; without a pipeline's microbatches a step's tokens are all on the devices
     at once). Two device counts whose data axis divides the 15360-sequence batch:
     1024 devices (15 sequences each) and 15360 (one 4096-token sequence each)."""
-    out = {"preset": "deepseek_v3_671b", "expert_shards": PLAN_EXPERT, "cases": []}
-    for devices in PLAN_DEVICES:
+    out = {"preset": "deepseek_v3_671b", "expert_shards": BUFFERS_EXPERT, "cases": []}
+    for devices in BUFFERS_DEVICES:
         cfg = moejax.load_config("deepseek_v3_671b",
-                                 [f"mesh.expert={PLAN_EXPERT}", "mesh.data=-1"],
+                                 [f"mesh.expert={BUFFERS_EXPERT}", "mesh.data=-1"],
                                  num_devices=devices)
         m, e, t = cfg.model, cfg.moe, cfg.train
         dtype_bytes = {"bfloat16": 2, "float16": 2, "float32": 4}[cfg.precision.compute_dtype]
         per_device = t.global_batch_size * t.seq_len // devices
-        tile = row_tile(per_device * PLAN_EXPERT * e.top_k, e)
+        tile = row_tile(per_device * BUFFERS_EXPERT * e.top_k, e)
         case = bench.dropless_buffer_bytes(per_device, m.d_model, e.expert_ffn_dim,
-                                           e.num_experts, e.top_k, PLAN_EXPERT, tile,
+                                           e.num_experts, e.top_k, BUFFERS_EXPERT, tile,
                                            dtype_bytes)
         out.update(D=m.d_model, F=e.expert_ffn_dim, E=e.num_experts, k=e.top_k,
                    compute_dtype=cfg.precision.compute_dtype,
@@ -233,9 +233,9 @@ def plan_671b() -> dict:
     return out
 
 
-def refresh_plan(record: dict) -> None:
+def refresh_buffers(record: dict) -> None:
     """Recompute the arithmetic of a saved record (it measures nothing)."""
-    record["plan_671b"] = plan_671b()
+    record["buffers_671b"] = buffers_671b()
 
 
 def run_mesh_child(args, num_devices: int, script: Path) -> list[dict]:
@@ -363,19 +363,19 @@ def memory_table(groups: list[dict], scaling: dict | None) -> str:
     return "\n".join(lines)
 
 
-def plan_table(plan: dict) -> str:
+def buffers_table(buffers: dict) -> str:
     gib = 2.0**30
-    lines = [(f"deepseek_v3_671b MoE layer (D {plan['D']}, F {plan['F']}, E {plan['E']}, "
-             f"k {plan['k']}, {plan['compute_dtype']}), dropless, per device, ARITHMETIC from "
-             f"the bounds in moejax/model/dispatch/dropless.py (not measured); assumed mesh: "
-             f"expert {plan['expert_shards']} (DeepSeek-V3's EP64) x data, batch over every "
-             "device:"),
+    lines = [(f"deepseek_v3_671b MoE layer (D {buffers['D']}, F {buffers['F']}, "
+             f"E {buffers['E']}, k {buffers['k']}, {buffers['compute_dtype']}), dropless, per "
+             "device, ARITHMETIC from the bounds in moejax/model/dispatch/dropless.py (not "
+             f"measured); assumed mesh: expert {buffers['expert_shards']} (DeepSeek-V3's "
+             "EP64) x data, batch over every device:"),
              "", ("| devices | tokens per device N_ | row tile | exchange rows P N_ "
              "| sorted rows R | exchange GiB | sorted + pre-activations GiB "
              "| combine [P N_ min(k, E_), D] GiB | total GiB "
              "| mean case (N_ k rows) GiB | total over mean case |"),
              "|" + "---|" * 11]
-    for c in plan["cases"]:
+    for c in buffers["cases"]:
         b = c["bytes"]
         exchange = b["exchange (send + receive, out and back)"]
         grouped = b["sorted buffer in + out [R, D] x 2"] + b["pre-activations [R, F] x 2"]
@@ -491,7 +491,7 @@ def report(record: dict) -> list[str]:
     print("Compiled memory (MiB, XLA memory analysis of the fwd+bwd step):\n")
     print(memory_table(groups, scaling))
     print()
-    print(plan_table(record["plan_671b"]))
+    print(buffers_table(record["buffers_671b"]))
     print()
     if mesh:
         print(f"Expert-parallel rows ({mesh[0]['devices']} fake CPU devices on the same cores; "
@@ -513,9 +513,9 @@ def report(record: dict) -> list[str]:
 
 def print_saved(path: Path) -> None:
     """Print the tables of a run saved with --json, its 671B arithmetic recomputed with the
-    code as it is now (`refresh_plan`); measures nothing."""
+    code as it is now (`refresh_buffers`); measures nothing."""
     record = json.loads(path.read_text())
-    refresh_plan(record)
+    refresh_buffers(record)
     print(record["header"])
     print(f"command: {record['command']}")
     report(record)
@@ -548,7 +548,7 @@ def run(args, command: str, script: Path) -> dict:
     shapes = [quick_shape(SHAPES[1], True)] if args.quick else list(SHAPES)
     groups = [run_group(s, args, sweep=not args.quick, with_torch=with_torch) for s in shapes]
     scaling = run_scaling(args, args.quick)
-    plan = plan_671b()
+    buffers = buffers_671b()
     mesh = []
     if args.devices > 1 and not args.quick:
         print(f"expert-parallel rows: child process on {args.devices} fake devices", flush=True)
@@ -559,6 +559,6 @@ def run(args, command: str, script: Path) -> dict:
     record = {"header": header, "command": command,
               "rounds": args.rounds, "slow_rounds": args.slow_rounds,
               "peak_size": args.peak_size, "groups": groups, "scaling": scaling,
-              "plan_671b": plan, "mesh_rows": mesh}
+              "buffers_671b": buffers, "mesh_rows": mesh}
     record["targets"] = report(record)
     return record

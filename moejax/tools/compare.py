@@ -58,7 +58,7 @@ class Ablation:
 
 
 @dataclasses.dataclass(frozen=True)
-class Plan:
+class Study:
     """What to run: rows, seeds, steps, and how often to measure."""
 
     mode: str
@@ -107,29 +107,29 @@ ABLATIONS = (
 )
 MAIN_ROWS = ("dense", "switch", "gshard", REFERENCE, "temperature")
 
-DEFAULT = Plan("default", (*MAIN_ROWS, "deepseek_e8", "deepseek_e32", "deepseek_batch2"),
-               ABLATIONS, seeds=(0, 1, 2), steps=200, eval_every=20, eval_batches=4,
-               log_every=10)
+DEFAULT = Study("default", (*MAIN_ROWS, "deepseek_e8", "deepseek_e32", "deepseek_batch2"),
+                ABLATIONS, seeds=(0, 1, 2), steps=200, eval_every=20, eval_batches=4,
+                log_every=10)
 # --quick: four main rows, 2 seeds, 512 tokens per step (compilation dominates its time)
-QUICK = Plan("quick", MAIN_ROWS[:4], (), seeds=(0, 1), steps=40, eval_every=10,
-             eval_batches=2, log_every=5,
-             overrides=("train.seq_len=64", "train.global_batch_size=8"))
+QUICK = Study("quick", MAIN_ROWS[:4], (), seeds=(0, 1), steps=40, eval_every=10,
+              eval_batches=2, log_every=5,
+              overrides=("train.seq_len=64", "train.global_batch_size=8"))
 
 
-def run_config(row: Row, plan: Plan, seed: int, peak_flops: float):
-    """The validated config of one run: the row's preset, the plan's and the row's overrides."""
+def run_config(row: Row, study: Study, seed: int, peak_flops: float):
+    """The validated config of one run: the row's preset, the study's and the row's overrides."""
     return load_config(row.preset, [
-        *plan.overrides, *row.overrides,
-        f"train.steps={plan.steps * row.steps_multiplier}", f"train.seed={seed}",
-        f"train.eval_every={plan.eval_every * row.steps_multiplier}",
-        f"train.eval_batches={plan.eval_batches}",
-        f"train.log_every={plan.log_every * row.steps_multiplier}",
+        *study.overrides, *row.overrides,
+        f"train.steps={study.steps * row.steps_multiplier}", f"train.seed={seed}",
+        f"train.eval_every={study.eval_every * row.steps_multiplier}",
+        f"train.eval_batches={study.eval_batches}",
+        f"train.log_every={study.log_every * row.steps_multiplier}",
         "train.checkpoint_every=0", f"train.peak_flops_per_device={peak_flops}"])
 
 
-def train_run(row: Row, plan: Plan, seed: int, run_dir: Path, peak_flops: float) -> dict:
+def train_run(row: Row, study: Study, seed: int, run_dir: Path, peak_flops: float) -> dict:
     """Train one (row, seed) with moejax.train and return its measured curves."""
-    cfg = run_config(row, plan, seed, peak_flops)
+    cfg = run_config(row, study, seed, peak_flops)
     started = time.perf_counter()
     summary = train(cfg, run_dir, progress=False)
     wall_s = time.perf_counter() - started
@@ -278,20 +278,20 @@ def cost_estimate(row: dict, target: float, mfu: float, peak: float) -> dict:
             "tokens_per_day_at_mfu": mfu * peak * 86400 / row["flops_per_token"]}
 
 
-def compare(plan: Plan, run_root: Path, log=print, mfu: float = GPU_MFU,
+def compare(study: Study, run_root: Path, log=print, mfu: float = GPU_MFU,
             gpu_peak: float = GPU_PEAK_FLOPS, partial: Path | None = None) -> dict:
-    """Train every (row, seed) of `plan` under `run_root` and return the results record.
+    """Train every (row, seed) of `study` under `run_root` and return the results record.
     Seeds run in the outer loop, so a row's seeds are spread over the whole run (the machine's
     load drifts; tokens/s spread then shows it). After each run the runs so far are written to
     `partial` (if given), from which `finish_partial` makes a record of a run cut short."""
     started = time.time()
-    rows_known = all_rows(plan.steps)
+    rows_known = all_rows(study.steps)
     peak_flops = measure_peak_flops()  # CPU FLOP/s for the loop's MFU figure, measured once
-    rows = {name: row_record(rows_known[name], plan, peak_flops) for name in plan.rows}
-    total, done = len(plan.rows) * len(plan.seeds), 0
-    for seed in plan.seeds:
-        for name in plan.rows:
-            run = train_run(rows_known[name], plan, seed, run_root / name / f"seed{seed}",
+    rows = {name: row_record(rows_known[name], study, peak_flops) for name in study.rows}
+    total, done = len(study.rows) * len(study.seeds), 0
+    for seed in study.seeds:
+        for name in study.rows:
+            run = train_run(rows_known[name], study, seed, run_root / name / f"seed{seed}",
                             peak_flops)
             rows[name]["runs"].append(run)
             done += 1
@@ -299,40 +299,43 @@ def compare(plan: Plan, run_root: Path, log=print, mfu: float = GPU_MFU,
                 f"nats/token, {run['tokens_per_second'] or 0:,.0f} tokens/s, "
                 f"{run['wall_s_including_compile']:.0f} s (elapsed {time.time() - started:.0f} s)")
             if partial is not None:
-                write_json_atomically(partial, {"plan": dataclasses.asdict(plan),
+                write_json_atomically(partial, {"study": dataclasses.asdict(study),
                                                 "started": started, "rows": rows})
-    return finish(plan, rows, started, mfu, gpu_peak)
+    return finish(study, rows, started, mfu, gpu_peak)
 
 
 def finish_partial(path: Path, mfu: float = GPU_MFU, gpu_peak: float = GPU_PEAK_FLOPS) -> dict:
     """The results record of the runs a cut-short comparison wrote to its partial file: rows
-    without a run are left out, and the mode says how many runs of the plan there are."""
+    without a run are left out, and the mode says how many runs of the study there are."""
     saved = json.loads(Path(path).read_text())
-    fields = saved["plan"]
-    plan = Plan(**{**fields, "rows": tuple(fields["rows"]), "seeds": tuple(fields["seeds"]),
-                   "overrides": tuple(fields["overrides"]),
-                   "ablations": tuple(Ablation(**a) for a in fields["ablations"])})
+    if "study" not in saved:
+        raise ValueError(f"{path} is not a comparison's partial record (no 'study'; records "
+                         "written before the study was so named call it 'plan': rename the key)")
+    fields = saved["study"]
+    study = Study(**{**fields, "rows": tuple(fields["rows"]), "seeds": tuple(fields["seeds"]),
+                     "overrides": tuple(fields["overrides"]),
+                     "ablations": tuple(Ablation(**a) for a in fields["ablations"])})
     rows = {name: row for name, row in saved["rows"].items() if row["runs"]}
     done = sum(len(row["runs"]) for row in rows.values())
-    plan = dataclasses.replace(plan, mode=f"{plan.mode}, cut short: {done} of "
-                               f"{len(plan.rows) * len(plan.seeds)} runs")
-    result = finish(plan, rows, saved["started"], mfu, gpu_peak)
+    study = dataclasses.replace(study, mode=f"{study.mode}, cut short: {done} of "
+                                f"{len(study.rows) * len(study.seeds)} runs")
+    result = finish(study, rows, saved["started"], mfu, gpu_peak)
     result["wall_s"] = os.path.getmtime(path) - saved["started"]  # to the last finished run
     return result
 
 
-def row_record(row: Row, plan: Plan, peak_flops: float) -> dict:
-    cfg = run_config(row, plan, plan.seeds[0], peak_flops)
+def row_record(row: Row, study: Study, peak_flops: float) -> dict:
+    cfg = run_config(row, study, study.seeds[0], peak_flops)
     params = count_params(cfg)
     return {"label": row.label, "preset": f"configs/{row.preset}.yaml",
-            "overrides": [*plan.overrides, *row.overrides],
+            "overrides": [*study.overrides, *row.overrides],
             "steps": cfg.train.steps, "tokens_per_step": cfg.train.global_batch_size
             * cfg.train.seq_len, "total_params": params["total"],
             "active_params": params["active"], "flops_per_token": flops_per_token(cfg),
             "num_experts": cfg.moe.num_experts, "top_k": cfg.moe.top_k, "runs": []}
 
 
-def finish(plan: Plan, rows: dict, started: float, mfu: float, gpu_peak: float) -> dict:
+def finish(study: Study, rows: dict, started: float, mfu: float, gpu_peak: float) -> dict:
     """Seed statistics, the loss ladder, verdicts and the cost estimate."""
     for row in rows.values():
         row["summary"] = summarise_row(row["runs"])
@@ -341,9 +344,9 @@ def finish(plan: Plan, rows: dict, started: float, mfu: float, gpu_peak: float) 
     for row in rows.values():
         add_ladder(row, ladder, target)
     ablations = [{**dataclasses.asdict(a), **comparisons(rows, a.baseline, a.variant, target)}
-                 for a in plan.ablations if a.baseline in rows and a.variant in rows]
+                 for a in study.ablations if a.baseline in rows and a.variant in rows]
     return {
-        "mode": plan.mode, "plan": dataclasses.asdict(plan),
+        "mode": study.mode, "study": dataclasses.asdict(study),
         "started_utc": datetime.datetime.fromtimestamp(started, datetime.UTC).isoformat(
             timespec="seconds"),
         "wall_s": time.time() - started, "host": host_line(),

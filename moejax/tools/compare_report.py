@@ -89,7 +89,7 @@ def cost_table(result: dict) -> list[str]:
 
 
 def markdown(result: dict, plot_names: list[str]) -> str:
-    plan = result["plan"]
+    study = result["study"]
     cost = result["cost"]
     parts = [
         f"# Architecture comparison ({result['mode']} mode, `scripts/compare_architectures.py`)",
@@ -97,9 +97,9 @@ def markdown(result: dict, plot_names: list[str]) -> str:
         f"    {result['command']}",
         "",
         (f"Started {result['started_utc']}, wall time {result['wall_s'] / 60:.1f} minutes; "
-        f"{result['host']}. Seeds {plan['seeds']}; {plan['steps']} steps per run (rows with a "
+        f"{result['host']}. Seeds {study['seeds']}; {study['steps']} steps per run (rows with a "
         "smaller batch run proportionally more, for equal tokens); held-out loss every "
-        f"{plan['eval_every']} steps on {plan['eval_batches']} validation batches. Every number "
+        f"{study['eval_every']} steps on {study['eval_batches']} validation batches. Every number "
         "below is in the JSON next to this file. Cells: mean [min-max] over seeds."),
         "",
         ("A difference is called better/worse only when the gap between seed means exceeds the "

@@ -144,7 +144,7 @@ def run_kill_trials(overrides=(), *, trials: int = 20, seed: int = 0, work_dir: 
     saves = round(trials * save_fraction)
     kinds = ["save"] * saves + ["step"] * (trials - saves)
     rng.shuffle(kinds)
-    planner = _Planner(rng, kinds, train_cfg, max_step_delay_s, max_save_delay_s)
+    schedule = _KillSchedule(rng, kinds, train_cfg, max_step_delay_s, max_save_delay_s)
     result = KillTrialsResult(seed, overrides, trials, [], [], str(straight_dir))
     say = report or (lambda line: None)
     max_runs = 3 * math.ceil(trials / max(kills_per_run, 1)) + 1  # runs end early only by chance
@@ -152,7 +152,7 @@ def run_kill_trials(overrides=(), *, trials: int = 20, seed: int = 0, work_dir: 
         run = Run(len(result.runs) + 1, str(work_dir / f"run-{len(result.runs) + 1}"))
         result.runs.append(run)
         kills = min(kills_per_run, trials - len(result.trials))
-        _kill_and_resume(run, kills, planner, launcher, result.trials, say)
+        _kill_and_resume(run, kills, schedule, launcher, result.trials, say)
         _check_finished_run(run, straight, train_cfg.steps)
         say(f"run {run.run}: {run.launches} launches, {run.steps_logged} steps logged; "
             + ("each step logged once, losses equal to the straight run's" if run.passed
@@ -161,7 +161,7 @@ def run_kill_trials(overrides=(), *, trials: int = 20, seed: int = 0, work_dir: 
     return result
 
 
-class _Planner:
+class _KillSchedule:
     """Where each kill lands: a step or a save drawn from what the resumed run has left."""
 
     def __init__(self, rng, kinds, train_cfg, max_step_delay_s, max_save_delay_s):
@@ -190,7 +190,7 @@ class _Planner:
         self.used += 1
 
 
-def _kill_and_resume(run: Run, kills: int, planner: _Planner, launcher, trials: list,
+def _kill_and_resume(run: Run, kills: int, schedule: _KillSchedule, launcher, trials: list,
                      say) -> None:
     """Launch, kill `kills` times (each time resuming from where the kill left it), then let the
     last launch finish. Each trial's verdict comes from the launch after it."""
@@ -198,7 +198,7 @@ def _kill_and_resume(run: Run, kills: int, planner: _Planner, launcher, trials: 
     pending, start, landed = None, None, 0  # the trial awaiting its verdict; where launches start
     while True:
         before = _Snapshot.take(run_dir)
-        trial = planner.next(run.run, start) if landed < kills else None
+        trial = schedule.next(run.run, start) if landed < kills else None
         proc, log = launcher.launch(run_dir, resume=run.launches > 0, name=run.launches + 1)
         run.launches += 1
         outcome = _wait_and_kill(proc, run_dir, trial, before, launcher.timeout_s)
@@ -212,7 +212,7 @@ def _kill_and_resume(run: Run, kills: int, planner: _Planner, launcher, trials: 
                 run.problems.append(f"launch {run.launches} {failure}")
             return
         _record_kill(trial, run_dir, before)
-        planner.landed()
+        schedule.landed()
         pending, start, landed = trial, trial.newest_complete, landed + 1
 
 

@@ -23,16 +23,14 @@ dispatch exchange (`moe.kernels=tiles`, buffers of P N_ rows), not the GPU's rag
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, AxisType
 
-from moejax import params as P
 from moejax import sharding
 from moejax.config import MESH_AXES, Config, ConfigError, staged_layers
 from moejax.model.dispatch import max_destinations, row_tile
@@ -308,41 +306,3 @@ def format_plan(result: dict) -> str:
                      f"{report['report_cross_node_bytes_per_token_per_moe_layer_forward']:,} "
                      "cross-node bytes per token per MoE layer (forward, fp8 out, bf16 back)")
     return "\n".join(lines)
-
-
-def moe_layer_overlap(cfg: Config, mesh, rounds: int = 5) -> dict:
-    """The MoE layer's forward + backward (value_and_grad of sum(y^2)) compiled on `mesh` with
-    moe.overlap_halves off and on: per all-to-all, the GEMM-carrying instructions independent of
-    it and where the schedule put them (hlo_stats.collective_overlap), and the step time over
-    interleaved rounds (on XLA:CPU, whose collectives are synchronous: the cost of halving,
-    not the gain of overlap)."""
-    from moejax.model.moe import moe_ffn, moe_specs
-    from moejax.tools import bench
-
-    specs = moe_specs(cfg)
-    params = P.init(specs, jax.random.key(0), mesh)
-    x = jax.device_put(
-        jax.random.normal(jax.random.key(1), (cfg.train.global_batch_size, cfg.train.seq_len,
-                                              cfg.model.d_model)), sharding.batch_sharding(mesh))
-    bias = jax.device_put(jnp.zeros(cfg.moe.num_experts), NamedSharding(mesh, PartitionSpec()))
-    result, runs = {}, {}
-    for on in (False, True):
-        variant = cfg.replace(moe=dataclasses.replace(cfg.moe, overlap_halves=on))
-
-        def loss(p, x_, c=variant):
-            return jnp.sum(jnp.square(moe_ffn(p, x_, bias, 1.0, c)[0]))
-
-        with jax.set_mesh(mesh):
-            compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(params, x).compile()
-        windows = hlo_stats.collective_overlap(compiled.as_text())
-        name = "halves" if on else "whole"
-        result[name] = {"all_to_alls": len(windows),
-                        "independent_gemms": [w["independent"] for w in windows],
-                        "scheduled_before": [w["before"] for w in windows],
-                        "scheduled_after": [w["after"] for w in windows]}
-        jax.block_until_ready(compiled(params, x))
-        runs[name] = functools.partial(compiled, params, x)
-    times, _ = bench.interleaved_rounds(runs, rounds)
-    for name in runs:
-        result[name]["seconds"] = bench.per_round_summary(bench.timed(times[name]))
-    return result

@@ -1,11 +1,11 @@
 """The one run builder: the train state, its shardings and the compiled steps of a config on a
 mesh. The training loop, the planner, the benchmarks and the GPU check all build their run here,
-so a plan or a benchmark measures the trainer's own state and step, never a copy of them.
+so the planner or a benchmark measures the trainer's own state and step, never a copy of them.
 
     run = build_run(cfg)                         # arrays, created sharded on cfg's mesh
     state, metrics = run.step(run.state, run.global_batch(local_tokens))
-    plan = build_run(cfg, mesh, abstract=True)   # ShapeDtypeStructs: nothing allocated
-    compiled = plan.lower().compile()
+    shapes = build_run(cfg, mesh, abstract=True)   # ShapeDtypeStructs: nothing allocated
+    compiled = shapes.lower().compile()
 """
 
 from __future__ import annotations
