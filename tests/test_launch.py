@@ -1,5 +1,6 @@
 """docs/launch/: the SLURM script, the JobSet manifest and the Dockerfile start one process per
-host with every variable moejax.training.distributed reads (its LAUNCH_ENV)."""
+host with every variable moejax.training.distributed reads (its LAUNCH_ENV), with a launch line
+that is safe to repeat, and requeue or restart a preempted or failed job."""
 
 import ast
 import re
@@ -8,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from moejax.training import distributed
+from moejax.training.runlock import JOB_ENV
 
 LAUNCH = Path(__file__).resolve().parent.parent / "docs" / "launch"
 ENV_NAME = re.compile(r"^[A-Z][A-Z0-9]*(_[A-Z0-9]+)+$")
@@ -30,6 +32,13 @@ def test_slurm_script_sets_every_launch_variable_one_task_per_host():
     srun = script[script.index("srun "):]
     assert "--ntasks-per-node=1" in srun and "scripts/train.py" in srun
     assert "JAX_PROCESS_ID=\\$SLURM_PROCID" in srun  # per task, not once for the job
+    # requeued on preemption / node failure / time limit, the same run directory and line
+    assert "#SBATCH --requeue" in script and "--auto-resume" in script
+    assert "--run-dir runs/slurm-${SLURM_JOB_ID}" in script
+    signal_line = next(line for line in script.splitlines() if line.startswith("#SBATCH --signal"))
+    signal_name = signal_line.split("=B:")[1].split("@")[0]
+    assert f"trap checkpoint_and_requeue {signal_name}" in script
+    assert 'kill -TERM "$TRAIN_PID"' in script and 'scontrol requeue "$SLURM_JOB_ID"' in script
 
 
 def test_jobset_sets_every_launch_variable_and_one_pod_per_process():
@@ -50,6 +59,13 @@ def test_jobset_sets_every_launch_variable_and_one_pod_per_process():
     host, port = env[distributed.COORDINATOR_ENV]["value"].split(":")
     assert host == f"{name}-{workers['name']}-0-0.{name}"
     assert {"containerPort": int(port)} in container["ports"]
+    # a failed or preempted pod restarts the JobSet, which runs the same line again
+    assert manifest["spec"]["failurePolicy"]["maxRestarts"] > 0
+    assert "--auto-resume" in container["args"]
+    stopped_code = container["args"][container["args"].index("--stopped-exit-code") + 1]
+    assert int(stopped_code) != 0
+    assert job["template"]["spec"]["terminationGracePeriodSeconds"] >= 60
+    assert {name for pair in JOB_ENV[1:] for name in pair} <= set(env)
 
 
 def test_dockerfile_builds_on_cuda_and_starts_the_trainer():

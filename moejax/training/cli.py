@@ -4,6 +4,7 @@ or the `moejax-train` command of an installed package).
     python scripts/train.py                                 # tiny MoE on the stdlib corpus (CPU)
     python scripts/train.py --config configs/small.yaml train.steps=2000 moe.num_experts=32
     python scripts/train.py --run-dir runs/exp1 --resume    # continue a stopped run
+    python scripts/train.py --run-dir runs/exp1 --auto-resume   # resume if there, else start
 
 Several hosts: run one process per host with --coordinator HOST:PORT --num-processes N
 --process-id I (or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, or under
@@ -22,7 +23,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. moe.num_experts=16")
     parser.add_argument("--config", default="tiny", help="YAML path or preset name in configs/")
     parser.add_argument("--run-dir", help="run directory (default: a new runs/<time>)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
+    resume = parser.add_mutually_exclusive_group()
+    resume.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
+    resume.add_argument("--auto-resume", action="store_true",
+                        help="continue the run in --run-dir if it holds one, else start it "
+                             "there: a launch line that is safe to repeat (requeues, restarts)")
+    parser.add_argument("--stopped-exit-code", type=int, default=0,
+                        help="exit code after SIGTERM/SIGINT stopped the run before its last "
+                             "step (checkpoint saved); default 0. A scheduler that restarts only "
+                             "failed jobs (Kubernetes) needs a non-zero one, e.g. 143")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--coordinator", help="HOST:PORT of process 0, for multi-host runs")
     parser.add_argument("--num-processes", type=int)
@@ -49,23 +58,26 @@ def main(argv=None) -> int:
     from moejax.config import ConfigError, load_config
     from moejax.convert.layout import ConversionError
     from moejax.data import DataError
-    from moejax.training.checkpoint import CheckpointError
+    from moejax.training.checkpoint import CheckpointError, CheckpointSaveError
     from moejax.training.loop import TrainingDiverged, train
-    from moejax.training.rundir import RunDirError
+    from moejax.training.rundir import AUTO, RunDirError
+    from moejax.training.runlock import RunLockedError
 
     main_process = jax.process_index() == 0
     try:
         cfg = load_config(args.config, args.overrides)
-        summary = train(cfg, args.run_dir, resume=args.resume, progress=not args.no_progress,
+        summary = train(cfg, args.run_dir, resume=AUTO if args.auto_resume else args.resume,
+                        progress=not args.no_progress,
                         announce=print if main_process else None)
     except distributed.StartupError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         # a normal exit would wait at jax's shutdown barrier for the very process that is missing
         os._exit(2)
-    except (ConfigError, ConversionError, DataError, RunDirError, CheckpointError) as err:
+    except (ConfigError, ConversionError, DataError, RunDirError, RunLockedError,
+            CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except TrainingDiverged as err:
+    except (TrainingDiverged, CheckpointSaveError) as err:  # the run stopped: exit 1
         print(f"error: {err}", file=sys.stderr)
         return 1
     if main_process:
@@ -82,7 +94,8 @@ def main(argv=None) -> int:
         if summary["stopped_by"]:
             print(f"stopped by {summary['stopped_by']}; checkpoint saved, continue with "
                   f"--run-dir {summary['run_dir']} --resume")
-    return 0
+    unfinished = summary["stopped_by"] and summary["step"] < cfg.train.steps
+    return args.stopped_exit_code if unfinished else 0
 
 
 if __name__ == "__main__":

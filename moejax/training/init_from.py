@@ -19,12 +19,23 @@ TRAINING_ONLY = {"model.remat", "model.init_std", "moe.dispatch", "moe.tile_rows
                  "moe.temperature"}
 
 
+def check_init_from(cfg: Config) -> Path:
+    """train.init_from as a directory, or ConfigError saying what is wrong with it."""
+    path = Path(cfg.train.init_from)
+    if not path.is_dir():
+        found = "is a file, not a directory" if path.exists() else "does not exist"
+        raise ConfigError(f"train.init_from={str(path)!r} {found}: give a Hugging Face "
+                          "checkpoint directory or one written by scripts/convert_hf.py "
+                          "to-moejax.")
+    return path
+
+
 def load_initial_model(cfg: Config, mesh):
     """(params without the carried router state, router bias [L, E]) from train.init_from,
     placed on `mesh` in precision.param_dtype; ConfigError if it holds another model."""
     from moejax.convert import load_hf, load_moejax
 
-    path = Path(cfg.train.init_from)
+    path = check_init_from(cfg)
     dtype = f"precision.param_dtype={cfg.precision.param_dtype}"
     if (path / "config.json").is_file():
         loaded_cfg, params = load_hf(path, mesh, overrides=[dtype])[:2]

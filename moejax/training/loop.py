@@ -22,7 +22,7 @@ from moejax.data import Corpus, load_corpus
 from moejax.model.transformer import count_params
 from moejax.training import distributed
 from moejax.training.checkpoint import Checkpoints, set_aside
-from moejax.training.init_from import load_initial_model
+from moejax.training.init_from import check_init_from, load_initial_model
 from moejax.training.metrics import (
     MetricsWriter,
     flops_per_token,
@@ -30,7 +30,8 @@ from moejax.training.metrics import (
     truncate_metrics,
 )
 from moejax.training.run import build_run, global_batch
-from moejax.training.rundir import check_run_dir, write_run_config
+from moejax.training.rundir import check_run_dir, resolve_run_dir, write_run_config
+from moejax.training.runlock import owning_run
 
 
 class StopSignal:
@@ -66,16 +67,29 @@ class TrainingDiverged(RuntimeError):
     """Too many steps in a row had a non-finite loss or gradients; the message says what to try."""
 
 
-def train(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = False,
+def train(cfg: Config, run_dir: str | Path | None = None, *, resume: bool | str = False,
           progress: bool = True, max_steps: int | None = None, announce=None) -> dict:
     """Train `cfg` and return a summary; `max_steps` stops early (as a preemption would).
+    `resume`: continue the run in `run_dir`; "auto": continue it if it holds one, else start
+    it there (a launch line safe to repeat). One process owns a run directory at a time.
 
     `announce` (e.g. print) receives a few start-up lines: run directory, model, data, mesh,
     and any unreadable checkpoint a resume skips. Everything that can be checked is checked
     before the run directory changes: a failed start leaves it as it was (or absent).
     """
     corpus = load_corpus(cfg)
-    run_dir = check_run_dir(cfg, run_dir, resume)
+    if cfg.train.init_from:
+        check_init_from(cfg)  # before the slow start-up, not after it
+    run_dir = resolve_run_dir(run_dir, resume)
+    report = announce or (lambda line: None)
+    with owning_run(run_dir, report):  # then what the directory holds cannot change under us
+        run_dir, resume = check_run_dir(cfg, run_dir, resume)
+        return _train_owned(cfg, corpus, run_dir, resume, progress, max_steps, announce)
+
+
+def _train_owned(cfg: Config, corpus: Corpus, run_dir: Path, resume: bool, progress: bool,
+                 max_steps: int | None, announce) -> dict:
+    """`train` once this process (process 0) owns the run directory."""
     is_main = jax.process_index() == 0
     report = announce or (lambda line: None)
     mesh = sharding.make_mesh(cfg.mesh)
@@ -113,8 +127,10 @@ def train(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = Fals
         try:
             summary = loop.run(state, max_steps)
         finally:
-            checkpoints.close()
-            writer.close()
+            try:
+                checkpoints.close()  # raises CheckpointSaveError if the last save failed
+            finally:
+                writer.close()
     summary["run_dir"] = str(run_dir)
     if is_main:
         write_json_atomically(run_dir / "summary.json", summary)
@@ -217,6 +233,7 @@ class _Loop:
             if step == start_step + 1 or step % t.log_every == 0 or step == last_step:
                 self._log(step, metrics, bar)
             bar.update(1)
+            self.checkpoints.raise_if_save_failed()  # a run that cannot checkpoint stops
             if t.eval_every and step % t.eval_every == 0 and step < last_step:
                 held_out = self._evaluate(state, step)
             if t.checkpoint_every and step % t.checkpoint_every == 0 and step < last_step:

@@ -10,13 +10,17 @@ from pathlib import Path
 import jax
 from omegaconf import OmegaConf
 
-from moejax.config import Config, config_to_dict, config_to_yaml
+from moejax.config import Config, config_to_dict, config_to_yaml, load_yaml_mapping
 from moejax.training import distributed
+from moejax.training.runlock import is_lock_file
 
 CONFIG_FILE = "config.yaml"
-# Settings a resumed run may change: how long and how often, and the mesh (checkpoints reshard).
-RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
-                     "train.checkpoint_every", "train.keep_checkpoints",
+AUTO = "auto"  # resume="auto": resume a run that exists, else start it
+# Settings a resumed run may change: how long and how often, the mesh (checkpoints reshard),
+# and the learning rate (lowered after a divergence, as TrainingDiverged advises).
+RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.learning_rate",
+                     "train.eval_every", "train.eval_batches", "train.checkpoint_every",
+                     "train.keep_checkpoints",
                      "train.peak_flops_per_device", "train.max_skipped_steps_in_row",
                      "mesh.data", "mesh.fsdp", "mesh.expert", "mesh.pipe",
                      # how the pipeline runs, not what it computes
@@ -64,21 +68,33 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def check_run_dir(cfg: Config, run_dir: str | Path | None, resume: bool) -> Path:
-    """The run directory to use, checked without writing anything: a fresh run needs a new or
-    empty writable directory, a resume one that holds a run of a compatible config."""
+def resolve_run_dir(run_dir: str | Path | None, resume: bool | str) -> Path:
+    """The run directory asked for (a new runs/<time> by default), if it can be written."""
     if run_dir is None:
         if resume:
-            raise RunDirError("--resume needs --run-dir naming the run to continue.")
+            raise RunDirError(f"{'--auto-resume' if resume == AUTO else '--resume'} needs "
+                              "--run-dir naming the run to continue.")
         run_dir = _default_run_dir()
     run_dir = Path(run_dir)
     _check_writable(run_dir)
+    return run_dir
+
+
+def check_run_dir(cfg: Config, run_dir: str | Path | None,
+                  resume: bool | str) -> tuple[Path, bool]:
+    """(the run directory to use, whether to resume it), checked without writing anything: a
+    fresh run needs a new or empty writable directory, a resume one that holds a run of a
+    compatible config. `resume="auto"` resumes a directory that holds a run and starts one in
+    a directory that holds none, so the same launch line is safe to repeat."""
+    run_dir = resolve_run_dir(run_dir, resume)
     saved_config = run_dir / CONFIG_FILE
+    if resume == AUTO:
+        resume = saved_config.exists()
     if saved_config.exists():
         if not resume:
             raise RunDirError(f"run directory {run_dir} already holds a run: pass --resume to "
                               "continue it, or choose a new --run-dir.")
-        differences = config_differences(OmegaConf.to_container(OmegaConf.load(saved_config)), cfg)
+        differences = config_differences(_saved_config(saved_config), cfg)
         if differences:
             raise RunDirError(f"cannot resume {run_dir} with a different config: "
                               f"{', '.join(differences)}; resume with its config or use a new "
@@ -86,10 +102,22 @@ def check_run_dir(cfg: Config, run_dir: str | Path | None, resume: bool) -> Path
     elif resume:
         raise RunDirError(f"nothing to resume in {run_dir}: it holds no run (no {CONFIG_FILE}); "
                           "drop --resume to start a new run there.")
-    elif run_dir.exists() and any(run_dir.iterdir()):
+    elif run_dir.exists() and any(not is_lock_file(p) for p in run_dir.iterdir()):
         raise RunDirError(f"run directory {run_dir} is not empty and holds no moejax run: "
                           "choose a new or empty --run-dir.")
-    return run_dir
+    return run_dir, bool(resume)
+
+
+def _saved_config(path: Path) -> dict:
+    """The config a run recorded; a damaged file (not text, not YAML, not a mapping, empty) is
+    named in one sentence with its line and column, and nothing is changed."""
+    advice = ("restore it (it records the run's full resolved config, which a resume must "
+              "match) or start again in a new --run-dir")
+    saved = OmegaConf.to_container(
+        load_yaml_mapping(path, "the run's config file", advice, error=RunDirError))
+    if not saved:
+        raise RunDirError(f"the run's config file {path} is empty; {advice}.")
+    return saved
 
 
 def _check_writable(run_dir: Path) -> None:
