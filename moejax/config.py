@@ -9,11 +9,13 @@ is one sentence saying what is wrong and how to fix it.
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 # the presets ship inside the package (`configs/` in a checkout links here)
@@ -236,7 +238,9 @@ def load_config(
     try:
         layers = [schema]
         if path is not None:
-            layers.append(OmegaConf.load(preset_path(path)))
+            layers.append(load_yaml_mapping(
+                preset_path(path), "config file",
+                "correct the file, or give another YAML file or a preset name from configs/"))
         layers.append(OmegaConf.from_dotlist(list(overrides)))
         merged = OmegaConf.merge(*layers)
         cfg = _to_frozen(Config, OmegaConf.to_container(merged, resolve=True))
@@ -244,6 +248,58 @@ def load_config(
         raise ConfigError(_omegaconf_sentence(err)) from None
     validate(cfg, num_devices)
     return cfg
+
+
+def load_yaml_mapping(path: Path, what: str, advice: str, error: type = ConfigError
+                      ) -> DictConfig:
+    """The mapping of settings in the YAML file `path` (empty for an empty file). A file that
+    cannot be read, is not UTF-8 text, does not parse, or holds something other than a mapping
+    raises `error` with one sentence: `what` and the path, the line and column where known,
+    what is wrong, then `advice` (what to do)."""
+    name = f"{what} {path}"
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as err:
+        raise error(f"cannot read {name} ({err.strerror or err}); {advice}.") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        column = err.start - raw.rfind(b"\n", 0, err.start)
+        raise error(f"{name} is not UTF-8 text (byte 0x{raw[err.start]:02x} at line {line}, "
+                    f"column {column}); {advice}.") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)  # syntax, and what the top level is
+        if node is not None and not isinstance(node, yaml.MappingNode):
+            kind = "a list" if isinstance(node, yaml.SequenceNode) else "a single value"
+            mark = node.start_mark
+            raise error(f"{name} holds {kind} at line {mark.line + 1}, column {mark.column + 1}, "
+                        "not a mapping of settings (sections such as 'train:' with "
+                        f"'steps: 100' indented under them); {advice}.")
+        loaded = OmegaConf.load(io.StringIO(text))  # OmegaConf's own YAML rules (floats, keys)
+    except yaml.YAMLError as err:
+        raise error(f"{name} is not valid YAML{_yaml_problem(err)}; {advice}.") from None
+    return loaded
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """"at line 4, column 6: expected ',' or ']', but got ':' (while parsing a flow sequence
+    from line 3, column 9)": where PyYAML stopped, what it found and what it was reading."""
+    if not isinstance(err, yaml.MarkedYAMLError):
+        return ": " + " ".join(str(err).split())
+
+    def at(mark) -> str:
+        return f"line {mark.line + 1}, column {mark.column + 1}"
+
+    mark = err.problem_mark or err.context_mark
+    problem = " ".join((err.problem or err.context or "a syntax error").split())
+    text = (f" at {at(mark)}" if mark else "") + ": " + problem.removeprefix("but ")
+    if err.problem and err.context:
+        text += f" ({' '.join(err.context.split())}"
+        if err.context_mark is not None and err.context_mark is not mark:
+            text += f" from {at(err.context_mark)}"
+        text += ")"
+    return text
 
 
 def _to_frozen(cls, values: dict):

@@ -1,15 +1,15 @@
 """SIGKILL training at random moments, resume it each time, and check every resume.
 
-Kills land during steps and during asynchronous checkpoint saves; the final per-step losses are
-compared with a straight run's.
+Kills land during start-up, during steps and during asynchronous checkpoint saves; every launch
+is the same line (`--auto-resume`); the final per-step losses are compared with a straight run's.
 
     python scripts/kill_resume.py --trials 20 --seed 0 --out docs/kill_resume.json \
         --markdown docs/kill_resume.md
     python scripts/kill_resume.py --trials 5 train.steps=60 train.checkpoint_every=10
 
-Each trial: launch `scripts/train.py` (resuming after the first launch), SIGKILL it after a
-random step or once a checkpoint save has started, then check that the next launch resumes
-from the newest complete checkpoint. Every few kills the run is resumed to its end and its
+Each trial: launch the training command with `--auto-resume`, SIGKILL it a random time into its
+start-up, after a random step, or once a checkpoint save has started, then check that the next
+launch (the same line) resumes from the newest complete checkpoint. Every few kills the run is resumed to its end and its
 per-step losses compared with a straight run's. Extra arguments are config overrides, applied
 after a small fast default (moejax.tools.kill_trials.DEFAULT_OVERRIDES). Exit code 1 if any
 trial or run failed.

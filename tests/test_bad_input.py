@@ -2,16 +2,23 @@
 how to fix it (exit code 2, no traceback) and loses nothing: no run directory made, none
 changed, no checkpoint overwritten. (Corpus and prepare_data.py cases: tests/test_data.py.)"""
 
+import json
 import os
 import shutil
 import stat
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
-from helpers import load_script
+from helpers import assert_trees_bit_equal, load_script, max_relative_error
 from test_train import corpus_dir, train_config, train_config_overrides  # noqa: F401
 
+from moejax import make_mesh
+from moejax.config import CONFIG_DIR
+from moejax.training.checkpoint import Checkpoints
 from moejax.training.loop import train
+from moejax.training.state import init_train_state
 
 
 def run_script(capsys, *argv) -> tuple[int, str]:
@@ -28,11 +35,12 @@ def assert_one_sentence(stderr: str, *fragments: str) -> None:
 
 
 def snapshot(directory: Path) -> dict:
-    """{relative path: (size, mtime)} of every file under `directory` (empty if absent)."""
+    """{relative path: (bytes, mtime) of a file, None for a folder} of everything under
+    `directory` (empty if absent): its listing and every file's contents."""
     if not directory.exists():
         return {}
-    return {str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in sorted(directory.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(directory)): (p.read_bytes(), p.stat().st_mtime_ns)
+            if p.is_file() else None for p in sorted(directory.rglob("*"))}
 
 
 CONFIG_CASES = {
@@ -134,18 +142,122 @@ def test_resume_with_every_checkpoint_damaged(finished_run, corpus_dir, tmp_path
     assert snapshot(run_dir) == before  # config.yaml not rewritten, nothing set aside
 
 
-def test_diverging_run_stops_and_never_checkpoints_a_bad_state(corpus_dir, tmp_path, capsys):  # noqa: F811
+def test_diverging_run_keeps_its_good_checkpoints_and_saves_no_bad_state(corpus_dir, tmp_path,  # noqa: F811
+                                                                          capsys):
+    """A run that trains, checkpoints, then diverges: the learning rate warms up from 0 to
+    2e6 over 199 steps (1e4 more each step), so steps 1-4 are finite and the weights then
+    overflow. The checkpoints of steps 2 and 4 are kept, the one of step 6 (a skipped step)
+    holds step 4's weights, and every saved value is finite."""
     run_dir = tmp_path / "run"
     code, stderr = run_script(capsys, "--run-dir", str(run_dir),
-                              *train_config_overrides(corpus_dir), "train.learning_rate=1e10",
-                              "train.warmup_steps=0", "train.max_skipped_steps_in_row=3",
-                              "train.checkpoint_every=4")
+                              *train_config_overrides(corpus_dir), "train.learning_rate=2e6",
+                              "train.warmup_steps=199", "train.max_skipped_steps_in_row=3",
+                              "train.checkpoint_every=2", "train.keep_checkpoints=3")
     assert code == 1
-    assert_one_sentence(stderr, "training diverged: the last 3 steps", "lower train.learning_rate")
-    import json
-
+    assert_one_sentence(stderr, "training diverged: the last 3 steps (to step 7)",
+                        "lower train.learning_rate")
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
-    skipped = [r["skipped_steps"] for r in records]
-    assert skipped[-1] == 3 and records[-1]["step"] <= 4
-    assert records[-1]["loss"] is None  # a non-finite loss is logged as null, never bare NaN
-    assert not (run_dir / "checkpoints").exists() or not any((run_dir / "checkpoints").iterdir())
+    assert [(r["step"], r["skipped_steps"]) for r in records] == [
+        (1, 0), (2, 0), (3, 0), (4, 0), (5, 1), (6, 2), (7, 3)]
+    assert records[-1]["grad_norm"] is None  # a non-finite value is logged as null, not NaN
+    assert all(r["grad_norm"] is not None for r in records[:4])
+
+    cfg = train_config(corpus_dir, "train.learning_rate=2e6", "train.warmup_steps=199")
+    checkpoints = Checkpoints(run_dir / "checkpoints")
+    try:
+        assert checkpoints.manager.all_steps() == [2, 4, 6]
+        like = init_train_state(cfg, jax.random.key(0), make_mesh(cfg.mesh))
+        states = {step: checkpoints.restore(step, like)[0] for step in (2, 4, 6)}
+    finally:
+        checkpoints.close()
+    for step, state in states.items():
+        assert int(state.step) == step
+        for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+            assert np.isfinite(np.asarray(leaf)).all(), (step, jax.tree_util.keystr(path))
+    assert int(states[6].skipped.total) == 2  # steps 5 and 6 skipped: step 4's state kept
+    assert_trees_bit_equal(states[6].params, states[4].params)
+    assert_trees_bit_equal(states[6].opt_state, states[4].opt_state)
+    assert max_relative_error(states[4].params, states[2].params) > 0  # it did train
+
+
+def resume_args(corpus_dir, run_dir: Path) -> list[str]:  # noqa: F811
+    return ["--run-dir", str(run_dir), "--resume", *train_config_overrides(corpus_dir)]
+
+
+def unclosed_list(preset: str) -> bytes:
+    """The tiny preset with `num_experts: 8` edited into an unclosed list (line 13)."""
+    assert preset.splitlines()[12] == "  num_experts: 8"
+    return preset.replace("  num_experts: 8\n", "  num_experts: [8\n").encode()
+
+
+# a --config file that cannot be used: (its bytes from the tiny preset's text, the message)
+BAD_CONFIG_FILES = {
+    "syntax error": (unclosed_list, ("is not valid YAML at line 14, column 8: expected ',' or "
+                                     "']', but got ':' (while parsing a flow sequence from line "
+                                     "13, column 16)")),
+    "not a mapping": (lambda preset: b"- train.steps=20\n- moe.top_k=1\n",
+                      "holds a list at line 1, column 1, not a mapping of settings"),
+    "not UTF-8": (lambda preset: preset.encode("utf-16"),  # saved by a Windows editor
+                  "is not UTF-8 text (byte 0xff at line 1, column 1)"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CONFIG_FILES)
+def test_config_file_that_cannot_be_read(case, finished_run, corpus_dir, tmp_path, capsys):  # noqa: F811
+    """A --config file that does not parse, holds no mapping or is not text: one sentence
+    naming the file and the line, for a new run (nothing made) and a resume (nothing changed)."""
+    damage, message = BAD_CONFIG_FILES[case]
+    config = tmp_path / "my.yaml"
+    config.write_bytes(damage((CONFIG_DIR / "tiny.yaml").read_text()))
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    before = snapshot(run_dir)
+    for args in (["--run-dir", str(tmp_path / "new")], resume_args(corpus_dir, run_dir)):
+        code, stderr = run_script(capsys, "--config", str(config), *args)
+        assert code == 2
+        assert_one_sentence(stderr, f"error: config file {config} {message}",
+                            "correct the file, or give another YAML file or a preset name")
+    assert not (tmp_path / "new").exists()
+    assert snapshot(run_dir) == before
+
+
+def run_config_damage(case: str, text: bytes) -> tuple[bytes, str]:
+    """The run's config.yaml damaged as `case` says, and where the message must point."""
+    lines = text.splitlines(keepends=True)
+    at = lines.index(b"  d_model: 32\n")  # 0-based line of the model width
+    if case == "syntax error":  # a hand edit gone wrong
+        lines[at] = b"  d_model: 32: 64\n"
+        return b"".join(lines), f"is not valid YAML at line {at + 1}, column 14: mapping values"
+    if case == "not UTF-8":  # a disk fault in the middle of the file
+        lines[at] = b"  d_mo\xff\xfe\x00\x00\n"
+        return b"".join(lines), f"is not UTF-8 text (byte 0xff at line {at + 1}, column 7)"
+    if case == "not a mapping":  # overwritten by a script
+        return b"configs/tiny.yaml\n", "holds a single value at line 1, column 1, not a mapping"
+    assert case == "empty"
+    return b"", "is empty"
+
+
+@pytest.mark.parametrize("case", ["syntax error", "not UTF-8", "not a mapping", "empty"])
+def test_resume_with_a_damaged_run_config(case, finished_run, corpus_dir, tmp_path, capsys):  # noqa: F811
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    saved = run_dir / "config.yaml"
+    damaged, message = run_config_damage(case, saved.read_bytes())
+    saved.write_bytes(damaged)
+    before = snapshot(run_dir)
+    code, stderr = run_script(capsys, *resume_args(corpus_dir, run_dir))
+    assert code == 2
+    assert_one_sentence(stderr, f"error: the run's config file {saved} {message}",
+                        "restore it (it records the run's full resolved config",
+                        "or start again in a new --run-dir")
+    assert snapshot(run_dir) == before
+
+
+def test_init_from_a_missing_directory(corpus_dir, tmp_path, capsys):  # noqa: F811
+    missing = tmp_path / "hf" / "DeepSeek-V3"
+    code, stderr = run_script(capsys, "--run-dir", str(tmp_path / "run"),
+                              *train_config_overrides(corpus_dir), f"train.init_from={missing}")
+    assert code == 2
+    assert_one_sentence(stderr, f"train.init_from={str(missing)!r} does not exist",
+                        "give a Hugging Face checkpoint directory")
+    assert list(tmp_path.iterdir()) == []  # no run directory, nothing else

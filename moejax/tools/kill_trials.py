@@ -1,6 +1,7 @@
-"""Kill -9 trials: train in a subprocess (`scripts/train.py`), SIGKILL it at random moments, some
-after a random step and some inside an asynchronous orbax checkpoint save, resume it with
-`--resume`, and check every resume and the finished run against a straight (never killed) run.
+"""Kill -9 trials: train in a subprocess (`scripts/train.py`), SIGKILL it at random moments (during
+start-up, after a random step, inside an asynchronous orbax checkpoint save), launch it again
+with the same line (`--auto-resume`: what a scheduler's requeue or restart does), and check
+every resume and the finished run against a straight (never killed) run.
 
 What is checked, after the fact and from files only, so the verdicts hold wherever a kill lands
 (timing only decides where the kills land):
@@ -35,14 +36,16 @@ from moejax.config import load_config
 TRAIN_COMMAND = [sys.executable, "-m", "moejax.training.cli"]
 SAVE_IN_PROGRESS = ".orbax-checkpoint-tmp"  # orbax writes step S into S.orbax-checkpoint-tmp
 # A small float32 MoE that trains 40 steps in a few seconds on a 2-core CPU. A save there lasts
-# about 4 steps, so checkpointing every 10 steps leaves room for kills outside any save.
+# about 4 steps, so checkpointing every 10 steps leaves room for kills outside any save. The
+# mesh and the start-up peak measurement are the preset's own (8 devices: expert=8).
 DEFAULT_OVERRIDES = (
     "precision.compute_dtype=float32", "model.d_model=32", "model.num_heads=4",
     "model.num_kv_heads=2", "model.head_dim=8", "model.ffn_dim=64", "moe.expert_ffn_dim=16",
     "train.seq_len=16", "train.global_batch_size=8", "train.steps=40", "train.checkpoint_every=10",
     "train.log_every=1", "train.eval_every=0", "train.eval_batches=1", "train.warmup_steps=2",
-    "train.peak_flops_per_device=1e9", "mesh.expert=1", "mesh.data=-1",
 )
+# the one launch line of every launch, first or not: resume if the run exists, else start it
+LAUNCH_FLAGS = ("--auto-resume", "--no-progress")
 LOSS_TOLERANCE = 1e-6  # relative, per step
 POLL_S = 0.01  # seconds between looks at metrics.jsonl and checkpoints/
 
@@ -53,9 +56,11 @@ class Trial:
 
     trial: int  # 1-based over all runs
     run: int  # 1-based: which run directory
-    kind: str  # "step": after a logged step plus a delay; "save": once a save has started
-    target: int  # the step waited for ("step") or whose save was waited for ("save")
-    delay_s: float  # from seeing the target to the kill
+    # "startup": a delay after the launch; "step": after a logged step plus a delay; "save":
+    # once a save has started
+    kind: str
+    target: int  # the step waited for ("step") or whose save was waited for ("save"); 0: none
+    delay_s: float  # from seeing the target (the launch, for "startup") to the kill
     killed_after_step: int | None = None  # the last step logged before the kill
     save_in_progress: int | None = None  # the step whose save the kill cut short, if any
     complete_checkpoints: list = dataclasses.field(default_factory=list)  # after the kill
@@ -123,14 +128,16 @@ def child_environment(cpu_devices: int, compilation_cache: Path | None) -> dict:
 
 def run_kill_trials(overrides=(), *, trials: int = 20, seed: int = 0, work_dir: str | Path,
                     kills_per_run: int = 5, config: str = "tiny", cpu_devices: int = 8,
-                    save_fraction: float = 0.5, max_step_delay_s: float = 0.3,
-                    max_save_delay_s: float = 0.2, compilation_cache: bool = True,
+                    save_fraction: float = 0.4, startup_fraction: float = 0.25,
+                    max_step_delay_s: float = 0.3, max_save_delay_s: float = 0.2,
+                    max_startup_delay_s: float = 12.0, compilation_cache: bool = True,
                     launch_timeout_s: float = 600.0, report=None) -> KillTrialsResult:
     """SIGKILL training `trials` times, `kills_per_run` kills per run directory (each run is then
     resumed to its end and compared with one straight run); `overrides` come after
-    DEFAULT_OVERRIDES. round(trials * save_fraction) kills, in an order drawn from `seed`, wait
-    for a checkpoint save to start; the rest wait for a step. `report` gets one line per trial
-    and per run."""
+    DEFAULT_OVERRIDES. In an order drawn from `seed`, round(trials * startup_fraction) kills
+    land a random time up to `max_startup_delay_s` after their launch (start-up: before the run
+    directory exists, while compiling, ...), round(trials * save_fraction) wait for a checkpoint
+    save to start, and the rest wait for a step. `report` gets one line per trial and per run."""
     started = time.time()
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -141,10 +148,11 @@ def run_kill_trials(overrides=(), *, trials: int = 20, seed: int = 0, work_dir: 
     straight_dir = work_dir / "straight"
     straight = launcher.straight_losses(straight_dir)
     rng = random.Random(seed)
-    saves = round(trials * save_fraction)
-    kinds = ["save"] * saves + ["step"] * (trials - saves)
+    saves, startups = round(trials * save_fraction), round(trials * startup_fraction)
+    kinds = ["save"] * saves + ["startup"] * startups + ["step"] * (trials - saves - startups)
     rng.shuffle(kinds)
-    schedule = _KillSchedule(rng, kinds, train_cfg, max_step_delay_s, max_save_delay_s)
+    delays = {"step": max_step_delay_s, "save": max_save_delay_s, "startup": max_startup_delay_s}
+    schedule = _KillSchedule(rng, kinds, train_cfg, delays)
     result = KillTrialsResult(seed, overrides, trials, [], [], str(straight_dir))
     say = report or (lambda line: None)
     max_runs = 3 * math.ceil(trials / max(kills_per_run, 1)) + 1  # runs end early only by chance
@@ -164,9 +172,8 @@ def run_kill_trials(overrides=(), *, trials: int = 20, seed: int = 0, work_dir: 
 class _KillSchedule:
     """Where each kill lands: a step or a save drawn from what the resumed run has left."""
 
-    def __init__(self, rng, kinds, train_cfg, max_step_delay_s, max_save_delay_s):
-        self.rng, self.kinds, self.cfg = rng, kinds, train_cfg
-        self.delays = {"step": max_step_delay_s, "save": max_save_delay_s}
+    def __init__(self, rng, kinds, train_cfg, delays: dict):
+        self.rng, self.kinds, self.cfg, self.delays = rng, kinds, train_cfg, delays
         self.used = 0
 
     def next(self, run: int, start: int | None) -> Trial | None:
@@ -177,7 +184,9 @@ class _KillSchedule:
         first, steps = (start or 0) + 1, self.cfg.steps
         if first > steps:
             return None
-        if kind == "step":
+        if kind == "startup":
+            target = 0
+        elif kind == "step":
             target = first + int(self.rng.random() * max(steps - first, 1))  # first..steps-1
         else:
             every = self.cfg.checkpoint_every
@@ -199,7 +208,7 @@ def _kill_and_resume(run: Run, kills: int, schedule: _KillSchedule, launcher, tr
     while True:
         before = _Snapshot.take(run_dir)
         trial = schedule.next(run.run, start) if landed < kills else None
-        proc, log = launcher.launch(run_dir, resume=run.launches > 0, name=run.launches + 1)
+        proc, log = launcher.launch(run_dir, name=run.launches + 1)
         run.launches += 1
         outcome = _wait_and_kill(proc, run_dir, trial, before, launcher.timeout_s)
         failure = None if outcome == "killed" else _failure(proc, log, outcome)
@@ -230,13 +239,14 @@ class _Launcher:
     def __init__(self, config: str, overrides: list, env: dict, timeout_s: float):
         self.config, self.overrides, self.env, self.timeout_s = config, overrides, env, timeout_s
 
-    def launch(self, run_dir: Path, *, resume: bool, name) -> tuple[subprocess.Popen, Path]:
-        """Start training in its own process group (so SIGKILL reaches every process of it);
-        stdout and stderr go to `<run_dir>.logs/launch-<name>.log`."""
+    def launch(self, run_dir: Path, *, name) -> tuple[subprocess.Popen, Path]:
+        """Start training in its own process group (so SIGKILL reaches every process of it),
+        with the same line every time; stdout and stderr go to
+        `<run_dir>.logs/launch-<name>.log`."""
         log = run_dir.with_name(run_dir.name + ".logs") / f"launch-{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [*TRAIN_COMMAND, "--run-dir", str(run_dir), "--no-progress",
-               "--config", self.config, *(["--resume"] if resume else []), *self.overrides]
+        cmd = [*TRAIN_COMMAND, "--run-dir", str(run_dir), *LAUNCH_FLAGS,
+               "--config", self.config, *self.overrides]
         with log.open("w") as out:
             proc = subprocess.Popen(cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT,
                                     start_new_session=True)
@@ -244,7 +254,7 @@ class _Launcher:
 
     def straight_losses(self, run_dir: Path) -> dict[int, float]:
         """{step: loss} of one run that nobody interrupts."""
-        proc, log = self.launch(run_dir, resume=False, name="straight")
+        proc, log = self.launch(run_dir, name="straight")
         try:
             proc.wait(timeout=self.timeout_s)
         except subprocess.TimeoutExpired:
@@ -339,6 +349,8 @@ def _wait_and_kill(proc, run_dir: Path, trial: Trial | None, before: _Snapshot,
 
 
 def _moment_reached(trial: Trial, run_dir: Path, before: _Snapshot) -> bool:
+    if trial.kind == "startup":  # the launch itself: the kill comes delay_s after it
+        return True
     if trial.kind == "step":
         return any(step >= trial.target for step in _new_steps(run_dir, before))
     _, complete = _checkpoint_listing(run_dir)
@@ -467,9 +479,16 @@ def _span(steps: list[int]) -> str:
     return ", ".join(map(str, steps[:8])) + (", ..." if len(steps) > 8 else "")
 
 
+def _kill_moment(trial: Trial) -> str:
+    if trial.kind == "startup":
+        return f"{trial.delay_s:.3f} s after the launch"
+    if trial.kind == "step":
+        return f"after step {trial.target} + {trial.delay_s:.3f} s"
+    return f"once the save of step {trial.target} started + {trial.delay_s:.3f} s"
+
+
 def _trial_line(trial: Trial) -> str:
-    moment = (f"after step {trial.target} + {trial.delay_s:.3f} s" if trial.kind == "step"
-              else f"once the save of step {trial.target} started + {trial.delay_s:.3f} s")
+    moment = _kill_moment(trial)
     cut = (f", save of step {trial.save_in_progress} cut short"
            if trial.save_in_progress is not None else "")
     verdict = "ok" if trial.passed else "FAILED: " + "; ".join(trial.problems)
@@ -480,11 +499,13 @@ def _trial_line(trial: Trial) -> str:
 
 
 REPORT_INTRO = (
-    "Training (`scripts/train.py`) killed with SIGKILL at random moments, some after a random "
-    "step and some once an asynchronous orbax checkpoint save has started, then resumed with "
-    "`--resume`; every few kills the run is resumed to its end and its per-step losses compared "
-    "with a straight run's (relative tolerance 1e-6). `moejax/tools/kill_trials.py` says what "
-    "is checked; verdicts come from files only, so they hold wherever a kill lands.")
+    "Training (`scripts/train.py`) killed with SIGKILL at random moments: during start-up (a "
+    "random time after the launch), after a random step, or once an asynchronous orbax "
+    "checkpoint save has started; every launch, first or not, is the same line "
+    "(`--auto-resume`, as a scheduler's requeue repeats it). Every few kills the run is "
+    "resumed to its end and its per-step losses compared with a straight run's (relative "
+    "tolerance 1e-6). `moejax/tools/kill_trials.py` says what is checked; verdicts come from "
+    "files only, so they hold wherever a kill lands.")
 
 
 def markdown_report(result: KillTrialsResult, *, command: str, machine: str, date: str) -> str:
@@ -498,8 +519,7 @@ def markdown_report(result: KillTrialsResult, *, command: str, machine: str, dat
               "| newest complete checkpoint | resumed from | verdict |"),
              "|---|---|---|---|---|---|---|---|"]
     for t in result.trials:
-        moment = (f"after step {t.target} + {t.delay_s:.3f} s" if t.kind == "step"
-                  else f"save of step {t.target} started + {t.delay_s:.3f} s")
+        moment = _kill_moment(t)
         verdict = "ok" if t.passed else "FAILED: " + "; ".join(t.problems)
         lines.append(f"| {t.trial} | {t.run} | {moment} | {t.killed_after_step} | "
                      f"{_or_dash(t.save_in_progress)} | {_or_dash(t.newest_complete)} | "
@@ -521,12 +541,16 @@ def _outcome_lines(result: KillTrialsResult) -> list[str]:
     unreadable = [t for t in trials if any("unreadable" in p for p in t.problems)]
     scratch = sum(t.newest_complete is None for t in trials)
     waits = sum(t.kind == "save" for t in trials)
+    startups = [t for t in trials if t.kind == "startup"]
+    before_first_step = sum(t.killed_after_step is None for t in startups)
     largest = max((r.max_relative_loss_error or 0.0) for r in runs) if runs else 0.0
     return [
         (f"- **{passed} of {len(trials)} trials resumed correctly** from the newest complete "
          f"checkpoint, or from scratch where none was complete yet ({scratch} kills)."),
         (f"- {len(cut_short)} of {len(trials)} kills landed while a checkpoint save was being "
-         f"written ({waits} kills waited for a save to start, {len(trials) - waits} for a step); "
+         f"written ({waits} kills waited for a save to start, {len(startups)} landed during "
+         f"start-up ({before_first_step} before the launch's first step), "
+         f"{len(trials) - waits - len(startups)} after a step); "
          f"{len(taken)} resumes took a cut-short save, {len(unreadable)} found a checkpoint "
          "unreadable."),
         (f"- {sum(r.passed for r in runs)} of {len(runs)} runs finished with each step logged "
