@@ -172,3 +172,23 @@ def test_other_errors_are_not_storage_faults():
     assert storage_errno(OSError(errno.ENOENT, "No such file or directory")) is None
     assert "before any checkpoint was complete" in save_failure_message(
         2, Path("/r/checkpoints"), errno.ENOSPC, None)
+
+
+def test_a_full_disk_under_the_metrics_is_one_line_too(corpus_dir, tmp_path, capfd,  # noqa: F811
+                                                       monkeypatch):
+    """Not a checkpoint: metrics.jsonl's write fails (injected at the writer, since the run
+    directory's other writers would fill a real small disk in no fixed order)."""
+    from moejax.training import metrics
+
+    def full_disk(self, step, kind, values):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.jsonl.name)
+
+    monkeypatch.setattr(metrics.MetricsWriter, "write", full_disk)
+    run_dir = tmp_path / "run"
+    code, err = run_script(capfd, "--run-dir", str(run_dir), *train_config_overrides(corpus_dir),
+                           *RUN)
+    assert code == 1
+    assert err.strip() == (
+        f"error: writing {run_dir / 'metrics.jsonl'} failed: No space left on device; the run "
+        "stopped; free space on that filesystem (or raise the quota), then resume with "
+        f"--run-dir {run_dir} --resume.")

@@ -58,7 +58,12 @@ def main(argv=None) -> int:
     from moejax.config import ConfigError, load_config
     from moejax.convert.layout import ConversionError
     from moejax.data import DataError
-    from moejax.training.checkpoint import CheckpointError, CheckpointSaveError
+    from moejax.training.checkpoint import (
+        STORAGE_FAULTS,
+        CheckpointError,
+        CheckpointSaveError,
+        storage_errno,
+    )
     from moejax.training.loop import TrainingDiverged, train
     from moejax.training.rundir import AUTO, RunDirError
     from moejax.training.runlock import RunLockedError
@@ -79,6 +84,15 @@ def main(argv=None) -> int:
         return 2
     except (TrainingDiverged, CheckpointSaveError) as err:  # the run stopped: exit 1
         print(f"error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        code = storage_errno(err)
+        if code is None:
+            raise
+        # e.g. metrics.jsonl on a full disk: checkpoints keep their own one-line error above
+        print(f"error: writing {err.filename or 'the run directory'} failed: "
+              f"{os.strerror(code)}; the run stopped; {STORAGE_FAULTS[code]}, then resume "
+              f"with --run-dir {args.run_dir or 'RUN_DIR'} --resume.", file=sys.stderr)
         return 1
     if main_process:
         held_out = summary["held_out"]
