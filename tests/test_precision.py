@@ -125,9 +125,12 @@ def test_float16_loss_scaling_skips_overflowing_steps_and_recovers():
 
 def test_block_fp8_on_a_mesh_matches_one_device():
     """Block scales are per token tile and per weight block, so sharding the batch or the
-    experts changes no forward scale: the loss and all gradients but the routed experts' match
-    one device to float32 tolerance. The routed experts' weight gradients tile the rows of each
-    expert's buffer, whose grouping follows the shard layout: they agree to fp8 accuracy."""
+    experts changes no forward scale: the loss matches one device to float32 tolerance. The
+    backward quantizes gradients too, and the sharded program sums in another order, so a
+    gradient element within float32 noise of an fp8 rounding boundary may round the other way
+    (seen on jax 0.12.1, not on 0.10.2): the other gradients agree to a few such flips, far
+    below one e4m3 step. The routed experts' weight gradients tile the rows of each expert's
+    buffer, whose grouping follows the shard layout: they agree to fp8 accuracy."""
     overrides = ("precision.fp8=block", "precision.fp8_block_size=16", CAPACITY)
     cfg = tiny_config(*overrides)
     _, params, batch = model_and_batch()
@@ -145,7 +148,10 @@ def test_block_fp8_on_a_mesh_matches_one_device():
         return g.replace(moe_blocks=g.moe_blocks.replace(
             ffn=g.moe_blocks.ffn.replace(**dict.fromkeys(experts, jnp.zeros(())))))
 
-    assert max_relative_error(without_experts(grads), without_experts(expected_grads)) <= 1e-4
+    flips = jax.tree.map(lambda a, e: float(jnp.linalg.norm(a - e)
+                                            / jnp.maximum(jnp.linalg.norm(e), 1e-30)),
+                         without_experts(grads), without_experts(expected_grads))
+    assert max(jax.tree.leaves(flips)) <= E4M3_UNIT_ROUNDOFF / 8, flips
     for name in experts:
         error = frobenius_relative(getattr(grads.moe_blocks.ffn, name),
                                    getattr(expected_grads.moe_blocks.ffn, name))

@@ -380,8 +380,9 @@ def ragged_exchange_check() -> dict:
         exchange = Exchange("expert", send_sizes=jnp.array([used], jnp.int32))  # ragged
         return exchange.back(exchange.out(a))
 
-    step = jax.jit(jax.shard_map(round_trip, mesh=mesh, in_specs=PartitionSpec(),
-                                 out_specs=PartitionSpec()))
+    # the buffer is the expert shard's own (varying over `expert`, as in the layer)
+    step = jax.jit(jax.shard_map(round_trip, mesh=mesh, in_specs=PartitionSpec("expert"),
+                                 out_specs=PartitionSpec("expert")))
     a = jnp.arange(rows * 4, dtype=jnp.float32).reshape(rows, 4) + 1
     lowered = step.lower(a)
     result = {"lowers": "ragged_all_to_all" in lowered.as_text()
