@@ -202,9 +202,10 @@ class _KillSchedule:
 def _kill_and_resume(run: Run, kills: int, schedule: _KillSchedule, launcher, trials: list,
                      say) -> None:
     """Launch, kill `kills` times (each time resuming from where the kill left it), then let the
-    last launch finish. Each trial's verdict comes from the launch after it."""
+    last launch finish. Each trial's verdict comes from the next launch that logs a step or
+    ends: one killed during its start-up shows nothing of where it resumed from."""
     run_dir = Path(run.run_dir)
-    pending, start, landed = None, None, 0  # the trial awaiting its verdict; where launches start
+    waiting, start, landed = [], None, 0  # trials awaiting their verdict; where launches start
     while True:
         before = _Snapshot.take(run_dir)
         trial = schedule.next(run.run, start) if landed < kills else None
@@ -212,17 +213,20 @@ def _kill_and_resume(run: Run, kills: int, schedule: _KillSchedule, launcher, tr
         run.launches += 1
         outcome = _wait_and_kill(proc, run_dir, trial, before, launcher.timeout_s)
         failure = None if outcome == "killed" else _failure(proc, log, outcome)
-        if pending is not None:
-            _judge(pending, run_dir, before, log, failure)
-            trials.append(pending)
-            say(_trial_line(pending))
+        if waiting and (outcome != "killed" or _new_steps(run_dir, before)):
+            for pending in waiting:
+                _judge(pending, run_dir, before, log, failure)
+                trials.append(pending)
+                say(_trial_line(pending))
+            waiting = []
         if outcome != "killed":
             if failure:
                 run.problems.append(f"launch {run.launches} {failure}")
             return
         _record_kill(trial, run_dir, before)
         schedule.landed()
-        pending, start, landed = trial, trial.newest_complete, landed + 1
+        waiting.append(trial)
+        start, landed = trial.newest_complete, landed + 1
 
 
 def _failure(proc, log: Path, outcome: str) -> str | None:
