@@ -28,13 +28,10 @@ class Run:
 
     cfg: Config
     mesh: jax.sharding.Mesh
-    state: TrainState  # arrays, or ShapeDtypeStructs with shardings when built abstract
+    # arrays, or ShapeDtypeStructs when built abstract; either way each leaf carries its sharding
+    state: TrainState
     step: object  # jitted (state, batch) -> (state, metrics); donates the state
     eval_step: object  # jitted (params, batch, router) -> mean cross-entropy
-
-    @property
-    def shardings(self) -> TrainState:
-        return jax.tree.map(lambda x: x.sharding, self.state)
 
     @property
     def tokens_per_step(self) -> int:
