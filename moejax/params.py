@@ -72,14 +72,16 @@ def abstract(specs, mesh=None):
     """ShapeDtypeStructs of the parameters (with shardings when a mesh is given)."""
 
     def leaf(spec: ParamSpec):
-        shard = sharding.named_sharding(mesh, spec.logical_axes) if mesh is not None else None
+        shard = (sharding.named_sharding(mesh, spec.logical_axes, spec.shape)
+                 if mesh is not None else None)
         return jax.ShapeDtypeStruct(spec.shape, jnp.dtype(spec.dtype), sharding=shard)
 
     return jax.tree.map(leaf, specs, is_leaf=is_spec)
 
 
 def shardings(specs, mesh):
-    return jax.tree.map(lambda s: sharding.named_sharding(mesh, s.logical_axes), specs, is_leaf=is_spec)
+    return jax.tree.map(lambda s: sharding.named_sharding(mesh, s.logical_axes, s.shape), specs,
+                        is_leaf=is_spec)
 
 
 def init(specs, key: jax.Array, mesh=None):

@@ -34,6 +34,10 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "kv_heads": None,
     "head_dim": None,
     "latent": None,  # MLA low-rank latent widths
+    # MLA's per-head up-projections wq_b and wkv_b have no model-width axis for fsdp: split by
+    # head over fsdp and expert (where the head count divides) and gathered before use, so that
+    # no device stores them whole (they are most of an MLA layer's attention weights)
+    "mla_heads": ("fsdp", "expert"),
     # activations
     "act_batch": BATCH_AXES,
     "act_seq": None,
@@ -66,8 +70,56 @@ def logical_to_spec(logical_axes: tuple[str | None, ...]) -> PartitionSpec:
     return PartitionSpec(*(LOGICAL_RULES.get(name) if name else None for name in logical_axes))
 
 
-def named_sharding(mesh, logical_axes) -> NamedSharding:
-    return NamedSharding(mesh, logical_to_spec(logical_axes))
+def named_sharding(mesh, logical_axes, shape: tuple[int, ...] | None = None) -> NamedSharding:
+    """The sharding of an array with these logical axes; given its `shape`, a dimension keeps
+    only the mesh axes whose sizes divide it (e.g. 6 MLA heads on a 4-way `expert` axis stay
+    whole) instead of failing to place."""
+    spec = logical_to_spec(logical_axes)
+    if shape is not None:
+        spec = divisible_spec(spec, shape, mesh)
+    return NamedSharding(mesh, spec)
+
+
+def _entries(spec: PartitionSpec, ndim: int) -> list[tuple[str, ...]]:
+    """The mesh axes of each of `ndim` dimensions, as tuples."""
+    padded = tuple(spec) + (None,) * (ndim - len(spec))
+    return [() if e is None else (e,) if isinstance(e, str) else tuple(e) for e in padded]
+
+
+def _spec(entries: list[tuple[str, ...]]) -> PartitionSpec:
+    return PartitionSpec(*(None if not e else e[0] if len(e) == 1 else e for e in entries))
+
+
+def divisible_spec(spec: PartitionSpec, shape: tuple[int, ...], mesh) -> PartitionSpec:
+    """`spec` with each dimension cut to the longest prefix of its mesh axes whose product
+    divides the dimension."""
+    entries = []
+    for dim, axes in zip(shape, _entries(spec, len(shape))):
+        kept = ()
+        for axis in axes:
+            if dim % (math.prod(mesh.shape[a] for a in kept) * mesh.shape[axis]):
+                break
+            kept += (axis,)
+        entries.append(kept)
+    return _spec(entries)
+
+
+def spread_over(spec: PartitionSpec, shape: tuple[int, ...], mesh,
+                axes: tuple[str, ...]) -> PartitionSpec:
+    """`spec` further split over each of `axes` it does not use yet (ZeRO: optimizer state
+    split over the data-parallel devices that hold the same parameter), each on the dimension
+    with the most elements per shard that it divides; an axis that divides none is left out."""
+    entries = _entries(spec, len(shape))
+    for axis in axes:
+        if mesh.shape.get(axis, 1) == 1 or any(axis in e for e in entries):
+            continue
+        size = mesh.shape[axis]
+        per_shard = [dim // math.prod(mesh.shape[a] for a in e) for dim, e in zip(shape, entries)]
+        fits = [d for d, n in enumerate(per_shard) if n % size == 0]
+        if fits:
+            best = max(fits, key=lambda d: per_shard[d])
+            entries[best] = entries[best] + (axis,)
+    return _spec(entries)
 
 
 def current_mesh():

@@ -104,3 +104,13 @@ def test_weights_are_born_sharded():
     shard_shape = w_gate.addressable_shards[0].data.shape
     assert shard_shape == (w_gate.shape[0], w_gate.shape[1] // 4, w_gate.shape[2] // 2, w_gate.shape[3])
     assert params.embed.addressable_shards[0].data.shape == (cfg.model.vocab_size, cfg.model.d_model // 2)
+    # MLA's per-head up-projections have no model-width axis: split by head over fsdp and
+    # expert where the head count divides (4 heads: over fsdp2 here, over data2 x expert4's
+    # expert axis below), never whole on every device
+    for w in (params.moe_blocks.attn.wq_b, params.moe_blocks.attn.wkv_b):  # [L, R, H, Q]
+        assert w.addressable_shards[0].data.shape == (*w.shape[:2], w.shape[2] // 2, w.shape[3])
+    on_data2_expert4 = moejax.init_params(cfg.replace(mesh=MeshConfig(2, 1, 4)),
+                                          jax.random.key(0),
+                                          moejax.make_mesh(MeshConfig(2, 1, 4)))
+    wkv_b = on_data2_expert4.dense_blocks.attn.wkv_b
+    assert wkv_b.addressable_shards[0].data.shape[2] == wkv_b.shape[2] // 4

@@ -1,5 +1,6 @@
 """The one run builder (moejax/training/run.py): the planner's abstract state is the trainer's
-real state, leaf by leaf, and every device holds only its shard of the AdamW moments (ZeRO)."""
+real state, leaf by leaf, and every device holds only its shard of the AdamW moments (ZeRO-1
+over the data-parallel devices, as DeepSeek-V3 trains)."""
 
 import math
 
@@ -43,26 +44,72 @@ def moment_trees(opt_state):
     return found[0].mu, found[0].nu
 
 
-@pytest.mark.parametrize("mesh", MESHES)
-def test_adamw_moments_are_sharded_exactly_like_the_parameters(mesh):
-    cfg = tiny_config(*MESHES[mesh])
-    state = build_run(cfg).state
+def mesh_axes(named_sharding) -> set[str]:
+    return {a for e in named_sharding.spec if e is not None
+            for a in ((e,) if isinstance(e, str) else e)}
+
+
+def per_device_bytes(x) -> int:
+    return max(s.data.nbytes for s in x.addressable_shards)
+
+
+def assert_moments_sharded_zero(state, data_parallel_axes: set[str]):
+    """Each AdamW moment leaf holds at most its parameter's bytes per device and is split over
+    every mesh axis its parameter uses; a parameter repeated over a data-parallel axis of
+    `data_parallel_axes` (ZeRO-1) has its moments split over it too: strictly fewer bytes."""
     params = leaves_with_paths(state.params)
     for moments in moment_trees(state.opt_state):
         moments = leaves_with_paths(moments)
         assert [p for p, _ in moments] == [p for p, _ in params]
         for (path, m), (_, w) in zip(moments, params):
-            assert m.sharding.is_equivalent_to(w.sharding, w.ndim), jax.tree_util.keystr(path)
-    # so a device holds its parameters' share of each moment, not the whole: bytes on device 0
-    device = jax.devices()[0]
-
-    def on_device(tree):
-        return sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards
-                   if s.device == device)
-
-    whole = sum(x.nbytes for x in jax.tree.leaves(state.params))
+            name = jax.tree_util.keystr(path)
+            assert mesh_axes(w.sharding) <= mesh_axes(m.sharding), name
+            assert per_device_bytes(m) <= per_device_bytes(w), name
+            repeated = {a for a in data_parallel_axes - mesh_axes(w.sharding)
+                        if w.sharding.mesh.shape[a] > 1}
+            if repeated and any(d % 2 == 0 for d in w.shape):
+                assert mesh_axes(m.sharding) & repeated, (name, m.sharding.spec)
+                assert per_device_bytes(m) < per_device_bytes(w), name
     mu, nu = moment_trees(state.opt_state)
-    assert on_device(mu) == on_device(nu) == on_device(state.params) < whole
+    total = lambda tree: sum(per_device_bytes(x) for x in jax.tree.leaves(tree))
+    assert total(mu) == total(nu) < total(state.params)
+
+
+@pytest.fixture(scope="module")
+def zero_runs():
+    return {mesh: build_run(tiny_config(*MESHES[mesh], "model.mtp_depth=1")) for mesh in MESHES}
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+def test_adamw_moments_are_split_over_the_devices_repeating_their_parameter(mesh, zero_runs):
+    run = zero_runs[mesh]
+    # data2 x expert4: dense weights repeat over data and expert, experts over data;
+    # fsdp2 x expert4: dense weights repeat over expert
+    assert_moments_sharded_zero(run.state, {"data", "expert"})
+    tokens = np.random.default_rng(0).integers(0, 256, (8, 17), dtype=np.int32)
+    stepped, _ = run.step(run.state, run.global_batch(tokens))
+    assert_moments_sharded_zero(stepped, {"data", "expert"})
+    run.state = stepped
+
+
+def test_a_checkpoint_with_replicated_moments_restores_into_the_sharded_layout(tmp_path,
+                                                                               zero_runs):
+    """Checkpoints written before ZeRO (every moment whole on every device) still restore:
+    the same values, placed in today's layout."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from moejax.training.checkpoint import Checkpoints
+
+    run = build_run(tiny_config(*MESHES["data2_expert4"], "model.mtp_depth=1"))
+    whole = NamedSharding(run.mesh, PartitionSpec())
+    old_layout = run.state.replace(opt_state=jax.device_put(run.state.opt_state, whole))
+    writer = Checkpoints(tmp_path, keep=1)
+    writer.save(3, old_layout, {"position": 0})
+    writer.close()
+    restored, _ = Checkpoints(tmp_path).restore(3, run.state)
+    assert_moments_sharded_zero(restored, {"data", "expert"})
+    for old, new in zip(jax.tree.leaves(old_layout.opt_state), jax.tree.leaves(restored.opt_state)):
+        np.testing.assert_array_equal(np.asarray(old), np.asarray(new))
 
 
 @pytest.mark.parametrize("mesh", MESHES)

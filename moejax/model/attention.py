@@ -81,13 +81,14 @@ def _latent_attention_specs(m: ModelConfig) -> LatentAttention:
         query = {
             "wq_a": ParamSpec((d, m.q_lora_rank), ("embed", "latent"), init),
             "q_a_norm": ParamSpec((m.q_lora_rank,), ("latent",), ones_init),
-            "wq_b": ParamSpec((m.q_lora_rank, h, qk_dim), ("latent", "heads", "head_dim"), init),
+            "wq_b": ParamSpec((m.q_lora_rank, h, qk_dim), ("latent", "mla_heads", "head_dim"),
+                              init),
         }
     return LatentAttention(
         wkv_a=ParamSpec((d, m.kv_lora_rank + m.qk_rope_head_dim), ("embed", "latent"), init),
         kv_a_norm=ParamSpec((m.kv_lora_rank,), ("latent",), ones_init),
         wkv_b=ParamSpec((m.kv_lora_rank, h, m.qk_nope_head_dim + m.v_head_dim),
-                        ("latent", "heads", "head_dim"), init),
+                        ("latent", "mla_heads", "head_dim"), init),
         wo=ParamSpec((h, m.v_head_dim, d), ("heads", "head_dim", "embed"), init),
         **query,
     )

@@ -199,6 +199,15 @@ def _run_staged_stack(blocks: Block, x, per_layer, layer_fn, cfg: Config, cached
     return pipeline.pipelined_stack(blocks, stack_specs, x, per_layer, run_block, schedule)
 
 
+def _gathered(attn: Attention | LatentAttention) -> Attention | LatentAttention:
+    """MLA's head-split up-projections (logical axis `mla_heads`) gathered whole before use,
+    as fsdp weights are: the activations are split by rows over the same mesh axes."""
+    if not isinstance(attn, LatentAttention):
+        return attn
+    whole = lambda w: None if w is None else constrain(w, (None,) * w.ndim)
+    return attn.replace(wq_b=whole(attn.wq_b), wkv_b=whole(attn.wkv_b))
+
+
 class _Layers:
     """The layer functions of one forward pass (positions, precision and router state fixed)."""
 
@@ -210,7 +219,7 @@ class _Layers:
         """Pre-norm attention with residual -> (x, normed x for the FFN, cache entries)."""
         m = self.cfg.model
         h = rms_norm(x, block.attn_norm, m.norm_eps)
-        out, entries = causal_attention(block.attn, h, self.positions, m,
+        out, entries = causal_attention(_gathered(block.attn), h, self.positions, m,
                                         self.matmuls["attention"], cache)
         x = constrain(x + out.astype(x.dtype), ACTIVATION_AXES)
         return x, rms_norm(x, block.ffn_norm, m.norm_eps), entries

@@ -11,6 +11,7 @@ from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec
 
 from moejax import params as P
+from moejax import sharding
 from moejax.config import Config
 from moejax.model.transformer import RouterState, init_router_state, initial_params, param_specs
 from moejax.training.loss_scale import LossScaleState, init_loss_scale
@@ -35,7 +36,8 @@ class SkippedSteps:
 class TrainState:
     step: jax.Array  # [] int32, optimizer steps taken
     params: object  # Transformer, float32 master weights
-    opt_state: optax.OptState  # AdamW moments, sharded exactly like the parameters
+    opt_state: optax.OptState  # AdamW moments: sharded like the parameters and further over
+    # the data-parallel devices that hold the same parameter (moment_sharding)
     router: RouterState  # selection bias and temperature: state, never seen by the optimizer
     loss_scale: LossScaleState | None = None  # float16 compute only: dynamic loss scaling
     # steps skipped because the loss, gradients or updated parameters were not finite:
@@ -56,10 +58,24 @@ def _fresh_state(cfg: Config, key: jax.Array, optimizer) -> TrainState:
     )
 
 
+# Mesh axes over which a parameter is repeated when no logical axis of it maps there: its AdamW
+# moments are split over them as well (DeepSeek-V3's ZeRO-1 over the data-parallel ranks).
+ZERO_AXES = ("data", "fsdp", "expert", "pipe")
+
+
+def moment_sharding(moment: jax.ShapeDtypeStruct, param: NamedSharding) -> NamedSharding:
+    """An AdamW moment's sharding: its parameter's, split further over each of ZERO_AXES that
+    the parameter is repeated over (and that divides one of its dimensions). The update then
+    runs on 1 / (those axes) of each parameter and the new parameters are gathered back: no
+    device holds a moment another device with the same parameter also holds."""
+    spec = sharding.spread_over(param.spec, moment.shape, param.mesh, ZERO_AXES)
+    return NamedSharding(param.mesh, spec)
+
+
 def train_state_shardings(cfg: Config, mesh) -> TrainState:
     """Where every leaf of the state lives on `mesh` (concrete or abstract): parameters by
-    their declared logical axes; AdamW moments exactly like their parameters (ZeRO: no device
-    holds a moment it does not hold the parameter of); scalars and router state replicated."""
+    their declared logical axes; AdamW moments like their parameters and further split over the
+    devices that repeat the parameter (moment_sharding); scalars and router state replicated."""
     optimizer = make_optimizer(cfg)
     replicated = NamedSharding(mesh, PartitionSpec())
     shapes = jax.eval_shape(lambda key: _fresh_state(cfg, key, optimizer), jax.random.key(0))
@@ -67,7 +83,7 @@ def train_state_shardings(cfg: Config, mesh) -> TrainState:
     return shapes.replace(
         step=replicated,
         params=params,
-        opt_state=optax.tree_map_params(optimizer, lambda _, s: s, shapes.opt_state, params,
+        opt_state=optax.tree_map_params(optimizer, moment_sharding, shapes.opt_state, params,
                                         transform_non_params=lambda _: replicated),
         router=jax.tree.map(lambda _: replicated, shapes.router),
         loss_scale=jax.tree.map(lambda _: replicated, shapes.loss_scale),
