@@ -50,7 +50,10 @@ def test_deepseek_v3_state_bytes_on_2048_devices_without_devices():
     rest = F32 * (counts["total"] + counts["mtp"] - routed_layer * (cfg.num_moe_layers + 1))
     state = plan.state_bytes(cfg, 2048)
     assert routed + rest / (2 * 16) <= state["parameters"] <= routed + rest
-    assert state["optimizer"] == 2 * state["parameters"] + ADAM_COUNTS
+    # ZeRO-1: every moment is split over the axes its parameter repeats over as well, so the
+    # optimizer state is (to 1%) the whole model's two moments spread over all 2048 devices
+    everything = F32 * (counts["total"] + counts["mtp"])
+    assert 2 * everything / 2048 <= state["optimizer"] - ADAM_COUNTS <= 1.01 * 2 * everything / 2048
 
 
 @pytest.mark.parametrize("overrides", [
