@@ -186,6 +186,9 @@ class TrainConfig:
     # shrinks the bubble from (p - 1) / (m + p - 1) to (p - 1) / (v m + p - 1)
     pipeline_schedule: str = "gpipe"
     virtual_stages: int = 1  # v blocks per stage; more than 1 needs pipeline_schedule=interleaved
+    # layers of the pipelined stack on each stage, first to last (e.g. [4, 4, 3, 3]; gpipe);
+    # None: as even as the layer count allows, the first stages taking one more
+    pipeline_layers_per_stage: list[int] | None = None
 
 
 @dataclass(frozen=True)
@@ -308,7 +311,8 @@ def _to_frozen(cls, values: dict):
     for f in dataclasses.fields(cls):
         section = f.default_factory
         is_section = dataclasses.is_dataclass(section)
-        kwargs[f.name] = _to_frozen(section, values[f.name]) if is_section else values[f.name]
+        value = _to_frozen(section, values[f.name]) if is_section else values[f.name]
+        kwargs[f.name] = tuple(value) if isinstance(value, list) else value  # hashable
     return cls(**kwargs)
 
 
@@ -381,6 +385,22 @@ def staged_layers(cfg: Config) -> int:
     return cfg.num_moe_layers or cfg.num_dense_layers
 
 
+def stage_layer_counts(cfg: Config, stages: int | None = None) -> tuple[int, ...]:
+    """Layers of the pipelined stack on each of `stages` (default mesh.pipe) stages, first to
+    last: train.pipeline_layers_per_stage, else as even as the count allows (the first
+    stages take one more)."""
+    stages = cfg.mesh.pipe if stages is None else stages
+    if cfg.train.pipeline_layers_per_stage:
+        return tuple(cfg.train.pipeline_layers_per_stage)
+    base, extra = divmod(staged_layers(cfg), max(stages, 1))
+    return tuple(base + (stage < extra) for stage in range(stages))
+
+
+def unevenly_staged(cfg: Config) -> bool:
+    """Whether the pipeline stages hold different numbers of layers (mesh.pipe > 1)."""
+    return cfg.mesh.pipe > 1 and len(set(stage_layer_counts(cfg))) > 1
+
+
 def _validate_pipeline(cfg: Config, stages: int, batch_shards: int) -> None:
     t = cfg.train
     _check(t.pipeline_schedule in ("gpipe", "interleaved"),
@@ -398,9 +418,21 @@ def _validate_pipeline(cfg: Config, stages: int, batch_shards: int) -> None:
     _check(layers >= blocks,
            f"the {layers} pipelined layers are fewer than the {blocks} stages (mesh.pipe x "
            "train.virtual_stages): lower mesh.pipe or train.virtual_stages.")
-    _check(layers % blocks == 0,
-           f"the {layers} pipelined layers do not split evenly into {blocks} stages (mesh.pipe x "
-           "train.virtual_stages); uneven stages are not supported: choose sizes that divide it.")
+    _check(t.virtual_stages == 1 or layers % blocks == 0,
+           f"the {layers} pipelined layers do not split evenly into {blocks} blocks (mesh.pipe x "
+           "train.virtual_stages): the interleaved schedule needs equal blocks; choose sizes that "
+           "divide it, or use pipeline_schedule=gpipe, which takes uneven stages.")
+    _check(cfg.mesh.pipe == stages or layers % stages == 0,
+           f"mesh.pipe=-1 resolves to {stages} stages, which do not split the {layers} pipelined "
+           f"layers evenly: give mesh.pipe={stages} explicitly for uneven stages.")
+    counts = t.pipeline_layers_per_stage
+    if counts:
+        _check(len(counts) == stages and min(counts) >= 1 and sum(counts) == layers,
+               f"train.pipeline_layers_per_stage={list(counts)} must give each of the {stages} "
+               f"stages at least one layer, {layers} in all (the pipelined stack).")
+        _check(t.virtual_stages == 1,
+               "train.pipeline_layers_per_stage places layers on stages for gpipe: use it "
+               "without the interleaved schedule.")
     _check(t.global_batch_size % (t.microbatches * batch_shards) == 0,
            f"train.global_batch_size={t.global_batch_size} is not divisible by "
            f"train.microbatches={t.microbatches} x the {batch_shards} data-parallel shards: "

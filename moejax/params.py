@@ -60,7 +60,7 @@ def is_spec(x) -> bool:
 
 # Leading axes of stacked layers: `layers` is the stack split over the pipeline stages, the
 # others (the first-k dense layers before the pipeline, the MTP modules after it) are not split.
-LAYER_AXES = ("layers", "dense_layers", "mtp_layers")
+LAYER_AXES = ("layers", "uneven_layers", "dense_layers", "mtp_layers")
 
 
 def stacked(spec: ParamSpec, num_layers: int, axis: str = "layers") -> ParamSpec:

@@ -25,6 +25,9 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "embed": "fsdp",
     "experts": "expert",
     "layers": "pipe",  # the pipelined stack: stage s holds its contiguous block of layers
+    # the pipelined stack when stages hold different numbers of layers: split over `pipe`
+    # along another dimension instead (named_sharding), regrouped by stage on pipeline entry
+    "uneven_layers": None,
     "dense_layers": None,
     "mtp_layers": None,
     "vocab": None,
@@ -77,6 +80,8 @@ def named_sharding(mesh, logical_axes, shape: tuple[int, ...] | None = None) -> 
     spec = logical_to_spec(logical_axes)
     if shape is not None:
         spec = divisible_spec(spec, shape, mesh)
+        if "uneven_layers" in logical_axes:
+            spec = spread_over(spec, shape, mesh, ("pipe",))
     return NamedSharding(mesh, spec)
 
 
@@ -146,12 +151,19 @@ def manual_axes() -> frozenset[str]:
     return frozenset() if mesh is None else frozenset(mesh.manual_axes)
 
 
-def stage_spec(logical_axes: tuple[str | None, ...]) -> PartitionSpec:
-    """Spec of a pipelined-stack weight, reshaped [p, v, c, ...] by pipeline stage, inside the
-    pipeline's shard_map (manual over every axis): the stage axis over `pipe`, the expert
-    dimension over `expert`, every other dimension whole (gathered over `fsdp` on entry)."""
-    rest = ("expert" if name == "experts" else None for name in logical_axes[1:])
-    return PartitionSpec("pipe", None, None, *rest)
+def stage_spec(logical_axes: tuple[str | None, ...], shape: tuple[int, ...]) -> PartitionSpec:
+    """Spec of a pipelined-stack weight inside the pipeline's shard_map (manual over every
+    axis): the expert dimension over `expert`, every other dimension whole (gathered over
+    `fsdp` on entry). Equal stages: the weight reshaped [p, v, c, ...] by stage, the stage axis
+    over `pipe`. Uneven stages: the stored [L, ...] weight keeps `pipe` on the dimension that
+    named_sharding put it on (the pipeline regroups it by stage with one all_to_all)."""
+    if "uneven_layers" not in logical_axes:
+        rest = ("expert" if name == "experts" else None for name in logical_axes[1:])
+        return PartitionSpec("pipe", None, None, *rest)
+    stored = named_sharding(current_mesh(), logical_axes, shape).spec
+    kept = [tuple(a for a in e if a == "pipe" or (a == "expert" and name == "experts"))
+            for name, e in zip(logical_axes, _entries(stored, len(shape)))]
+    return _spec(kept)
 
 
 def varying_axes(x: jax.Array) -> frozenset:

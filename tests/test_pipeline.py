@@ -78,6 +78,57 @@ def test_loss_and_grads_match_single_device(schedule, mesh_name):
     assert max_relative_error(grads, expected_grads) <= 1e-5
 
 
+# Uneven stages: tiny as shipped (1 dense + 3 MoE layers: stages of 2 and 1) on pipe2 x expert4,
+# and the DeepSeek-shaped model with 1 dense + 5 MoE layers placed [1, 2, 1, 1] by
+# train.pipeline_layers_per_stage on pipe4 x expert2.
+UNEVEN = {"tiny_pipe2_expert4": ((), MeshConfig(1, 1, 4, 2)),
+          "six_layers_pipe4_expert2": ((*CONFIGS["deepseek_v3"], "model.num_layers=6",
+                                        "train.pipeline_layers_per_stage=[1,2,1,1]"),
+                                       MeshConfig(1, 1, 2, 4))}
+
+
+@pytest.mark.parametrize("case", UNEVEN)
+def test_uneven_stages_match_single_device(case):
+    overrides, mesh_cfg = UNEVEN[case]
+    single = tiny_config(*overrides, "train.microbatches=2")
+    params = moejax.init_params(single, jax.random.key(0))
+    (expected_loss, expected_metrics), expected_grads = jax.jit(
+        _grad_fn(single, _batch(single)))(params)
+    cfg = single.replace(mesh=mesh_cfg)
+    mesh = moejax.make_mesh(cfg.mesh)
+    with jax.set_mesh(mesh):
+        stored = jax.device_put(params, shardings(cfg, mesh))
+        # no stage stores the stack whole: each weight is split over `pipe` along a dimension
+        for leaf in jax.tree.leaves(stored.moe_blocks):
+            assert leaf.addressable_shards[0].data.size * 2 <= leaf.size, leaf.sharding
+        batch = jax.device_put(_batch(cfg), batch_sharding(mesh))
+        (loss, metrics), grads = jax.jit(_grad_fn(cfg, batch))(stored)
+    assert abs(float(loss) - float(expected_loss)) <= 1e-5 * abs(float(expected_loss))
+    assert jnp.array_equal(metrics["expert_counts"], expected_metrics["expert_counts"])
+    assert max_relative_error(grads, expected_grads) <= 1e-5
+
+
+def test_a_checkpoint_of_uneven_stages_resumes_on_another_pipe_size(tmp_path):
+    """The stack keeps its [L, ...] shape whatever the stages: a checkpoint written on pipe2
+    (stages of 2 and 1 layers, the stack split over `pipe` along another dimension) restores
+    on pipe3 x expert2 (one layer per stage, split over `pipe` by layer) and without a
+    pipeline, value for value, in the new layout."""
+    from moejax.training.checkpoint import Checkpoints
+    from moejax.training.run import build_run
+
+    uneven = build_run(tiny_config("mesh.pipe=2", "mesh.expert=4", "train.microbatches=2"))
+    writer = Checkpoints(tmp_path, keep=1)
+    writer.save(1, uneven.state, {"position": 0})
+    writer.close()
+    for overrides in (("mesh.expert=8",), ("mesh.pipe=3", "mesh.expert=2")):
+        target = build_run(tiny_config(*overrides), abstract=True).state
+        restored, _ = Checkpoints(tmp_path).restore(1, target)
+        for saved, back, like in zip(jax.tree.leaves(uneven.state), jax.tree.leaves(restored),
+                                     jax.tree.leaves(target)):
+            assert back.sharding.is_equivalent_to(like.sharding, back.ndim)
+            assert (jax.device_get(saved) == jax.device_get(back)).all()
+
+
 def test_compiled_step_permutes_activations_and_never_gathers_a_stack_over_pipe():
     """GPipe on (pipe2, fsdp2, expert2): collective-permutes move the microbatches between
     stages, and no all-gather rebuilds the layer axis of a stack (each stage keeps its own
@@ -134,8 +185,13 @@ def test_schedule_bubble_and_work_order():
 @pytest.mark.parametrize("overrides,message", [
     (("mesh.pipe=4", "mesh.expert=2", "model.num_layers=3"),
      "the 2 pipelined layers are fewer than the 4 stages"),
-    (("mesh.pipe=2", "mesh.expert=4", "model.num_layers=4"),
-     "the 3 pipelined layers do not split evenly into 2 stages"),
+    (("mesh.pipe=2", "mesh.expert=4", "model.num_layers=6", "train.microbatches=2",
+      "train.pipeline_schedule=interleaved", "train.virtual_stages=2"),
+     "the 5 pipelined layers do not split evenly into 4 blocks"),
+    (("mesh.pipe=2", "mesh.expert=4", "model.num_layers=5",
+      "train.pipeline_layers_per_stage=[3,2]"),
+     "train.pipeline_layers_per_stage=[3, 2] must give each of the 2 stages at least one layer, "
+     "4 in all"),
     (("mesh.pipe=2", "mesh.expert=4", "model.num_layers=5", "train.microbatches=3"),
      "is not divisible by train.microbatches=3"),
     (("mesh.pipe=2", "mesh.expert=4", "model.num_layers=5", "train.virtual_stages=2"),

@@ -39,7 +39,7 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from moejax import sharding
-from moejax.config import Config
+from moejax.config import Config, stage_layer_counts
 
 PIPE = "pipe"
 
@@ -49,6 +49,12 @@ class Schedule:
     stages: int  # p, the size of the `pipe` mesh axis
     virtual_stages: int  # v blocks per stage
     microbatches: int  # m
+    # layers of the pipelined stack on each stage (gpipe); None: equal blocks
+    layers_per_stage: tuple[int, ...] | None = None
+
+    @property
+    def uneven(self) -> bool:
+        return self.layers_per_stage is not None and len(set(self.layers_per_stage)) > 1
 
     @property
     def group(self) -> int:
@@ -89,7 +95,41 @@ def pipe_stages() -> int:
 
 
 def schedule_for(cfg: Config) -> Schedule:
-    return Schedule(pipe_stages(), cfg.train.virtual_stages, cfg.train.microbatches)
+    stages = pipe_stages()
+    counts = stage_layer_counts(cfg, stages) if stages > 1 else None
+    return Schedule(stages, cfg.train.virtual_stages, cfg.train.microbatches, counts)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Slots:
+    """Where the stack's L layers run: each stage runs v blocks of c layer slots. Equal blocks
+    fill every slot (c = L / (p v)); uneven stages (v = 1) are padded to the longest, c = max
+    layers per stage, and a shorter stage's spare slots pass their input on unchanged (they
+    run while the longest stage runs its extra layer, so they cost no time).
+    layer [p, v, c]: the layer each slot runs (a spare slot repeats one of its stage's);
+    active [p, v, c]: whether it is a real layer; of_layer [L]: each layer's slot, flattened
+    in (v, p, c) order."""
+
+    per_block: int
+    layer: np.ndarray
+    active: np.ndarray
+    of_layer: np.ndarray
+
+    @classmethod
+    def of(cls, schedule: Schedule, num_layers: int) -> _Slots:
+        p, v = schedule.stages, schedule.virtual_stages
+        if not schedule.uneven:
+            c = num_layers // (p * v)
+            by_stage = np.arange(num_layers).reshape(p, v, c)  # stage s stores blocks s v + k
+            return cls(c, by_stage, np.ones_like(by_stage, bool), np.arange(num_layers))
+        counts = schedule.layers_per_stage
+        c = max(counts)
+        starts = np.cumsum((0, *counts[:-1]))
+        slot = np.arange(c)
+        layer = starts[:, None] + np.minimum(slot, np.asarray(counts)[:, None] - 1)
+        active = slot < np.asarray(counts)[:, None]
+        of_layer = np.concatenate([s * c + np.arange(n) for s, n in enumerate(counts)])
+        return cls(c, layer[:, None], active[:, None], of_layer)
 
 
 def pipelined_stack(stack, stack_specs, x, per_layer, block_fn, schedule: Schedule):
@@ -102,38 +142,77 @@ def pipelined_stack(stack, stack_specs, x, per_layer, block_fn, schedule: Schedu
     Returns (x [B, T, D] after every layer, outputs with leaves [L, m S, ...])."""
     p, v, m = schedule.stages, schedule.virtual_stages, schedule.microbatches
     num_layers = jax.tree.leaves(stack)[0].shape[0]
-    per_block = num_layers // (p * v)
-
-    def by_stage(leaf):  # [L, ...] -> [p, v, c, ...]: stage s stores blocks s v .. s v + v - 1
-        return leaf.reshape(p, v, per_block, *leaf.shape[1:])
-
-    staged = jax.tree.map(by_stage, (stack, per_layer))
+    slots = _Slots.of(schedule, num_layers)
     batch = x.shape[0]
     # microbatch j holds rows j, j + m, ...: each keeps the batch's sharding over data axes
     micro = x.reshape(batch // m, m, *x.shape[1:]).swapaxes(0, 1)
     rows = PartitionSpec(None, sharding.BATCH_AXES)
+    if schedule.uneven:
+        # stored [L, ...]: each stage regroups its layers inside (_stage_blocks)
+        stored = (stack, per_layer)
+        specs = (stack_specs, jax.tree.map(lambda _: PartitionSpec(), per_layer))
+    else:
+        # [L, ...] -> [p, v, c, ...]: stage s stores blocks s v .. s v + v - 1, its own shard
+        stored = jax.tree.map(lambda leaf: leaf.reshape(p, v, slots.per_block, *leaf.shape[1:]),
+                              (stack, per_layer))
+        specs = (stack_specs, jax.tree.map(lambda _: PartitionSpec(PIPE), per_layer))
+    pipe_dims = jax.tree.map(_pipe_dim, stack_specs,
+                             is_leaf=lambda x: isinstance(x, PartitionSpec))
     run = jax.shard_map(
-        lambda staged_, micro_: _stage_loop(staged_, micro_, block_fn, schedule),
-        in_specs=((stack_specs, jax.tree.map(lambda _: PartitionSpec(PIPE), per_layer)), rows),
+        lambda stored_, micro_: _stage_loop(stored_, micro_, block_fn, schedule, slots,
+                                            pipe_dims),
+        in_specs=(specs, rows),
         out_specs=(rows, PartitionSpec(PIPE, sharding.BATCH_AXES)),
     )
-    out, outputs = run(staged, micro)
+    out, outputs = run(stored, micro)
     return out.swapaxes(0, 1).reshape(x.shape), jax.tree.map(
-        lambda leaf: _by_layer(leaf, schedule, per_block), outputs)
+        lambda leaf: _by_layer(leaf, schedule, slots), outputs)
 
 
-def _stage_loop(staged, micro, block_fn, schedule: Schedule):
-    """One device's ticks. staged: leaves [1, v, c, ...]; micro [m, B_/m, T, D], this shard's
-    rows of every microbatch (every stage has them; only stage 0 reads them). Returns (the
-    finished microbatches [m, B_/m, T, D], identical on every stage; this device's block outputs
-    per work item, leaves [1, 1, m v, c, ...])."""
+def _pipe_dim(spec: PartitionSpec) -> int:
+    """The dimension a spec splits over `pipe`, or -1."""
+    for dim, entry in enumerate(spec):
+        if entry == PIPE or (isinstance(entry, tuple) and PIPE in entry):
+            return dim
+    return -1
+
+
+def _stage_blocks(stored, schedule: Schedule, slots: _Slots, pipe_dims, stage):
+    """This stage's blocks and per-layer inputs, leaves [v, c, ...]."""
+    p, v = schedule.stages, schedule.virtual_stages
+    stack, per_layer = stored
+    if not schedule.uneven:
+        blocks, per_layer = jax.tree.map(lambda leaf: leaf[0], (stack, per_layer))
+        if v > 1:
+            blocks, per_layer = jax.tree.map(lambda leaf: _virtual_blocks(leaf, p, v, stage),
+                                             (blocks, per_layer))
+        return blocks, per_layer
+    mine = jnp.asarray(slots.layer)[stage]  # [1, c]: the layers this stage runs
+    blocks = jax.tree.map(lambda leaf, dim: _regroup(leaf, slots, dim, mine), stack, pipe_dims)
+    return blocks, jax.tree.map(lambda leaf: leaf[mine], per_layer)
+
+
+def _regroup(leaf, slots: _Slots, pipe_dim: int, mine):
+    """A stored stack weight [L, ...] (this device's part: split over `pipe` along pipe_dim,
+    or whole when it is -1) -> this stage's layers [1, c, ...] whole, by one all_to_all over
+    `pipe` that sends each stage its layers' part of pipe_dim."""
+    if pipe_dim < 0:
+        return leaf[mine]
+    p, c = slots.layer.shape[0], slots.per_block
+    by_stage = leaf[slots.layer.reshape(-1)].reshape(p, c, *leaf.shape[1:])
+    return jax.lax.all_to_all(by_stage, PIPE, 0, pipe_dim + 1, tiled=True)
+
+
+def _stage_loop(stored, micro, block_fn, schedule: Schedule, slots: _Slots, pipe_dims):
+    """One device's ticks. stored: this stage's part of the stack and per-layer inputs
+    (_stage_blocks); micro [m, B_/m, T, D], this shard's rows of every microbatch (every stage
+    has them; only stage 0 reads them). Returns (the finished microbatches [m, B_/m, T, D],
+    identical on every stage; this device's block outputs per work item, leaves
+    [1, 1, m v, c, ...])."""
     p = schedule.stages
     stage = jax.lax.axis_index(PIPE)
-    blocks, per_layer = jax.tree.map(lambda leaf: leaf[0], staged)
-    if schedule.virtual_stages > 1:
-        blocks, per_layer = jax.tree.map(
-            lambda leaf: _virtual_blocks(leaf, p, schedule.virtual_stages, stage),
-            (blocks, per_layer))
+    blocks, per_layer = _stage_blocks(stored, schedule, slots, pipe_dims, stage)
+    per_layer = (jnp.asarray(slots.active)[stage], per_layer)  # [v, c] bool, then the inputs
     blocks = jax.tree.map(_varying_over_batch_axes, blocks)
     # micro is the same on every stage; read inside the loop as such, its gradient would be
     # summed over `pipe` at every tick (the whole [m, ...] array each time): cast once here
@@ -192,13 +271,15 @@ def _virtual_blocks(stored, stages: int, virtual: int, stage):
     return jnp.stack(runs)
 
 
-def _by_layer(leaf, schedule: Schedule, per_block: int):
-    """[p, S, m v, c, ...] by (stage, batch shard, work item, layer in block) -> [L, m S, ...]
-    by (layer, microbatch and shard), where work item g q v + r q + i of stage s ran layers
-    (r p + s) c + j on microbatch g q + i."""
+def _by_layer(leaf, schedule: Schedule, slots: _Slots):
+    """[p, S, m v, c, ...] by (stage, batch shard, work item, slot in block) -> [L, m S, ...]
+    by (layer, microbatch and shard), where work item g q v + r q + i of stage s ran its block
+    r on microbatch g q + i (equal blocks: slot j of it is layer (r p + s) c + j); spare slots
+    of uneven stages are left out."""
     p, v, q = schedule.stages, schedule.virtual_stages, schedule.group
     groups = schedule.microbatches // q
     shards, rest = leaf.shape[1], leaf.shape[4:]
-    by_item = leaf.reshape(p, shards, groups, v, q, per_block, *rest)
-    by_layer = jnp.transpose(by_item, (3, 0, 5, 2, 4, 1, *range(6, by_item.ndim)))
-    return by_layer.reshape(v * p * per_block, groups * q * shards, *rest)
+    by_item = leaf.reshape(p, shards, groups, v, q, slots.per_block, *rest)
+    by_slot = jnp.transpose(by_item, (3, 0, 5, 2, 4, 1, *range(6, by_item.ndim)))
+    by_slot = by_slot.reshape(v * p * slots.per_block, groups * q * shards, *rest)
+    return by_slot[slots.of_layer] if schedule.uneven else by_slot

@@ -16,7 +16,7 @@ import optax
 from flax import struct
 
 from moejax import params as P
-from moejax.config import Config
+from moejax.config import Config, unevenly_staged
 from moejax.model import pipeline
 from moejax.model.attention import (
     Attention,
@@ -107,14 +107,16 @@ def model_specs(cfg: Config) -> Transformer:
 
     dense_ffn = ffn_specs(m.d_model, m.ffn_dim, m.init_std)
     moe_ffn_spec = moe_specs(cfg) if cfg.num_moe_layers else None
+    # the pipelined stack's layer axis: split over `pipe` only when every stage has as many layers
+    staged = "uneven_layers" if unevenly_staged(cfg) else "layers"
     mtp = MTPModule(embed_norm=norm, hidden_norm=norm,
                     proj=P.ParamSpec((2 * m.d_model, m.d_model), (None, "embed"), init),
                     block=block(moe_ffn_spec or dense_ffn), final_norm=norm)
     return Transformer(
         embed=P.ParamSpec((m.vocab_size, m.d_model), ("vocab", "embed"), init),
         dense_blocks=stack(block(dense_ffn), cfg.num_dense_layers,
-                           "dense_layers" if cfg.num_moe_layers else "layers"),
-        moe_blocks=stack(block(moe_ffn_spec), cfg.num_moe_layers),
+                           "dense_layers" if cfg.num_moe_layers else staged),
+        moe_blocks=stack(block(moe_ffn_spec), cfg.num_moe_layers, staged),
         final_norm=norm,
         lm_head=P.ParamSpec((m.d_model, m.vocab_size), ("embed", "vocab"), init),
         mtp=stack(mtp, m.mtp_depth, "mtp_layers"),
@@ -191,10 +193,16 @@ def _run_staged_stack(blocks: Block, x, per_layer, layer_fn, cfg: Config, cached
     schedule = schedule or pipeline.schedule_for(cfg)
     if cached or schedule.stages == 1:
         return _run_stack(blocks, x, per_layer, layer_fn, cfg)
-    run_block = lambda block, x_, inputs: _run_stack(block, x_, inputs, layer_fn, cfg)
+
+    def layer_or_padding(block, x_, inputs):
+        active, layer_inputs = inputs  # active [] bool: False in a shorter stage's padding slot
+        y, outputs = layer_fn(block, x_, layer_inputs)
+        return jnp.where(active, y, x_), outputs
+
+    run_block = lambda block, x_, inputs: _run_stack(block, x_, inputs, layer_or_padding, cfg)
     specs = model_specs(cfg)
     stack_specs = specs.moe_blocks if cfg.num_moe_layers else specs.dense_blocks
-    stack_specs = jax.tree.map(lambda s: stage_spec(s.logical_axes), stack_specs,
+    stack_specs = jax.tree.map(lambda s: stage_spec(s.logical_axes, s.shape), stack_specs,
                                is_leaf=P.is_spec)
     return pipeline.pipelined_stack(blocks, stack_specs, x, per_layer, run_block, schedule)
 

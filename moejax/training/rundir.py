@@ -24,7 +24,8 @@ RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.learning_rate",
                      "train.peak_flops_per_device", "train.max_skipped_steps_in_row",
                      "mesh.data", "mesh.fsdp", "mesh.expert", "mesh.pipe",
                      # how the pipeline runs, not what it computes
-                     "train.microbatches", "train.pipeline_schedule", "train.virtual_stages"}
+                     "train.microbatches", "train.pipeline_schedule", "train.virtual_stages",
+                     "train.pipeline_layers_per_stage"}
 
 
 class RunDirError(ValueError):
