@@ -73,15 +73,21 @@ def single_device_result(config_name):
 CONFIGS["deepseek_v3_capacity"] = (*CONFIGS["deepseek_v3"], "moe.dispatch=capacity")
 CASES = [(config, mesh) for config in ("deepseek_v3", "softmax_topk") for mesh in MESHES]
 CASES.append(("deepseek_v3_capacity", "data2_expert4"))
+# Blockwise attention in 4-position blocks (4 blocks at T = 16; the MTP module's T = 15 pads its
+# last) against the plain attention's single-device result, which the cases above compiled.
+CONFIGS["deepseek_v3_blockwise"] = (*CONFIGS["deepseek_v3"], "model.attention_block=4")
+REFERENCE = {"deepseek_v3_blockwise": "deepseek_v3"}
+CASES.append(("deepseek_v3_blockwise", "fsdp2_expert4"))
 
 
 @pytest.mark.parametrize("config_name,mesh_name", CASES)
 def test_loss_and_grads_match_single_device(config_name, mesh_name):
-    expected_loss, expected_metrics, expected_grads = single_device_result(config_name)
+    reference = REFERENCE.get(config_name, config_name)
+    expected_loss, expected_metrics, expected_grads = single_device_result(reference)
     cfg = tiny_config(*CONFIGS[config_name]).replace(mesh=MeshConfig(*MESHES[mesh_name]))
     mesh = moejax.make_mesh(cfg.mesh)
     with jax.set_mesh(mesh):
-        params = jax.device_put(single_device_params(config_name), shardings(cfg, mesh))
+        params = jax.device_put(single_device_params(reference), shardings(cfg, mesh))
         batch = jax.device_put(_batch(cfg), batch_sharding(mesh))
         loss, metrics, grads = _loss_and_grads(cfg, params, batch, _router_state(cfg))
 

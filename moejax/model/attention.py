@@ -6,15 +6,24 @@ the rotated keys and the values, MLA the normalised key/value latent and the one
 key) and an attend step over those entries. Training attends over the entries of the sequence
 itself; generation writes the new entries into the cache at their positions and attends over the
 whole cache, with positions not yet written hidden by the causal mask.
+
+Training attention (no cache) runs one of three kernels, chosen by `attention_kernel`: the
+materialised scores [B, H, T, T] ("plain"), the blockwise online softmax of
+moejax/model/blockwise.py ("blockwise", memory linear in T), or cuDNN's flash attention through
+`jax.nn.dot_product_attention` on NVIDIA GPUs ("cudnn"). Generation keeps the plain form: a
+decode step's scores are [B, H, 1, S], and the absorbed MLA form attends over the latents.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 
 from moejax.config import ModelConfig
+from moejax.model.blockwise import blockwise_attention
 from moejax.model.layers import Matmul, apply_rope, rms_norm, rope_tables, yarn_mscale
 from moejax.params import ParamSpec, normal_init, ones_init
 
@@ -116,6 +125,77 @@ def softmax_scale(m: ModelConfig) -> float:
     return scale
 
 
+def gpu_compute_capability() -> float:
+    """The first device's CUDA compute capability (9.0 on H100); 0 when it has none (CPU, TPU,
+    ROCm)."""
+    try:
+        return float(getattr(jax.devices()[0], "compute_capability", 0) or 0)
+    except ValueError:  # ROCm names its architecture ("gfx90a")
+        return 0.0
+
+
+def cudnn_allows(qk_dim: int, v_dim: int, dtype, backend: str, compute_capability: float) -> bool:
+    """Whether cuDNN's flash attention takes these shapes (jax's own checks, for the padded head
+    dim max(Qk, Qv): 16-bit operands, Ampere or later, a multiple of 8 up to 128 (256 on
+    Hopper and later))."""
+    head_dim = max(qk_dim, v_dim)
+    return (backend == "gpu" and compute_capability >= 8.0
+            and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+            and head_dim % 8 == 0 and head_dim <= (256 if compute_capability >= 9.0 else 128))
+
+
+def attention_kernel(m: ModelConfig, seq_len: int, dtype, backend: str | None = None,
+                     compute_capability: float | None = None) -> str:
+    """plain | blockwise | cudnn for training attention over `seq_len` positions in `dtype`.
+
+    model.attention_block 0 (or null) keeps the materialised scores everywhere. Otherwise cuDNN
+    where it takes the shapes (one fused kernel that skips the masked blocks, at every length;
+    not yet timed against the blockwise kernel: no GPU so far), else the blockwise kernel once
+    the sequence is longer than one block: a sequence of one block is the plain attention with
+    the loops' overhead added. `backend` and `compute_capability` default
+    to this process's first device (the tests pass them to check the choice without a GPU)."""
+    if not m.attention_block:
+        return "plain"
+    backend = jax.default_backend() if backend is None else backend
+    if compute_capability is None:
+        compute_capability = gpu_compute_capability() if backend == "gpu" else 0.0
+    if m.attention == "mla":
+        qk_dim, v_dim = m.qk_nope_head_dim + m.qk_rope_head_dim, m.v_head_dim
+    else:
+        qk_dim = v_dim = m.head_dim
+    if cudnn_allows(qk_dim, v_dim, dtype, backend, compute_capability):
+        return "cudnn"
+    return "blockwise" if seq_len > m.attention_block else "plain"
+
+
+def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, kernel: str,
+                    block: int) -> jax.Array:
+    """Causal q [B, T, K, G, Qk], k [B, T, K, Qk], v [B, T, K, Qv] -> [B, T, K, G, Qv] by the
+    blockwise or the cuDNN kernel (never [T, T] scores in memory)."""
+    if kernel == "blockwise":
+        return blockwise_attention(q, k, v, scale, block)
+    batch, seq, kv_heads, groups, qk_dim = q.shape
+    v_dim = v.shape[-1]
+    # jax.nn.dot_product_attention wants one head dim for q, k and v: zero-pad the smaller
+    # (MLA's 128 value dims to its 192 query/key dims); zero dims add nothing to q.k, and the
+    # padded value dims of the output are cut off.
+    head_dim = max(qk_dim, v_dim)
+
+    def pad(x):
+        return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, head_dim - x.shape[-1])])
+
+    try:
+        out = jax.nn.dot_product_attention(
+            pad(q).reshape(batch, seq, kv_heads * groups, head_dim), pad(k), pad(v), scale=scale,
+            is_causal=True, implementation="cudnn")  # query head k * G + g serves kv head k
+    except NotImplementedError as err:
+        # jax checks cuDNN's version and the GPU's architecture while tracing, beyond what
+        # `cudnn_allows` knows: run the blockwise kernel instead, and say so once.
+        warnings.warn(f"cuDNN attention refused ({err}); using the blockwise kernel", stacklevel=2)
+        return blockwise_attention(q, k, v, scale, block)
+    return out[..., :v_dim].reshape(batch, seq, kv_heads, groups, v_dim)
+
+
 def _project(x: jax.Array, w: jax.Array, matmul: Matmul) -> jax.Array:
     """x [B, T, D] @ w [D, *out] -> [B, T, *out] as one [D, prod(out)] matmul."""
     out_shape = w.shape[1:]
@@ -137,11 +217,14 @@ def causal_attention(p, x: jax.Array, positions: jax.Array, m: ModelConfig, matm
                         for c, e in zip(cache, entries))
         key_positions = jnp.arange(cache[0].shape[1])
     visible = key_positions[None, :] <= positions[:, None]  # [T, S] causal mask
+    # The fused kernels are causal by index, which is the mask above when there is no cache
+    # (training positions are consecutive).
+    kernel = "plain" if cache is not None else attention_kernel(m, x.shape[1], matmul.dtype)
     if m.attention == "mla":
         out = _latent_attend(p, x, (cos, sin), entries, visible, m, matmul,
-                             absorbed=cache is not None)
+                             absorbed=cache is not None, kernel=kernel)
     else:
-        out = _grouped_attend(p, x, (cos, sin), entries, visible, m, matmul)
+        out = _grouped_attend(p, x, (cos, sin), entries, visible, m, matmul, kernel)
     return out, entries
 
 
@@ -163,7 +246,8 @@ def _softmax(scores: jax.Array, visible: jax.Array, dtype) -> jax.Array:
     return jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1).astype(dtype)
 
 
-def _grouped_attend(p: Attention, x, rope, entries, visible, m: ModelConfig, matmul: Matmul):
+def _grouped_attend(p: Attention, x, rope, entries, visible, m: ModelConfig, matmul: Matmul,
+                    kernel: str = "plain"):
     """Each of the K kv heads serves G = H / K query heads."""
     batch, seq, _ = x.shape
     groups = m.num_heads // m.num_kv_heads
@@ -173,10 +257,14 @@ def _grouped_attend(p: Attention, x, rope, entries, visible, m: ModelConfig, mat
     if p.q_norm is not None:
         q = rms_norm(q, p.q_norm, m.norm_eps)
     q = apply_rope(q, *rope).reshape(batch, seq, m.num_kv_heads, groups, m.head_dim)
-    scores = jnp.einsum("btkgq,bskq->bkgts", q, k.astype(q.dtype),
-                        preferred_element_type=jnp.float32) * softmax_scale(m)
-    probs = _softmax(scores, visible, dtype)
-    out = jnp.einsum("bkgts,bskq->btkgq", probs, v.astype(dtype))
+    if kernel != "plain":
+        out = fused_attention(q, k.astype(q.dtype), v.astype(q.dtype), softmax_scale(m), kernel,
+                              m.attention_block).astype(dtype)
+    else:
+        scores = jnp.einsum("btkgq,bskq->bkgts", q, k.astype(q.dtype),
+                            preferred_element_type=jnp.float32) * softmax_scale(m)
+        probs = _softmax(scores, visible, dtype)
+        out = jnp.einsum("bkgts,bskq->btkgq", probs, v.astype(dtype))
     return matmul(out.reshape(batch, seq, m.num_heads * m.head_dim),
                   p.wo.reshape(m.num_heads * m.head_dim, m.d_model))
 
@@ -192,7 +280,7 @@ def _latent_queries(p: LatentAttention, x, rope, m: ModelConfig, matmul: Matmul)
 
 
 def _latent_attend(p: LatentAttention, x, rope, entries, visible, m: ModelConfig,
-                   matmul: Matmul, absorbed: bool):
+                   matmul: Matmul, absorbed: bool, kernel: str = "plain"):
     """Scores = q_nope . k_nope + q_rope . k_rope, with k_nope and v expanded from the latent.
 
     `absorbed` (generation) never expands the cached latents: it folds the key expansion into
@@ -202,6 +290,10 @@ def _latent_attend(p: LatentAttention, x, rope, entries, visible, m: ModelConfig
     dtype = matmul.dtype
     latent, key_rope = (e.astype(dtype) for e in entries)
     q_nope, q_rope = _latent_queries(p, x, rope, m, matmul)
+    if kernel != "plain":
+        out = _latent_fused(p, latent, key_rope, q_nope, q_rope, m, matmul, kernel)
+        return matmul(out.reshape(batch, seq, m.num_heads * m.v_head_dim),
+                      p.wo.reshape(m.num_heads * m.v_head_dim, m.d_model))
     rope_scores = jnp.einsum("bthr,bsr->bhts", q_rope, key_rope.astype(q_rope.dtype),
                              preferred_element_type=jnp.float32)
     if absorbed:
@@ -219,3 +311,20 @@ def _latent_attend(p: LatentAttention, x, rope, entries, visible, m: ModelConfig
         out = jnp.einsum("bhts,bshv->bthv", probs, v.astype(dtype))
     return matmul(out.reshape(batch, seq, m.num_heads * m.v_head_dim),
                   p.wo.reshape(m.num_heads * m.v_head_dim, m.d_model))
+
+
+def _latent_fused(p: LatentAttention, latent, key_rope, q_nope, q_rope, m: ModelConfig,
+                  matmul: Matmul, kernel: str) -> jax.Array:
+    """MLA through a fused kernel -> [B, T, H, V]: per-head queries and keys of Qn + Qr dims
+    (the shared RoPE key repeated over the H heads), so q.k = q_nope.k_nope + q_rope.k_rope as in
+    the plain form; each head is its own key/value head (K = H, G = 1)."""
+    dtype = matmul.dtype
+    k_nope, v = jnp.split(_project(latent, p.wkv_b, matmul), [m.qk_nope_head_dim], axis=-1)
+    batch, seq, heads, _ = k_nope.shape
+    key_rope = jnp.broadcast_to(key_rope[:, :, None, :].astype(dtype),
+                                (batch, seq, heads, m.qk_rope_head_dim))
+    q = jnp.concatenate([q_nope.astype(dtype), q_rope.astype(dtype)], axis=-1)
+    k = jnp.concatenate([k_nope.astype(dtype), key_rope], axis=-1)
+    out = fused_attention(q[:, :, :, None, :], k, v.astype(dtype), softmax_scale(m), kernel,
+                          m.attention_block)
+    return out[:, :, :, 0, :]

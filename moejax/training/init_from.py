@@ -16,7 +16,7 @@ from moejax.config import Config, ConfigError, config_to_dict
 TRAINING_ONLY = {"model.remat", "model.init_std", "moe.dispatch", "moe.tile_rows", "moe.kernels",
                  "moe.capacity_factor", "moe.drop_policy", "moe.switch_loss_coef",
                  "moe.seq_balance_loss_coef", "moe.z_loss_coef", "moe.bias_update_rate",
-                 "moe.temperature"}
+                 "moe.temperature", "model.attention_block"}
 
 
 def check_init_from(cfg: Config) -> Path:

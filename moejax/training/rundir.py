@@ -25,7 +25,9 @@ RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.learning_rate",
                      "mesh.data", "mesh.fsdp", "mesh.expert", "mesh.pipe",
                      # how the pipeline runs, not what it computes
                      "train.microbatches", "train.pipeline_schedule", "train.virtual_stages",
-                     "train.pipeline_layers_per_stage"}
+                     "train.pipeline_layers_per_stage",
+                     # how attention runs (blockwise or whole), not what it computes
+                     "model.attention_block"}
 
 
 class RunDirError(ValueError):

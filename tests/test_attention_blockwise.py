@@ -1,0 +1,227 @@
+"""Blockwise attention (moejax/model/blockwise.py) equals the materialised attention: outputs and
+gradients (float32, 1e-5) for MHA, GQA and MLA with YaRN at an odd length (the last block
+padded), on one device, on the meshes of the mesh-equivalence test and inside a shard_map (the
+pipeline's context); the kernel choice (plain / blockwise / cudnn) by backend, dtype and head
+dims; cuDNN's call plumbing (head padding and grouping) through jax's XLA implementation, since
+CPU cannot run cuDNN; generation's cached path; and the compiled temporaries growing linearly in
+T, not quadratically."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import pytest
+from helpers import max_relative_error, tiny_config
+from jax.sharding import PartitionSpec
+
+import moejax
+from moejax import params as P
+from moejax.config import ConfigError, MeshConfig
+from moejax.model import attention as A
+from moejax.model.blockwise import blockwise_attention
+from moejax.model.layers import layer_matmuls
+from moejax.sharding import BATCH_AXES, batch_sharding
+
+SEQ, BLOCK, BATCH = 13, 4, 8  # 4 blocks, the last holding one real position and 3 of padding
+MLA_YARN = ("model.attention=mla", "model.q_lora_rank=16", "model.kv_lora_rank=16",
+            "model.qk_nope_head_dim=8", "model.qk_rope_head_dim=4", "model.v_head_dim=8",
+            "model.rope_scaling=yarn", "model.yarn_factor=4", "model.yarn_original_max_len=8")
+CASES = {"mha": ("model.num_kv_heads=4",), "gqa": (), "mla_yarn": MLA_YARN}
+MESHES = {"data2_expert4": (2, 1, 4), "fsdp2_expert4": (1, 2, 4), "expert8": (1, 1, 8)}
+
+
+def _config(case: str, block, mesh=(1, 1, 1)):
+    # init_std 0.3: scores of a few units, so the softmax is peaked, not the near-uniform
+    # average that small weights give (which would hide errors in the online softmax)
+    cfg = tiny_config(*CASES[case], "model.init_std=0.3", f"model.attention_block={block}")
+    return cfg.replace(mesh=MeshConfig(*mesh))
+
+
+def _layer_loss(cfg):
+    """sum(out * w) of one attention layer at positions 0 .. T-1 (w fixed: every output
+    element gets its own cotangent)."""
+    matmul = layer_matmuls(cfg.precision)["attention"]
+
+    def loss(params, x, w):
+        out, _ = A.causal_attention(params, x, jnp.arange(x.shape[1]), cfg.model, matmul)
+        return jnp.sum(out * w)
+
+    return loss
+
+
+@functools.cache
+def _inputs(case: str):
+    cfg = _config(case, 0)
+    params = P.init(A.attention_specs(cfg.model), jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (BATCH, SEQ, cfg.model.d_model))
+    w = jax.random.normal(jax.random.key(2), (BATCH, SEQ, cfg.model.d_model))
+    return params, x, w
+
+
+@functools.cache
+def _plain_and_blockwise(case: str):
+    """(loss, (d params, d x)) of the plain and the blockwise layer, one compiled program."""
+    plain, blockwise = (_layer_loss(_config(case, block)) for block in (0, BLOCK))
+    grad = functools.partial(jax.value_and_grad, argnums=(0, 1))
+    return jax.jit(lambda *a: (grad(plain)(*a), grad(blockwise)(*a)))(*_inputs(case))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_blockwise_equals_plain(case):
+    cfg = _config(case, BLOCK)
+    assert A.attention_kernel(cfg.model, SEQ, jnp.float32) == "blockwise"
+    jaxpr = str(jax.make_jaxpr(_layer_loss(cfg))(*_inputs(case)))
+    assert "custom_vjp_call" in jaxpr and "while" in jaxpr  # the blockwise kernel really ran
+    (plain_loss, plain_grads), (loss, grads) = _plain_and_blockwise(case)
+    assert abs(float(loss - plain_loss)) <= 1e-5 * abs(float(plain_loss))
+    assert max_relative_error(grads, plain_grads) <= 1e-5
+    if case == "mla_yarn":  # YaRN's mscale^2 is in the softmax scale both kernels use
+        m = cfg.model
+        assert A.softmax_scale(m) > 1.2 * (m.qk_nope_head_dim + m.qk_rope_head_dim) ** -0.5
+
+
+@pytest.mark.parametrize("mesh_name", MESHES)
+def test_blockwise_on_meshes_equals_single_device_plain(mesh_name):
+    """MLA with YaRN, blockwise, batch over the mesh's data axes and weights over fsdp."""
+    cfg = _config("mla_yarn", BLOCK, MESHES[mesh_name])
+    params, x, w = _inputs("mla_yarn")
+    mesh = moejax.make_mesh(cfg.mesh)
+    with jax.set_mesh(mesh):
+        params = jax.device_put(params, P.shardings(A.attention_specs(cfg.model), mesh))
+        x, w = jax.device_put((x, w), batch_sharding(mesh))
+        loss, grads = jax.jit(jax.value_and_grad(_layer_loss(cfg), argnums=(0, 1)))(params, x, w)
+    plain_loss, plain_grads = _plain_and_blockwise("mla_yarn")[0]
+    assert abs(float(loss - plain_loss)) <= 1e-5 * abs(float(plain_loss))
+    assert max_relative_error(grads, plain_grads) <= 1e-5
+
+
+def _qkv(seq=SEQ, qk_dim=8, v_dim=8):
+    """q [B, T, K=2, G=2, Qk], k [B, T, 2, Qk], v [B, T, 2, Qv], a cotangent like the output."""
+    keys = jax.random.split(jax.random.key(3), 4)
+    return (jax.random.normal(keys[0], (BATCH, seq, 2, 2, qk_dim)),
+            jax.random.normal(keys[1], (BATCH, seq, 2, qk_dim)),
+            jax.random.normal(keys[2], (BATCH, seq, 2, v_dim)),
+            jax.random.normal(keys[3], (BATCH, seq, 2, 2, v_dim)))
+
+
+def _reference(q, k, v, scale):
+    """The materialised causal attention on the same layout."""
+    seq = q.shape[1]
+    scores = jnp.einsum("btkgq,bskq->bkgts", q, k) * scale
+    visible = jnp.arange(seq)[None, :] <= jnp.arange(seq)[:, None]
+    probs = jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1)
+    return jnp.einsum("bkgts,bskv->btkgv", probs, v)
+
+
+def _value_and_grads(attend, q, k, v, cotangent):
+    return jax.jit(jax.value_and_grad(lambda *a: jnp.sum(attend(*a) * cotangent),
+                                      argnums=(0, 1, 2)))(q, k, v)
+
+
+def test_blockwise_inside_shard_map():
+    """Manual over every mesh axis, as inside the pipeline: the loop carries must vary over the
+    same axes as the inputs."""
+    q, k, v, cotangent = _qkv()
+    mesh = moejax.make_mesh(MeshConfig(2, 1, 4))
+    spec = PartitionSpec(BATCH_AXES)
+    sharded = jax.shard_map(lambda q_, k_, v_: blockwise_attention(q_, k_, v_, 0.3, BLOCK),
+                            mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec)
+    expected = _value_and_grads(lambda *a: _reference(*a, 0.3), q, k, v, cotangent)
+    actual = _value_and_grads(sharded, q, k, v, cotangent)
+    assert max_relative_error(actual, expected) <= 1e-5
+
+
+@pytest.mark.parametrize("qk_dim,v_dim", [(8, 8), (12, 8), (8, 16)])
+def test_cudnn_call_plumbing(monkeypatch, qk_dim, v_dim):
+    """fused_attention's cuDNN branch (head dims padded to one, query heads k * G + g), run
+    through jax's XLA implementation of the same call: CPU cannot run cuDNN itself."""
+    calls = []
+    original = jax.nn.dot_product_attention
+
+    def xla_instead(*args, implementation=None, **kwargs):
+        calls.append((implementation, kwargs["is_causal"], args[0].shape, args[2].shape))
+        return original(*args, implementation="xla", **kwargs)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", xla_instead)
+    q, k, v, cotangent = _qkv(qk_dim=qk_dim, v_dim=v_dim)
+    actual = _value_and_grads(lambda *a: A.fused_attention(*a, 0.3, "cudnn", BLOCK),
+                              q, k, v, cotangent)
+    expected = _value_and_grads(lambda *a: _reference(*a, 0.3), q, k, v, cotangent)
+    head_dim = max(qk_dim, v_dim)
+    assert calls[0] == ("cudnn", True, (BATCH, SEQ, 4, head_dim), (BATCH, SEQ, 2, head_dim))
+    assert max_relative_error(actual, expected) <= 1e-5
+
+
+def test_cudnn_refusal_falls_back_to_blockwise(monkeypatch):
+    """jax refuses cuDNN while tracing where its version or the GPU is too old (beyond what
+    `cudnn_allows` checks): the blockwise kernel runs instead, with a warning."""
+    def refuse(*args, **kwargs):
+        raise NotImplementedError("mla requires cudnn version >= 9.10")
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", refuse)
+    q, k, v, _ = _qkv(qk_dim=12, v_dim=8)
+    with pytest.warns(UserWarning, match="cuDNN attention refused"):
+        out = A.fused_attention(q, k, v, 0.3, "cudnn", BLOCK)
+    assert max_relative_error(out, _reference(q, k, v, 0.3)) <= 1e-5
+
+
+def _model(*overrides):
+    return tiny_config(*overrides).model
+
+
+@pytest.mark.parametrize("model,seq,dtype,backend,capability,expected", [
+    (_model(), 256, jnp.float32, "cpu", None, "plain"),  # one block of the default 256
+    (_model(), 257, jnp.float32, "cpu", None, "blockwise"),
+    (_model(), 257, jnp.bfloat16, None, None, "blockwise"),  # this machine: CPU
+    (_model("model.attention_block=0"), 8192, jnp.float32, "cpu", None, "plain"),
+    (_model("model.attention_block=null"), 8192, jnp.bfloat16, "gpu", 9.0, "plain"),
+    (_model("model.head_dim=64"), 16, jnp.bfloat16, "gpu", 9.0, "cudnn"),
+    (_model("model.head_dim=64"), 16, jnp.float16, "gpu", 8.0, "cudnn"),
+    (_model("model.head_dim=64"), 4096, jnp.float32, "gpu", 9.0, "blockwise"),  # cuDNN: 16-bit
+    (_model("model.head_dim=64"), 4096, jnp.bfloat16, "gpu", 7.5, "blockwise"),  # pre-Ampere
+    (_model("model.head_dim=64"), 4096, jnp.bfloat16, "tpu", None, "blockwise"),
+    (_model("model.head_dim=36"), 4096, jnp.bfloat16, "gpu", 9.0, "blockwise"),  # not x8
+    (_model(*MLA_YARN[:1], "model.qk_nope_head_dim=128", "model.qk_rope_head_dim=64",
+            "model.v_head_dim=128"), 4096, jnp.bfloat16, "gpu", 9.0, "cudnn"),  # 192 <= 256
+    (_model(*MLA_YARN[:1], "model.qk_nope_head_dim=128", "model.qk_rope_head_dim=64",
+            "model.v_head_dim=128"), 4096, jnp.bfloat16, "gpu", 8.0, "blockwise"),  # > 128
+])
+def test_kernel_choice(model, seq, dtype, backend, capability, expected):
+    assert A.attention_kernel(model, seq, dtype, backend, capability) == expected
+
+
+def test_attention_block_validation():
+    with pytest.raises(ConfigError, match="model.attention_block=-1"):
+        tiny_config("model.attention_block=-1")
+
+
+@pytest.mark.parametrize("case", ["gqa", "mla_yarn"])
+def test_cached_prefill_equals_blockwise(case):
+    """Generation keeps the plain path (MLA: absorbed) on its cache; its prefill equals the
+    blockwise training attention."""
+    cfg = _config(case, BLOCK)
+    params, x, _ = _inputs(case)
+    matmul = layer_matmuls(cfg.precision)["attention"]
+    positions = jnp.arange(SEQ)
+    cache = tuple(jnp.zeros((BATCH, SEQ + 3, *s)) for s in A.cache_entry_shapes(cfg.model))
+
+    @jax.jit
+    def both(params, x, cache):
+        return (A.causal_attention(params, x, positions, cfg.model, matmul, cache)[0],
+                A.causal_attention(params, x, positions, cfg.model, matmul)[0])
+
+    cached, uncached = both(params, x, cache)
+    assert max_relative_error(cached, uncached) <= 1e-5
+
+
+def test_compiled_temporaries_grow_linearly():
+    """memory_analysis of the layer's fwd+bwd (scripts/bench_attention.py's measure): doubling
+    T multiplies the plain temporaries by ~4 and the blockwise ones by at most ~2."""
+    from moejax.tools.attention_memory import compiled_memory
+
+    def temp(block, seq):
+        return compiled_memory(tiny_config(f"model.attention_block={block}"), seq)["temp"]
+
+    assert temp(0, 512) > 3 * temp(0, 256)
+    assert temp(32, 512) < 2.2 * temp(32, 256)
+    assert temp(32, 512) < temp(0, 512) / 4
