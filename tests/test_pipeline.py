@@ -190,8 +190,8 @@ def test_schedule_bubble_and_work_order():
      "the 5 pipelined layers do not split evenly into 4 blocks"),
     (("mesh.pipe=2", "mesh.expert=4", "model.num_layers=5",
       "train.pipeline_layers_per_stage=[3,2]"),
-     "train.pipeline_layers_per_stage=[3, 2] must give each of the 2 stages at least one layer, "
-     "4 in all"),
+     ("train.pipeline_layers_per_stage=[3, 2] must give each of the 2 stages at least one "
+      "layer, 4 in all")),
     (("mesh.pipe=2", "mesh.expert=4", "model.num_layers=5", "train.microbatches=3"),
      "is not divisible by train.microbatches=3"),
     (("mesh.pipe=2", "mesh.expert=4", "model.num_layers=5", "train.virtual_stages=2"),
