@@ -5,10 +5,15 @@ into p v blocks of c = L / (p v) consecutive layers; stage s runs blocks s, s + 
 (v "virtual stages" per device; v = 1 is plain GPipe, where stage s runs layers s c .. s c + c - 1,
 exactly its shard of the stack's `layers` axis, so no weight ever moves). With v > 1 a stage
 stores blocks s v .. s v + v - 1 (its shard) and fetches the blocks it runs from the stages
-that store them with partial ppermutes inside the shard_map (_virtual_blocks). The embedding and the
-first-k dense layers run before the pipeline and the final norm, output head and MTP modules after
-it, as ordinary GSPMD code on every stage (their weights are not split over `pipe`). Uneven splits
-are refused by the config (moejax.config._validate_pipeline).
+that store them with partial ppermutes inside the shard_map (_virtual_blocks). GPipe also takes
+stages of different sizes (config.stage_layer_counts): the stack is then stored split over
+`pipe` along another dimension (logical axis `uneven_layers`), each stage regroups its layers with
+one all_to_all on entry (_regroup), and shorter stages pad to the longest with slots that pass
+their input on (_Slots). The embedding and the first-k dense layers run before the pipeline, as
+ordinary GSPMD code on every stage; the final norm, output head and MTP modules run after the
+ticks inside the same shard_map as the pipeline's `Tail`: per microbatch under remat, stage s
+taking microbatches s, s + p, ..., so the whole batch's logits and MTP buffers are never live
+on one device.
 
 Schedule. One `jax.shard_map`, manual over every mesh axis, scans over ticks. (Manual over `pipe`
 alone, with the MoE layer's expert shard_map nested inside, is what jax 0.10.2 cannot
@@ -132,20 +137,40 @@ class _Slots:
         return cls(c, layer[:, None], active[:, None], of_layer)
 
 
-def pipelined_stack(stack, stack_specs, x, per_layer, block_fn, schedule: Schedule):
+@dataclasses.dataclass(frozen=True)
+class Tail:
+    """What runs after the stack, per microbatch, split over the stages: stage s takes the
+    finished microbatches s, s + p, ... (so no stage computes or holds the whole batch's
+    output head, logits or MTP buffers), one at a time under remat (one microbatch's logits
+    live at once). `fn(weights, hidden [B_/m, T, D], rows) -> outputs` on one shard of one
+    microbatch; `weights` enter the shard_map with `weight_specs` (every stage has them),
+    `rows` are per-row inputs with leaves [B, ...] (split into microbatches like x)."""
+
+    fn: object
+    weights: object
+    weight_specs: object
+    rows: object
+
+
+def pipelined_stack(stack, stack_specs, x, per_layer, block_fn, schedule: Schedule,
+                    tail: Tail | None = None):
     """Run the stack over the pipeline stages.
 
     stack and per_layer: pytrees with leaves [L, ...] (layer parameters, per-layer inputs such
     as the router bias); stack_specs: each stack leaf's spec inside the shard_map
     (sharding.stage_spec); x [B, T, D]; `block_fn(blocks, x_ [B_/m, T, D], per_layer) -> (x_,
     outputs with leaves [c, ...])` runs one block of c layers on one shard of one microbatch.
-    Returns (x [B, T, D] after every layer, outputs with leaves [L, m S, ...])."""
+    Returns (x [B, T, D] after every layer, outputs with leaves [L, m S, ...]), and with a
+    `tail` its outputs, leaves [m S, ...] by microbatch and shard."""
     p, v, m = schedule.stages, schedule.virtual_stages, schedule.microbatches
     num_layers = jax.tree.leaves(stack)[0].shape[0]
     slots = _Slots.of(schedule, num_layers)
     batch = x.shape[0]
-    # microbatch j holds rows j, j + m, ...: each keeps the batch's sharding over data axes
-    micro = x.reshape(batch // m, m, *x.shape[1:]).swapaxes(0, 1)
+
+    def by_microbatch(leaf):  # [B, ...] -> [m, B / m, ...]: microbatch j holds rows j, j + m, ...
+        return leaf.reshape(batch // m, m, *leaf.shape[1:]).swapaxes(0, 1)
+
+    micro = by_microbatch(x)  # each microbatch keeps the batch's sharding over data axes
     rows = PartitionSpec(None, sharding.BATCH_AXES)
     if schedule.uneven:
         # stored [L, ...]: each stage regroups its layers inside (_stage_blocks)
@@ -158,15 +183,61 @@ def pipelined_stack(stack, stack_specs, x, per_layer, block_fn, schedule: Schedu
         specs = (stack_specs, jax.tree.map(lambda _: PartitionSpec(PIPE), per_layer))
     pipe_dims = jax.tree.map(_pipe_dim, stack_specs,
                              is_leaf=lambda x: isinstance(x, PartitionSpec))
-    run = jax.shard_map(
-        lambda stored_, micro_: _stage_loop(stored_, micro_, block_fn, schedule, slots,
-                                            pipe_dims),
-        in_specs=(specs, rows),
-        out_specs=(rows, PartitionSpec(PIPE, sharding.BATCH_AXES)),
-    )
-    out, outputs = run(stored, micro)
-    return out.swapaxes(0, 1).reshape(x.shape), jax.tree.map(
-        lambda leaf: _by_layer(leaf, schedule, slots), outputs)
+    by_stage_and_shard = PartitionSpec(PIPE, sharding.BATCH_AXES)
+
+    if tail is None:
+        run = jax.shard_map(
+            lambda stored_, micro_: _stage_loop(stored_, micro_, block_fn, schedule, slots,
+                                                pipe_dims),
+            in_specs=(specs, rows), out_specs=(rows, by_stage_and_shard))
+        out, outputs = run(stored, micro)
+    else:
+        def run_stages(stored_, micro_, tail_weights, tail_rows):
+            finished, outputs = _stage_loop(stored_, micro_, block_fn, schedule, slots,
+                                            pipe_dims)
+            tail_outputs = _tail_loop(finished, tail.fn, tail_weights, tail_rows, schedule)
+            return finished, outputs, tail_outputs
+
+        run = jax.shard_map(
+            run_stages, in_specs=(specs, rows, tail.weight_specs, rows),
+            out_specs=(rows, by_stage_and_shard, by_stage_and_shard))
+        out, outputs, tail_outputs = run(stored, micro, tail.weights,
+                                         jax.tree.map(by_microbatch, tail.rows))
+    out = out.swapaxes(0, 1).reshape(x.shape)
+    outputs = jax.tree.map(lambda leaf: _by_layer(leaf, schedule, slots), outputs)
+    if tail is None:
+        return out, outputs
+    return out, outputs, jax.tree.map(lambda leaf: _by_microbatch(leaf, schedule), tail_outputs)
+
+
+def _tail_loop(finished, fn, weights, rows, schedule: Schedule):
+    """This stage's share of the tail: microbatches stage + p i, i < ceil(m / p) (a stage past
+    the last microbatch repeats it; _by_microbatch leaves that out). Returns outputs with
+    leaves [1, 1, ceil(m / p), ...]."""
+    p, m = schedule.stages, schedule.microbatches
+    stage = jax.lax.axis_index(PIPE)
+    # read per stage inside the loop: cast once here, so their gradients are summed over pipe
+    # (and the batch axes) once, not at every microbatch
+    finished, rows = jax.lax.pcast((finished, rows), (PIPE,), to="varying")
+    weights = jax.tree.map(lambda w: _varying_over(w, (*sharding.BATCH_AXES, PIPE)), weights)
+    remat_fn = jax.checkpoint(fn)
+
+    def one(_, i):
+        j = jnp.minimum(stage + p * i, m - 1)
+        take = lambda leaf: jax.lax.dynamic_index_in_dim(leaf, j, keepdims=False)
+        return None, remat_fn(weights, take(finished), jax.tree.map(take, rows))
+
+    _, outputs = jax.lax.scan(one, None, jnp.arange(-(-m // p)))
+    return jax.tree.map(lambda leaf: leaf[None, None], outputs)
+
+
+def _by_microbatch(leaf, schedule: Schedule):
+    """[p, S, ceil(m / p), ...] by (stage, batch shard, round) -> [m S, ...] by (microbatch,
+    shard): microbatch j ran on stage j % p in round j // p."""
+    p, m = schedule.stages, schedule.microbatches
+    j = np.arange(m)
+    by_micro = leaf[j % p, :, j // p]  # [m, S, ...]
+    return by_micro.reshape(m * leaf.shape[1], *leaf.shape[3:])
 
 
 def _pipe_dim(spec: PartitionSpec) -> int:
@@ -250,8 +321,12 @@ def _varying_over_batch_axes(weight):
     invariant inside it, each use would get its own cast, whose transpose sums the gradient
     over the batch axes at every layer of every tick; cast once here, the gradient accumulates
     locally over the ticks and is summed once per step."""
-    missing = set(sharding.BATCH_AXES) - sharding.varying_axes(weight)
-    return jax.lax.pcast(weight, tuple(sorted(missing)), to="varying") if missing else weight
+    return _varying_over(weight, sharding.BATCH_AXES)
+
+
+def _varying_over(x, axes):
+    missing = set(axes) - sharding.varying_axes(x)
+    return jax.lax.pcast(x, tuple(sorted(missing)), to="varying") if missing else x
 
 
 def _virtual_blocks(stored, stages: int, virtual: int, stage):

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
+from jax.sharding import PartitionSpec
 
 from moejax import params as P
 from moejax.config import Config, unevenly_staged
@@ -186,7 +187,8 @@ def _run_stack(blocks: Block, x, per_layer, layer_fn, cfg: Config):
 
 
 def _run_staged_stack(blocks: Block, x, per_layer, layer_fn, cfg: Config, cached: bool,
-                      schedule: pipeline.Schedule | None = None):
+                      schedule: pipeline.Schedule | None = None,
+                      tail: pipeline.Tail | None = None):
     """The pipelined stack: over the pipeline stages when the mesh has more than one (outputs
     then come per microbatch, [L, m, ...]), else `_run_stack`. Generation (with a cache) always
     runs the plain scan. `schedule` defaults to the config's on the current mesh."""
@@ -204,7 +206,7 @@ def _run_staged_stack(blocks: Block, x, per_layer, layer_fn, cfg: Config, cached
     stack_specs = specs.moe_blocks if cfg.num_moe_layers else specs.dense_blocks
     stack_specs = jax.tree.map(lambda s: stage_spec(s.logical_axes, s.shape), stack_specs,
                                is_leaf=P.is_spec)
-    return pipeline.pipelined_stack(blocks, stack_specs, x, per_layer, run_block, schedule)
+    return pipeline.pipelined_stack(blocks, stack_specs, x, per_layer, run_block, schedule, tail)
 
 
 def _gathered(attn: Attention | LatentAttention) -> Attention | LatentAttention:
@@ -261,9 +263,10 @@ def moe_stack(blocks: Block, x, cfg: Config, router_state: RouterState,
     return y, stats
 
 
-def _decoder(params: Transformer, tokens, positions, cfg: Config, router_state, cache=None):
+def _decoder(params: Transformer, tokens, positions, cfg: Config, router_state, cache=None,
+             tail: pipeline.Tail | None = None):
     """tokens [B, T] at positions [T] -> (hidden [B, T, D] before the final norm, per-layer MoE
-    statistics or None, updated cache or None)."""
+    statistics or None, updated cache or None, the pipeline `tail`'s outputs or None)."""
     layers = _Layers(cfg, positions, effective_router_state(params, cfg, router_state))
     cached = cache is not None
 
@@ -281,16 +284,20 @@ def _decoder(params: Transformer, tokens, positions, cfg: Config, router_state, 
     if params.dense_blocks is not None:
         run = _run_stack if params.moe_blocks is not None else functools.partial(
             _run_staged_stack, cached=cached)
-        x, new_cache["dense"] = run(params.dense_blocks, x, cache.dense if cached else None,
-                                    dense_layer, cfg)
+        dense_tail = tail if params.moe_blocks is None else None
+        x, new_cache["dense"], *tail_outputs = run(
+            params.dense_blocks, x, cache.dense if cached else None, dense_layer, cfg,
+            **({"tail": dense_tail} if dense_tail else {}))
     layer_stats = None
     if params.moe_blocks is not None:
         bias = layers.router_state.bias[:cfg.num_moe_layers]
-        x, (layer_stats, new_cache["moe"]) = _run_staged_stack(
-            params.moe_blocks, x, (bias, cache.moe if cached else None), moe_layer, cfg, cached)
+        x, (layer_stats, new_cache["moe"]), *tail_outputs = _run_staged_stack(
+            params.moe_blocks, x, (bias, cache.moe if cached else None), moe_layer, cfg, cached,
+            tail=tail)
         if not cached and pipeline.pipe_stages() > 1:
             layer_stats = merge_microbatches(layer_stats)
-    return x, layer_stats, KVCache(**new_cache) if cached else None
+    return (x, layer_stats, KVCache(**new_cache) if cached else None,
+            tail_outputs[0] if tail is not None else None)
 
 
 def output_logits(params: Transformer, hidden: jax.Array, final_norm: jax.Array,
@@ -307,7 +314,7 @@ def forward(params: Transformer, tokens: jax.Array, cfg: Config, router_state=No
     `router_state` defaults to the one `params` carry, else the initial one
     (effective_router_state)."""
     positions = jnp.arange(tokens.shape[1])
-    hidden, layer_stats, _ = _decoder(params, tokens, positions, cfg, router_state)
+    hidden, layer_stats, _, _ = _decoder(params, tokens, positions, cfg, router_state)
     return output_logits(params, hidden, params.final_norm, cfg), _aux_outputs(layer_stats, cfg)
 
 
@@ -319,7 +326,7 @@ def forward_cached(params: Transformer, tokens: jax.Array, start: jax.Array, cac
     write past the end would be clamped onto the last slots (moejax.generate checks it).
     `router_state` defaults as in `forward`."""
     positions = start + jnp.arange(tokens.shape[1])
-    hidden, _, cache = _decoder(params, tokens, positions, cfg, router_state, cache)
+    hidden, _, cache, _ = _decoder(params, tokens, positions, cfg, router_state, cache)
     return output_logits(params, hidden, params.final_norm, cfg), cache
 
 
@@ -378,6 +385,39 @@ def _aux_outputs(layer_stats, cfg: Config) -> dict:
     return aux
 
 
+def _head_losses(params: Transformer, hidden, tokens, cfg: Config, router_state) -> dict:
+    """hidden [B, T, D] (before the final norm), tokens [B, T + 1] -> {"cross_entropy": mean
+    next-token cross-entropy, and with MTP "mtp_cross_entropy" [D] and (MoE models)
+    "mtp_stats", the MTP layers' statistics with leaves [D, ...]}."""
+    logits = output_logits(params, hidden, params.final_norm, cfg)
+    out = {"cross_entropy": jnp.mean(
+        optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]))}
+    if cfg.model.mtp_depth:
+        losses, stats = _mtp_losses(params, hidden, tokens, cfg, router_state)
+        out["mtp_cross_entropy"] = jnp.stack(losses)
+        if stats is not None:
+            out["mtp_stats"] = stats
+    return out
+
+
+def _loss_tail(params: Transformer, tokens, cfg: Config, router_state) -> pipeline.Tail:
+    """_head_losses as the pipeline's tail: run per microbatch and batch shard on the stages
+    (inside its shard_map: the routed experts of the MTP layer stay split over `expert`, every
+    other weight whole), so no stage computes the whole batch's logits."""
+    head = params.replace(dense_blocks=None, moe_blocks=None, router_state=None)
+    manual = lambda s: PartitionSpec(*("expert" if n == "experts" else None
+                                       for n in s.logical_axes))
+    head_specs = jax.tree.map(manual, model_specs(cfg).replace(dense_blocks=None, moe_blocks=None),
+                              is_leaf=P.is_spec)
+
+    def per_microbatch(weights, hidden, tokens_):
+        head_, router_state_ = weights
+        return _head_losses(head_, hidden, tokens_, cfg, router_state_)
+
+    return pipeline.Tail(fn=per_microbatch, weights=(head, router_state),
+                         weight_specs=(head_specs, PartitionSpec()), rows=tokens)
+
+
 def loss_fn(params: Transformer, batch: dict, cfg: Config, router_state=None,
             mtp_weight=None):
     """Next-token cross-entropy plus the weighted router losses, plus (with model.mtp_depth = D)
@@ -392,15 +432,24 @@ def loss_fn(params: Transformer, batch: dict, cfg: Config, router_state=None,
     tokens = batch["tokens"]
     router_state = effective_router_state(params, cfg, router_state)
     positions = jnp.arange(tokens.shape[1] - 1)
-    hidden, layer_stats, _ = _decoder(params, tokens[:, :-1], positions, cfg, router_state)
-    logits = output_logits(params, hidden, params.final_norm, cfg)
+    # pipelined: the head and MTP run per microbatch, split over the stages (_loss_tail)
+    tail = _loss_tail(params, tokens, cfg, router_state) if pipeline.pipe_stages() > 1 else None
+    hidden, layer_stats, _, tail_outputs = _decoder(params, tokens[:, :-1], positions, cfg,
+                                                    router_state, tail=tail)
+    if tail_outputs is None:
+        tail_outputs = _head_losses(params, hidden, tokens, cfg, router_state)
+    else:  # per microbatch and shard (equal rows each): average them
+        tail_outputs = {name: jnp.mean(value, axis=0) if name != "mtp_stats" else
+                        merge_microbatches(jax.tree.map(lambda v: jnp.moveaxis(v, 0, 1), value))
+                        for name, value in tail_outputs.items()}
     aux = _aux_outputs(layer_stats, cfg)
-    cross_entropy = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]))
+    cross_entropy = tail_outputs["cross_entropy"]
     metrics = {"cross_entropy": cross_entropy, **aux}
     loss = cross_entropy + aux["aux_loss"]
     if cfg.model.mtp_depth:
         mtp_weight = cfg.train.mtp_loss_weight if mtp_weight is None else mtp_weight
-        losses, mtp_stats = _mtp_losses(params, hidden, tokens, cfg, router_state)
+        losses = list(tail_outputs["mtp_cross_entropy"])
+        mtp_stats = tail_outputs.get("mtp_stats")
         mtp_total = sum(losses)
         if mtp_stats is not None:
             mtp_aux = _aux_outputs(mtp_stats, cfg)
