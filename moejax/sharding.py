@@ -79,9 +79,10 @@ def named_sharding(mesh, logical_axes, shape: tuple[int, ...] | None = None) -> 
     whole) instead of failing to place."""
     spec = logical_to_spec(logical_axes)
     if shape is not None:
-        spec = divisible_spec(spec, shape, mesh)
-        if "uneven_layers" in logical_axes:
-            spec = spread_over(spec, shape, mesh, ("pipe",))
+        # a weight outside the pipelined stack (embedding, head, first dense layers, MTP) and an
+        # unevenly staged stack are split over `pipe` too, along a dimension it divides: every
+        # stage would otherwise store them whole (ZeRO-3 over the stages; gathered where used)
+        spec = spread_over(divisible_spec(spec, shape, mesh), shape, mesh, ("pipe",))
     return NamedSharding(mesh, spec)
 
 

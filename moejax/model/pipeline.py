@@ -41,12 +41,14 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec
 
 from moejax import sharding
 from moejax.config import Config, stage_layer_counts
 
 PIPE = "pipe"
+BLOCK_NAME = "pipeline_block"  # the interleaved schedule's block of a tick (not saved per tick)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -303,9 +305,15 @@ def _stage_loop(stored, micro, block_fn, schedule: Schedule, slots: _Slots, pipe
             block, block_inputs = jax.tree.map(
                 lambda leaf: jax.lax.dynamic_index_in_dim(leaf, virtual, keepdims=False),
                 (blocks, per_layer))
+            # the indexed block would be a value of every tick, kept per tick for the
+            # backward: named, and left out of what the backward keeps (it indexes again)
+            block = checkpoint_name(block, BLOCK_NAME)
         y, outputs = block_fn(block, x_in, block_inputs)
         return jax.lax.ppermute(y, PIPE, ring), (y, outputs)
 
+    if schedule.virtual_stages > 1:
+        tick = jax.checkpoint(
+            tick, policy=jax.checkpoint_policies.save_anything_except_these_names(BLOCK_NAME))
     first = jnp.zeros_like(micro[0])
     _, (ys, outputs) = jax.lax.scan(tick, first, jnp.arange(schedule.ticks))
     finished = ys[schedule.final_ticks()]  # meaningful on the last stage only

@@ -43,10 +43,17 @@ CHECK_CONFIG = (
 )
 
 
+# uneven: gpipe with the 8 MoE layers of CHECK_CONFIG placed unevenly by stage count
+UNEVEN_LAYERS = {2: "[5,3]", 4: "[3,2,2,1]"}
+
+
 def schedule_overrides(schedule: str, stages: int, microbatches: int) -> tuple[str, ...]:
     virtual = 2 if schedule == "interleaved" else 1
-    return (f"train.microbatches={microbatches}", f"train.pipeline_schedule={schedule}",
-            f"train.virtual_stages={virtual}")
+    placed = (f"train.pipeline_layers_per_stage={UNEVEN_LAYERS[stages]}",) if (
+        schedule == "uneven") else ()
+    return (f"train.microbatches={microbatches}",
+            f"train.pipeline_schedule={'gpipe' if schedule == 'uneven' else schedule}",
+            f"train.virtual_stages={virtual}", *placed)
 
 
 def _loss_and_grads(cfg: Config, params, batch, router):
@@ -71,7 +78,7 @@ def equality_matrix(log=print) -> list[dict]:
     tokens = jax.random.randint(jax.random.key(3), (8, 17), 0, base.model.vocab_size)
     expected = _loss_and_grads(base, params, {"tokens": tokens}, router)
     rows = []
-    for schedule in ("gpipe", "interleaved"):
+    for schedule in ("gpipe", "interleaved", "uneven"):
         for name, mesh_cfg in MESHES.items():
             shards = mesh_cfg.data * mesh_cfg.fsdp * mesh_cfg.expert
             microbatches = 8 // shards

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from jax.sharding import AbstractMesh, AxisType
 
 from moejax import sharding
-from moejax.config import MESH_AXES, Config, ConfigError, staged_layers
+from moejax.config import MESH_AXES, Config, ConfigError, stage_layer_counts, staged_layers
 from moejax.model.dispatch import max_destinations, row_tile
 from moejax.model.dispatch.dropless import static_rows
 from moejax.model.pipeline import Schedule
@@ -144,21 +144,40 @@ def dispatch_all_to_all_bytes(cfg: Config, shape: StepShape, payload_bytes: int)
 
 def activation_bytes(cfg: Config, shape: StepShape) -> dict:
     """Arithmetic, per device: the layer inputs [B_, T, D] float32 the backward needs (every
-    layer's with model.remat=full or none; with a pipeline, one block input per layer of the
-    stage per tick, GPipe keeping every tick's), and the logits [B_, T, V] float32. Excludes
-    one layer's working set (rematerialised, or kept whole with remat=none) and the dispatch
-    buffers."""
+    layer's with model.remat=full or none; with a pipeline, one block input per layer slot of
+    the longest stage per tick, GPipe keeping every tick's, and the MTP modules' per
+    microbatch), and the logits float32: [B_, T, V] per head without a pipeline, one
+    microbatch's with one (the pipeline's tail runs the head per microbatch under remat).
+    Excludes one layer's working set (rematerialised, or kept whole with remat=none) and the
+    dispatch buffers."""
     width, tokens = cfg.model.d_model, shape.tokens_per_device
     sched = shape.schedule
     layer_input = tokens * width * 4
-    unstaged = cfg.model.num_layers - staged_layers(cfg) + cfg.model.mtp_depth
+    heads = 1 + cfg.model.mtp_depth
+    dense_first = cfg.model.num_layers - staged_layers(cfg)
     if sched.stages > 1:
-        stage_layers = staged_layers(cfg) // sched.stages
-        staged = stage_layers * sched.ticks * layer_input // sched.microbatches
+        per_microbatch = layer_input // sched.microbatches
+        staged = max(stage_layer_counts(cfg, sched.stages)) * sched.ticks * per_microbatch
+        unstaged = dense_first * layer_input + cfg.model.mtp_depth * per_microbatch
+        logits = tokens // sched.microbatches * cfg.model.vocab_size * 4 * heads
     else:
         staged = staged_layers(cfg) * layer_input
-    logits = tokens * cfg.model.vocab_size * 4 * (1 + cfg.model.mtp_depth)
-    return {"layer_inputs": unstaged * layer_input + staged, "logits": logits}
+        unstaged = (dense_first + cfg.model.mtp_depth) * layer_input
+        logits = tokens * cfg.model.vocab_size * 4 * heads
+    return {"layer_inputs": unstaged + staged, "logits": logits}
+
+
+def stage_breakdown(cfg: Config, shape: StepShape) -> list[dict]:
+    """Per pipeline stage: its layers of the stack, the microbatches whose head and MTP it
+    runs (the pipeline's tail), and its remat-saved block inputs (arithmetic, float32). Every
+    stage holds the same state bytes: the stack is split over `pipe` whatever the layer counts,
+    and the other weights are whole on every stage (their AdamW moments split over it)."""
+    sched = shape.schedule
+    per_microbatch = shape.tokens_per_device * cfg.model.d_model * 4 // sched.microbatches
+    return [{"stage": s, "layers": layers,
+             "tail_microbatches": len(range(s, sched.microbatches, sched.stages)),
+             "block_inputs": layers * sched.ticks * per_microbatch}
+            for s, layers in enumerate(stage_layer_counts(cfg, sched.stages))]
 
 
 def state_bytes(cfg: Config, num_devices: int) -> dict:
@@ -206,6 +225,7 @@ def plan(cfg: Config, num_devices: int, compile: bool = True, hlo_out=None) -> d
                              **state_bytes(cfg, num_devices)},
         "activations": {"source": "arithmetic: remat-saved layer inputs + logits, float32",
                         **activation_bytes(cfg, shape)},
+        "stages": stage_breakdown(cfg, shape) if shape.schedule.stages > 1 else [],
         "dispatch_formula": {
             "source": "formula (dispatch_all_to_all_bytes) at the compute dtype",
             **dispatch_all_to_all_bytes(cfg, shape, payload)},
@@ -277,6 +297,13 @@ def format_plan(result: dict) -> str:
     lines.append(f"  {'activations: layer inputs':<28} {_gb(act['layer_inputs']):>13}  "
                  "arithmetic (remat-saved, f32)")
     lines.append(f"  {'activations: logits':<28} {_gb(act['logits']):>13}  arithmetic (f32)")
+    if result.get("stages"):
+        lines.append("")
+        lines.append("stage  layers  head/MTP microbatches  block inputs (f32)")
+        for row in result["stages"]:
+            lines.append(f"  {row['stage']:>3} {row['layers']:>7} {row['tail_microbatches']:>22}"
+                         f"  {_gb(row['block_inputs']):>13}")
+        lines.append("  (every stage holds the same state bytes: the stack is split over pipe)")
     if "compiled" in result:
         memory = result["compiled"]["memory"]
         lines.append(f"  {'compiled arguments':<28} {_gb(memory['arguments']):>13}  "
