@@ -3,14 +3,17 @@
     python scripts/generate.py RUN_DIR --prompt "def " --max-new-tokens 200
     python scripts/generate.py RUN_DIR --prompt "def " --temperature 0.8 --top-p 0.95 --seed 1
     python scripts/generate.py HF_DIR --prompt-ids "1 2 3"
+    python scripts/generate.py RUN_DIR --prompt "def " --speculative mtp
 
 The model comes from a training run directory (its latest checkpoint, or RUN_DIR/checkpoints/STEP
 for another one), a moejax checkpoint (scripts/convert_hf.py to-moejax) or a Hugging Face
 checkpoint directory (config.json). Temperature 0 (the default) is greedy; --seed S samples with
 jax.random.key(S). The text goes to stdout, prompt included: decoded bytes for the byte-level
 vocabulary (256 tokens), decoded text when a tokenizer.json sits beside the checkpoint and the
-`tokenizers` package is installed, token ids otherwise. Errors print one line and exit with
-status 2.
+`tokenizers` package is installed, token ids otherwise. --speculative mtp drafts with the
+model's multi-token-prediction modules and verifies the drafts with the main model (greedy: the
+same text; sampling: the same distribution) and reports the drafts accepted on stderr. Errors
+print one line and exit with status 2.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
     parser.add_argument("--seed", type=int, default=0, help="sampling key jax.random.key(SEED)")
     parser.add_argument("--num-samples", type=int, default=1, help="continuations of the prompt")
+    parser.add_argument("--speculative", choices=["mtp"], default=None,
+                        help="speculative decoding, drafts from the model's MTP modules")
     return parser.parse_args(argv)
 
 
@@ -74,7 +79,13 @@ def main(argv=None) -> int:
     from moejax.config import ConfigError
     from moejax.convert import ConversionError
     from moejax.data import DataError
-    from moejax.generate import GenerationError, find_tokenizer, generate, load_model
+    from moejax.generate import (
+        GenerationError,
+        find_tokenizer,
+        generate,
+        load_model,
+        speculative_generate,
+    )
 
     try:
         if args.num_samples < 1:
@@ -84,9 +95,17 @@ def main(argv=None) -> int:
         prompt = np.tile(np.asarray(prompt_tokens(args, tokenizer), np.int64),
                          (args.num_samples, 1))
         print(f"generating from {model.description}", file=sys.stderr)
-        tokens = generate(model.params, model.cfg, prompt, args.max_new_tokens,
-                          key=jax.random.key(args.seed), temperature=args.temperature,
-                          top_p=args.top_p)
+        request = {"key": jax.random.key(args.seed), "temperature": args.temperature,
+                   "top_p": args.top_p}
+        if args.speculative:
+            tokens, stats = speculative_generate(model.params, model.cfg, prompt,
+                                                 args.max_new_tokens, method=args.speculative,
+                                                 **request)
+            print(f"speculative decoding: {stats.accepted} of {stats.drafted} drafts accepted "
+                  f"({stats.acceptance_rate:.0%}), {stats.tokens_per_step:.2f} tokens per "
+                  "verification step", file=sys.stderr)
+        else:
+            tokens = generate(model.params, model.cfg, prompt, args.max_new_tokens, **request)
     except (GenerationError, ConversionError, ConfigError, DataError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

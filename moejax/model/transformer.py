@@ -319,15 +319,18 @@ def forward(params: Transformer, tokens: jax.Array, cfg: Config, router_state=No
 
 
 def forward_cached(params: Transformer, tokens: jax.Array, start: jax.Array, cache: KVCache,
-                   cfg: Config, router_state=None):
+                   cfg: Config, router_state=None, return_hidden: bool = False):
     """Generation: tokens [B, T] at positions start .. start + T - 1, attending to everything
-    in `cache` before them -> (logits [B, T, V] float32, the cache with these tokens added).
+    in `cache` before them -> (logits [B, T, V] float32, the cache with these tokens added),
+    and with `return_hidden` also the last layer's hidden states [B, T, D] before the final
+    norm (what MTP depth 1 reads, see `mtp_cached`).
     start + T must not exceed the cache length: a traced `start` cannot be checked here, and a
     write past the end would be clamped onto the last slots (moejax.generate checks it).
     `router_state` defaults as in `forward`."""
     positions = start + jnp.arange(tokens.shape[1])
     hidden, _, cache, _ = _decoder(params, tokens, positions, cfg, router_state, cache)
-    return output_logits(params, hidden, params.final_norm, cfg), cache
+    logits = output_logits(params, hidden, params.final_norm, cfg)
+    return (logits, cache, hidden) if return_hidden else (logits, cache)
 
 
 def _mtp_losses(params: Transformer, hidden, tokens, cfg: Config, router_state):
@@ -336,33 +339,57 @@ def _mtp_losses(params: Transformer, hidden, tokens, cfg: Config, router_state):
     Depth k sees positions i < T - k: the previous depth's hidden state at i and the embedding
     of token i + k, and predicts token i + k + 1 (tokens [B, T + 1] holds inputs and targets)."""
     seq = tokens.shape[1] - 1
-    m = cfg.model
     losses, stats = [], []
-    for depth in range(1, m.mtp_depth + 1):
-        module = jax.tree.map(lambda leaf, d=depth: leaf[d - 1], params.mtp)
+    for depth in range(1, cfg.model.mtp_depth + 1):
         length = seq - depth
         layers = _Layers(cfg, jnp.arange(length), router_state)
-        # constrained like the decoder's embedding: left to itself GSPMD keeps the lookup's
-        # model-width sharding and all-gathers the whole global batch onto every device
-        next_embed = constrain(params.embed[tokens[:, depth:depth + length]].astype(jnp.float32),
-                               ACTIVATION_AXES)
-        joined = jnp.concatenate([rms_norm(next_embed, module.embed_norm, m.norm_eps),
-                                  rms_norm(hidden[:, :length], module.hidden_norm, m.norm_eps)],
-                                 axis=-1)
-        dtype = jnp.dtype(cfg.precision.compute_dtype)  # a small GEMM: no fp8, like the head
-        x = constrain(jnp.matmul(joined.astype(dtype), module.proj.astype(dtype),
-                                 preferred_element_type=jnp.float32), ACTIVATION_AXES)
-        if cfg.num_moe_layers:
-            bias = router_state.bias[cfg.num_moe_layers + depth - 1]
-            hidden, layer_stats, _ = layers.moe(module.block, x, bias)
+        hidden, layer_stats, _ = _mtp_block(params, depth, hidden[:, :length],
+                                            tokens[:, depth:depth + length], layers)
+        if layer_stats is not None:
             stats.append(layer_stats)
-        else:
-            hidden, _, _ = layers.dense(module.block, x)
-        logits = output_logits(params, hidden, module.final_norm, cfg)
+        logits = output_logits(params, hidden, params.mtp.final_norm[depth - 1], cfg)
         targets = tokens[:, depth + 1:depth + 1 + length]
         losses.append(jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, targets)))
     stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *stats) if stats else None
     return losses, stacked
+
+
+def _mtp_block(params: Transformer, depth, hidden, next_tokens, layers: _Layers,
+               cache=None):
+    """MTP depth `depth` (1-based, an int or traced) at the positions of `layers`: the
+    previous depth's hidden [B, T, D] and the tokens `depth` places ahead [B, T] -> (hidden
+    [B, T, D] before the depth's final norm, MoE statistics or None, cache entries)."""
+    cfg = layers.cfg
+    m = cfg.model
+    module = jax.tree.map(lambda leaf: leaf[depth - 1], params.mtp)
+    # constrained like the decoder's embedding: left to itself GSPMD keeps the lookup's
+    # model-width sharding and all-gathers the whole global batch onto every device
+    next_embed = constrain(params.embed[next_tokens].astype(jnp.float32), ACTIVATION_AXES)
+    joined = jnp.concatenate([rms_norm(next_embed, module.embed_norm, m.norm_eps),
+                              rms_norm(hidden, module.hidden_norm, m.norm_eps)], axis=-1)
+    dtype = jnp.dtype(cfg.precision.compute_dtype)  # a small GEMM: no fp8, like the head
+    x = constrain(jnp.matmul(joined.astype(dtype), module.proj.astype(dtype),
+                             preferred_element_type=jnp.float32), ACTIVATION_AXES)
+    if cfg.num_moe_layers:
+        bias = layers.router_state.bias[cfg.num_moe_layers + depth - 1]
+        return layers.moe(module.block, x, bias, cache)
+    return layers.dense(module.block, x, cache)
+
+
+def mtp_cached(params: Transformer, depth, hidden: jax.Array, next_tokens: jax.Array,
+               start: jax.Array, cache: tuple[jax.Array, jax.Array], cfg: Config,
+               router_state=None):
+    """Speculative drafting: MTP depth `depth` (1-based, may be traced) at positions start ..
+    start + T - 1 with its own generation cache (two arrays [B, S, ...] as
+    `attention.cache_entry_shapes`). hidden [B, T, D]: the previous depth's hidden states at
+    those positions (depth 1: the main model's, forward_cached(return_hidden=True));
+    next_tokens [B, T]: the tokens `depth` places ahead of each position. -> (logits [B, T, V]
+    float32 for the tokens depth + 1 places ahead, hidden [B, T, D] for the next depth, the
+    cache with these positions written). The same function as the training-time MTP pass."""
+    positions = start + jnp.arange(hidden.shape[1])
+    layers = _Layers(cfg, positions, effective_router_state(params, cfg, router_state))
+    hidden, _, cache = _mtp_block(params, depth, hidden, next_tokens, layers, cache)
+    return output_logits(params, hidden, params.mtp.final_norm[depth - 1], cfg), hidden, cache
 
 
 def _aux_outputs(layer_stats, cfg: Config) -> dict:
