@@ -141,6 +141,20 @@ def constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes))
 
 
+def gathered_over_pipe(x: jax.Array, logical_axes: tuple[str | None, ...],
+                       shape: tuple[int, ...], layer_of_stack: bool = False) -> jax.Array:
+    """A weight stored split over `pipe` (named_sharding), constrained whole over it before
+    use outside the pipeline: left to itself GSPMD splits the activations' model width over
+    `pipe` to match and all-reduces them, which costs far more than gathering the weight.
+    `layer_of_stack`: x is one layer of a stacked weight declared with `shape`."""
+    mesh = current_mesh()
+    if mesh is None or manual_axes() or mesh.shape.get("pipe", 1) == 1:
+        return x
+    entries = _entries(named_sharding(mesh, logical_axes, shape).spec, len(shape))
+    entries = [tuple(a for a in e if a != "pipe") for e in entries]
+    return jax.lax.with_sharding_constraint(x, _spec(entries[1:] if layer_of_stack else entries))
+
+
 def batch_sharding(mesh) -> NamedSharding:
     """Sharding of a [B, ...] batch array: rows over every mesh axis."""
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES))

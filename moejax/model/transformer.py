@@ -29,7 +29,7 @@ from moejax.model.attention import (
 from moejax.model.layers import FFN, ffn_specs, layer_matmuls, rms_norm, swiglu
 from moejax.model.moe import MoE, moe_ffn, moe_specs
 from moejax.model.router import merge_microbatches
-from moejax.sharding import constrain, stage_spec
+from moejax.sharding import constrain, gathered_over_pipe, stage_spec
 
 ACTIVATION_AXES = ("act_batch", "act_seq", "act_embed")
 REMAT_POLICIES = {
@@ -209,6 +209,14 @@ def _run_staged_stack(blocks: Block, x, per_layer, layer_fn, cfg: Config, cached
     return pipeline.pipelined_stack(blocks, stack_specs, x, per_layer, run_block, schedule, tail)
 
 
+def _whole_over_pipe(weights, specs, layer_of_stack: bool = False):
+    """Weights (declared by `specs`) gathered over `pipe` where they are used outside the
+    pipeline (sharding.gathered_over_pipe); unchanged without a pipeline."""
+    return jax.tree.map(
+        lambda spec, w: gathered_over_pipe(w, spec.logical_axes, spec.shape, layer_of_stack),
+        specs, weights, is_leaf=P.is_spec)
+
+
 def _gathered(attn: Attention | LatentAttention) -> Attention | LatentAttention:
     """MLA's head-split up-projections (logical axis `mla_heads`) gathered whole before use,
     as fsdp weights are: the activations are split by rows over the same mesh axes."""
@@ -270,7 +278,11 @@ def _decoder(params: Transformer, tokens, positions, cfg: Config, router_state, 
     layers = _Layers(cfg, positions, effective_router_state(params, cfg, router_state))
     cached = cache is not None
 
+    specs = model_specs(cfg)
+
     def dense_layer(block, x, layer_cache):
+        if params.moe_blocks is not None:  # the first-k dense layers, outside the pipeline
+            block = _whole_over_pipe(block, specs.dense_blocks, layer_of_stack=True)
         x, _, entries = layers.dense(block, x, layer_cache)
         return x, entries if cached else None
 
@@ -279,7 +291,8 @@ def _decoder(params: Transformer, tokens, positions, cfg: Config, router_state, 
         x, stats, entries = layers.moe(block, x, bias, layer_cache)
         return x, (stats, entries if cached else None)
 
-    x = constrain(params.embed[tokens].astype(jnp.float32), ACTIVATION_AXES)
+    embed = _whole_over_pipe(params.embed, specs.embed)
+    x = constrain(embed[tokens].astype(jnp.float32), ACTIVATION_AXES)
     new_cache = {"dense": None, "moe": None}
     if params.dense_blocks is not None:
         run = _run_stack if params.moe_blocks is not None else functools.partial(
