@@ -104,10 +104,12 @@ def dispatch_all_to_all_bytes(cfg: Config, shape: StepShape, payload_bytes: int)
         metadata [P N_, 2 s] float32 (the s slots of `static_rows`: local expert ids as floats,
         and weights): out (forward) and its transpose;
         model.remat=full runs the forward "out" pair again in the backward ("back" is dead there).
-    A pipelined stack runs every layer of a stage on every tick, bubble ticks included:
-    runs = L_stage_layers x ticks per stage; the first-k dense layers have no MoE and the MTP
-    modules run their one MoE layer once on the whole shard (N_ = B_ (T - depth)), outside any
-    remat scan. Other all-to-alls in the HLO are GSPMD's resharding, not the dispatch.
+    A pipelined stack runs every layer slot of a stage on every tick, bubble ticks and the
+    padding slots of shorter stages included: runs = the longest stage's layers x ticks; the
+    first-k dense layers have no MoE. The MTP modules run their one MoE layer once on the whole
+    shard (N_ = B_ (T - depth)) outside any remat scan; with a pipeline they run in its tail,
+    ceil(m / p) times per device on one microbatch (N_ = B_ / m (T - depth)) under remat.
+    Other all-to-alls in the HLO are GSPMD's resharding, not the dispatch.
 
     Also `ragged_bound`: what the GPU's ragged_all_to_all sends at most: each token to at most
     min(P, k, topk_groups) shards, so at most N_ min(P - 1, k, topk_groups) rows leave a device
@@ -117,14 +119,19 @@ def dispatch_all_to_all_bytes(cfg: Config, shape: StepShape, payload_bytes: int)
         return {"dense": 0.0, "ragged_bound": 0.0, "exchanges": 0}
     width = cfg.model.d_model
     sched = shape.schedule
-    stage_layers = staged_layers(cfg) // (sched.stages * sched.virtual_stages)
+    stage_layers = (max(stage_layer_counts(cfg, sched.stages)) if sched.virtual_stages == 1
+                    else staged_layers(cfg) // (sched.stages * sched.virtual_stages))
     remat = cfg.model.remat != "none"
     # (MoE layer runs, tokens N_ per run, rematerialised?)
     runs = [(cfg.num_moe_layers if sched.stages == 1
              else stage_layers * sched.virtual_stages * sched.ticks,
              shape.tokens_per_device // sched.microbatches, remat)]
-    runs += [(1, shape.batch_rows * (shape.seq_len - depth), False)  # MTP: not in a remat scan
-             for depth in range(1, cfg.model.mtp_depth + 1)]
+    for depth in range(1, cfg.model.mtp_depth + 1):
+        if sched.stages == 1:  # MTP: not in a remat scan
+            runs.append((1, shape.batch_rows * (shape.seq_len - depth), False))
+        else:  # the pipeline's tail: per microbatch, under remat
+            runs.append((-(-sched.microbatches // sched.stages),
+                         shape.batch_rows // sched.microbatches * (shape.seq_len - depth), True))
     share = (p - 1) / p
     dense = ragged = 0.0
     exchanges = 0
@@ -297,13 +304,6 @@ def format_plan(result: dict) -> str:
     lines.append(f"  {'activations: layer inputs':<28} {_gb(act['layer_inputs']):>13}  "
                  "arithmetic (remat-saved, f32)")
     lines.append(f"  {'activations: logits':<28} {_gb(act['logits']):>13}  arithmetic (f32)")
-    if result.get("stages"):
-        lines.append("")
-        lines.append("stage  layers  head/MTP microbatches  block inputs (f32)")
-        for row in result["stages"]:
-            lines.append(f"  {row['stage']:>3} {row['layers']:>7} {row['tail_microbatches']:>22}"
-                         f"  {_gb(row['block_inputs']):>13}")
-        lines.append("  (every stage holds the same state bytes: the stack is split over pipe)")
     if "compiled" in result:
         memory = result["compiled"]["memory"]
         lines.append(f"  {'compiled arguments':<28} {_gb(memory['arguments']):>13}  "
@@ -317,6 +317,13 @@ def format_plan(result: dict) -> str:
                          "  compiled HLO (XLA:CPU: bf16 widened to f32)")
         lines.append(f"  lower {result['compiled']['lower_seconds']:.1f} s, "
                      f"compile {result['compiled']['compile_seconds']:.1f} s")
+    if result.get("stages"):
+        lines.append("")
+        lines.append("stage  layers  head/MTP microbatches  block inputs (f32)")
+        for row in result["stages"]:
+            lines.append(f"  {row['stage']:>3} {row['layers']:>7} {row['tail_microbatches']:>22}"
+                         f"  {_gb(row['block_inputs']):>13}")
+        lines.append("  (every stage holds the same state bytes: the stack is split over pipe)")
     formula = result["dispatch_formula"]
     lines.append("")
     lines.append(f"dispatch all-to-all, formula at the compute dtype: dense exchange "
