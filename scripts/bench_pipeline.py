@@ -3,9 +3,10 @@
     python scripts/bench_pipeline.py [--check] [--bubble 4,8] [--train-steps 50] [--rounds 5]
                                      [--out docs/bench_pipeline]
 
---check: loss, router losses, expert counts and gradients of GPipe and interleaved on (pipe2,
-expert4), (pipe2, data2, expert2), (pipe4, expert2) and (pipe2, fsdp2, expert2) against one
-device (DeepSeek-V3 in small: MLA, MTP, a first dense layer, dropless).
+--check: loss, router losses, expert counts and gradients of GPipe, interleaved and uneven
+GPipe stages (train.pipeline_layers_per_stage) on (pipe2, expert4), (pipe2, data2, expert2),
+(pipe4, expert2) and (pipe2, fsdp2, expert2) against one device (DeepSeek-V3 in small: MLA,
+MTP, a first dense layer, dropless).
 --bubble: on (pipe4, expert2), the forward + backward of the pipelined MoE stack (8 layers)
 with each schedule, timed against the same work with the p - 1 bubble ticks cut off, in
 interleaved rounds; measured bubble = 1 - T(without bubble) / T(schedule), per round. The
@@ -51,7 +52,10 @@ def parse_args(argv=None):
 def markdown(results: dict, command: str) -> str:
     lines = ["# Pipeline parallelism (scripts/bench_pipeline.py)", "",
              (f"Command: `{command}` ({results['date']}, jax {jax.__version__}, 8 fake CPU "
-              "devices on a shared 2-core machine)."), ""]
+              "devices on a shared 2-core machine; load average "
+              f"{results['load_average_start']:.1f} at the start, "
+              f"{results['load_average_end']:.1f} at the end"
+              f"{': timings provisional' if results['load_average_start'] > 1 else ''})."), ""]
     if "check" in results:
         lines += ["## Equality with one device (max relative error)", "",
                   "| schedule | mesh | microbatches | loss | router losses | grads | expert counts |",
@@ -88,7 +92,8 @@ def markdown(results: dict, command: str) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    results = {"date": datetime.date.today().isoformat(), "jax": jax.__version__}
+    results = {"date": datetime.date.today().isoformat(), "jax": jax.__version__,
+               "load_average_start": os.getloadavg()[0]}
     if args.check:
         print("equality with one device:")
         results["check"] = bench_pipeline.equality_matrix()
@@ -99,6 +104,7 @@ def main(argv=None) -> int:
     if args.train_steps:
         print("training:")
         results["training"] = bench_pipeline.training_comparison(args.train_steps)
+    results["load_average_end"] = os.getloadavg()[0]
     command = "python scripts/bench_pipeline.py " + " ".join(argv if argv is not None else sys.argv[1:])
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps(results, indent=1))

@@ -85,8 +85,10 @@ class StepShape:
 def step_shape(cfg: Config, num_devices: int) -> StepShape:
     mesh = dict(zip(MESH_AXES, cfg.mesh.axis_sizes(num_devices)))
     shards = math.prod(size for axis, size in mesh.items() if axis != "pipe")
+    staged = mesh["pipe"] > 1
     schedule = Schedule(mesh["pipe"], cfg.train.virtual_stages,
-                        cfg.train.microbatches if mesh["pipe"] > 1 else 1)
+                        cfg.train.microbatches if staged else 1,
+                        stage_layer_counts(cfg, mesh["pipe"]) if staged else None)
     return StepShape(mesh, cfg.train.global_batch_size // shards, cfg.train.seq_len, schedule)
 
 
