@@ -141,7 +141,9 @@ class PrecisionConfig:
     fp8: str = "none"  # none | tensor (per-tensor scaling, cuBLASLt fp8) | block (DeepSeek 1x128/128x128)
     fp8_layers: str = "attention,dense_ffn,shared,experts"  # comma-separated layer groups
     fp8_block_size: int = 128  # tile / block edge of the block recipe
-    fp8_dispatch: bool = False  # send MoE dispatch payloads as e4m3 with per-token scales
+    # send MoE dispatch payloads as e4m3 with power-of-two scales (dropless: one per 1 x
+    # fp8_block_size slice of a token row, as DeepSeek-V3; capacity: one per token)
+    fp8_dispatch: bool = False
     loss_scale_init: float = 32768.0  # float16 only: dynamic loss scaling start value
     loss_scale_growth_interval: int = 2000  # float16 only: finite steps before the scale doubles
 
@@ -197,6 +199,16 @@ class TrainConfig:
     # layers of the pipelined stack on each stage, first to last (e.g. [4, 4, 3, 3]; gpipe);
     # None: as even as the layer count allows, the first stages taking one more
     pipeline_layers_per_stage: list[int] | None = None
+    # data-parallel gradient reduction (moejax/training/grad_reduce.py, docs/grad_compression.md):
+    # none: GSPMD's implicit reduction; f32 | bf16 | fp8 | powersgd: each replica's gradients
+    # reduced explicitly onto the AdamW moments' shards, the payload in float32, bfloat16,
+    # e4m3 with one scale per 128 values, or as a rank powersgd_rank PowerSGD factorisation
+    grad_compression: str = "none"
+    powersgd_rank: int = 4
+    grad_error_feedback: bool = True  # add what compression lost to the next step's gradient
+    # update the routed experts with the previous step's gradient (zero at step 0), so their
+    # reduction can overlap the next step (the seed's asynchronous expert updates)
+    expert_grad_delay: bool = False
 
 
 @dataclass(frozen=True)
@@ -360,14 +372,6 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
         _check(value in ("float32", "bfloat16", "float16"),
                f"precision.{name}={value!r} is unknown: use float32, bfloat16 or float16.")
     _validate_precision(cfg.precision)
-    if e.num_experts and e.dispatch == "dropless":
-        _check(cfg.precision.fp8 == "none" or "experts" not in cfg.precision.fp8_layer_groups,
-               "precision.fp8 on the routed experts needs moe.dispatch=capacity (the dropless "
-               "grouped GEMM runs in the compute dtype): set moe.dispatch=capacity or leave "
-               "experts out of precision.fp8_layers.")
-        _check(not cfg.precision.fp8_dispatch,
-               "precision.fp8_dispatch needs moe.dispatch=capacity (the dropless exchange sends "
-               "the compute dtype): set moe.dispatch=capacity or precision.fp8_dispatch=false.")
     if e.num_experts:
         _validate_moe(e)
     if num_devices is None:
@@ -385,6 +389,18 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
            f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by the "
            f"{batch_shards} data-parallel shards (data x fsdp x expert = {sizes}): use a multiple.")
     _validate_pipeline(cfg, sizes["pipe"], batch_shards)
+    _validate_grad_compression(cfg.train, sizes["pipe"])
+
+
+def _validate_grad_compression(t: TrainConfig, stages: int) -> None:
+    kinds = ("none", "f32", "bf16", "fp8", "powersgd")
+    _check(t.grad_compression in kinds, f"train.grad_compression={t.grad_compression!r} is "
+           f"unknown: use one of {', '.join(kinds)}.")
+    _check(t.powersgd_rank >= 1, f"train.powersgd_rank={t.powersgd_rank} must be at least 1.")
+    _check(t.grad_compression == "none" or stages == 1,
+           f"train.grad_compression={t.grad_compression} reduces gradients outside the "
+           f"pipeline, which {stages} stages (mesh.pipe) do not support yet: use "
+           "train.grad_compression=none with mesh.pipe > 1.")
 
 
 def staged_layers(cfg: Config) -> int:

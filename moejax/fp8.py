@@ -61,7 +61,12 @@ measured: tensor dx 0.059-0.060, dw 0.066-0.068; block dx 0.045-0.046, dw 0.047-
 
 Per-token dispatch quantisation (``quantize_per_token``): power-of-two scale
 s = 2^ceil(log2(amax/448)), so amax/s is in (224, 448] and dequantisation is
-exact; |x - q*s| <= 2^-4*|x| + 2^-10*s for every element.
+exact; |x - q*s| <= 2^-4*|x| + 2^-10*s for every element. ``send_in_fp8`` applies it
+per row or per 1 x tile slice of a row (the dropless dispatch: 1 x 128, DeepSeek's).
+
+The same two recipes on rows sorted by expert (one grouped GEMM over all local
+experts, forward and backward): moejax/model/dispatch/grouped_fp8.py, built from the
+helpers here (cast_to_fp8, quantize_tiles/blocks, chunked_scaled_matmul).
 
 Sharding: every function here is local (no collectives). Inside ``shard_map`` the
 per-tensor amax is the local shard's; under plain ``jit`` with sharded operands it
@@ -91,20 +96,20 @@ TENSOR_AMAX_FLOOR = 1e-12
 BLOCK_AMAX_FLOOR = 1e-4
 # Explicit, so that a global jax_default_matmul_precision="highest" does not put a
 # meaningless HIGHEST on fp8 dots (precision only selects f32/bf16 algorithms).
-_FP8_PRECISION = lax.Precision.DEFAULT
+FP8_PRECISION = lax.Precision.DEFAULT
 
 
-def _fp8_max(dtype) -> float:
+def fp8_max(dtype) -> float:
     return float(jnp.finfo(dtype).max)
 
 
-def _cast_to_fp8(x, scale, dtype):
+def cast_to_fp8(x, scale, dtype):
     """x / scale (scale broadcastable to x), clipped to the finite fp8 range, cast."""
-    fp8_max = _fp8_max(dtype)
-    return jnp.clip(x.astype(jnp.float32) / scale, -fp8_max, fp8_max).astype(dtype)
+    bound = fp8_max(dtype)
+    return jnp.clip(x.astype(jnp.float32) / scale, -bound, bound).astype(dtype)
 
 
-def _pad_axis_to_multiple(x, axis: int, multiple: int):
+def pad_axis_to_multiple(x, axis: int, multiple: int):
     """Zero-pad `axis` of x up to the next multiple of `multiple`."""
     size = x.shape[axis]
     padding = -size % multiple
@@ -118,8 +123,8 @@ def _pad_axis_to_multiple(x, axis: int, multiple: int):
 def quantize_tensor(x, dtype):
     """Per-tensor quantisation: returns (q of `dtype`, scalar f32 scale), x ~= q * scale."""
     amax = jnp.max(jnp.abs(x.astype(jnp.float32)))
-    scale = jnp.maximum(amax, TENSOR_AMAX_FLOOR) / _fp8_max(dtype)
-    return _cast_to_fp8(x, scale, dtype), scale
+    scale = jnp.maximum(amax, TENSOR_AMAX_FLOOR) / fp8_max(dtype)
+    return cast_to_fp8(x, scale, dtype), scale
 
 
 def quantize_tiles(x, block_size: int = 128):
@@ -129,11 +134,11 @@ def quantize_tiles(x, block_size: int = 128):
     x[..., k] ~= q[..., k] * scales[..., k // block_size].
     """
     size = x.shape[-1]
-    padded = _pad_axis_to_multiple(x.astype(jnp.float32), -1, block_size)
+    padded = pad_axis_to_multiple(x.astype(jnp.float32), -1, block_size)
     tiles = padded.reshape(*padded.shape[:-1], -1, block_size)
     amax = jnp.max(jnp.abs(tiles), axis=-1)
-    scales = jnp.maximum(amax, BLOCK_AMAX_FLOOR) / _fp8_max(E4M3)
-    q = _cast_to_fp8(tiles, scales[..., None], E4M3).reshape(padded.shape)
+    scales = jnp.maximum(amax, BLOCK_AMAX_FLOOR) / fp8_max(E4M3)
+    q = cast_to_fp8(tiles, scales[..., None], E4M3).reshape(padded.shape)
     return q[..., :size], scales
 
 
@@ -144,14 +149,14 @@ def quantize_blocks(w, block_size: int = 128):
     w[..., k, n] ~= q[..., k, n] * scales[..., k // B, n // B].
     """
     rows, cols = w.shape[-2:]
-    padded = _pad_axis_to_multiple(w.astype(jnp.float32), -2, block_size)
-    padded = _pad_axis_to_multiple(padded, -1, block_size)
+    padded = pad_axis_to_multiple(w.astype(jnp.float32), -2, block_size)
+    padded = pad_axis_to_multiple(padded, -1, block_size)
     lead = padded.shape[:-2]
     blocks = padded.reshape(*lead, padded.shape[-2] // block_size, block_size,
                             padded.shape[-1] // block_size, block_size)
     amax = jnp.max(jnp.abs(blocks), axis=(-3, -1))
-    scales = jnp.maximum(amax, BLOCK_AMAX_FLOOR) / _fp8_max(E4M3)
-    q = _cast_to_fp8(blocks, scales[..., :, None, :, None], E4M3).reshape(padded.shape)
+    scales = jnp.maximum(amax, BLOCK_AMAX_FLOOR) / fp8_max(E4M3)
+    q = cast_to_fp8(blocks, scales[..., :, None, :, None], E4M3).reshape(padded.shape)
     return q[..., :rows, :cols], scales
 
 
@@ -162,7 +167,7 @@ def quantize_per_token(x):
     so q * scale is exact in f32 and the scale costs nothing to apply.
     """
     amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=-1, keepdims=True)
-    ratio = jnp.maximum(amax, TENSOR_AMAX_FLOOR) / _fp8_max(E4M3)
+    ratio = jnp.maximum(amax, TENSOR_AMAX_FLOOR) / fp8_max(E4M3)
     # ratio = mantissa * 2^exponent with mantissa in [0.5, 1): the smallest power
     # of two >= ratio is 2^(exponent - 1) when ratio is itself a power of two.
     # (Arithmetic, not jnp.where: jax 0.12's frexp drops the sharding of its exponent
@@ -170,7 +175,7 @@ def quantize_per_token(x):
     mantissa, exponent = jnp.frexp(ratio)
     exponent = exponent - (mantissa == 0.5).astype(exponent.dtype)
     scale = jnp.ldexp(jnp.ones_like(ratio), exponent)
-    return _cast_to_fp8(x, scale, E4M3), scale
+    return cast_to_fp8(x, scale, E4M3), scale
 
 
 def dequantize_per_token(q, scale, dtype):
@@ -178,32 +183,46 @@ def dequantize_per_token(q, scale, dtype):
     return (q.astype(jnp.float32) * scale).astype(dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def send_in_fp8(x, send):
+def send_in_fp8(x, send, tile: int | None = None):
     """Apply a linear collective `send` (e.g. the MoE dispatch all_to_all) to x in fp8.
 
-    Forward: quantize_per_token, `send` the codes and the [..., 1] scales, dequantise
-    to x.dtype. Backward: the cotangent goes through the transpose of `send` in its
-    own dtype, unquantised. Differentiating a plain cast to fp8 instead would round
-    the (unscaled) gradient to e4m3 and flush small gradients to zero.
-    `send` must be linear and act the same on any trailing axis size, for instance
+    Forward: quantize_per_token, `send` the codes and the scales, dequantise to x.dtype.
+    x [..., D]: one power-of-two scale per row ([..., 1] scales), or with `tile` one per
+    1 x tile slice of the row ([..., ceil(D / tile), 1] scales; DeepSeek-V3 sends 1 x 128
+    tiles), the last slice zero-padded (zeros change no amax; they travel as zero codes).
+    Backward: the cotangent goes through the transpose of `send` in its own dtype,
+    unquantised. Differentiating a plain cast to fp8 instead would round the (unscaled)
+    gradient to e4m3 and flush small gradients to zero.
+    `send` must be linear and act the same on any trailing axes, for instance
     ``lambda t: lax.all_to_all(t, "expert", 0, 0, tiled=True)`` inside shard_map.
     """
-    return _send_in_fp8_fwd(x, send)[0]
+    return _send_in_fp8(x, send, tile)
 
 
-def _send_in_fp8_fwd(x, send):
-    q, scale = quantize_per_token(x)
-    received = dequantize_per_token(send(q), send(scale), x.dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _send_in_fp8(x, send, tile):
+    return _send_in_fp8_fwd(x, send, tile)[0]
+
+
+def _send_in_fp8_fwd(x, send, tile):
+    if tile is None:
+        q, scale = quantize_per_token(x)
+        received = dequantize_per_token(send(q), send(scale), x.dtype)
+    else:
+        width = x.shape[-1]
+        padded = pad_axis_to_multiple(x, -1, tile)
+        q, scale = quantize_per_token(padded.reshape(*x.shape[:-1], -1, tile))
+        received = dequantize_per_token(send(q), send(scale), x.dtype)
+        received = received.reshape(padded.shape)[..., :width]
     return received, jax.linear_transpose(send, x)
 
 
-def _send_in_fp8_bwd(send, send_transpose, cotangent):
-    del send
+def _send_in_fp8_bwd(send, tile, send_transpose, cotangent):
+    del send, tile
     return send_transpose(cotangent)
 
 
-send_in_fp8.defvjp(_send_in_fp8_fwd, _send_in_fp8_bwd)
+_send_in_fp8.defvjp(_send_in_fp8_fwd, _send_in_fp8_bwd)
 
 
 # --------------------------------------------------------------------------- GEMMs
@@ -227,7 +246,7 @@ def _scaled_dot(a, b, a_contract: int, b_contract: int, batched: bool, scale):
     offset = 1 if batched else 0
     batch_dims = ((0,), (0,)) if batched else ((), ())
     contract_dims = ((a_contract + offset,), (b_contract + offset,))
-    product = lax.dot_general(a, b, (contract_dims, batch_dims), precision=_FP8_PRECISION,
+    product = lax.dot_general(a, b, (contract_dims, batch_dims), precision=FP8_PRECISION,
                               preferred_element_type=jnp.float32)
     return product * scale
 
@@ -250,7 +269,7 @@ def _tensor_backward(residuals, grad, config: _GemmConfig):
     return grad_x.astype(config.x_dtype), grad_w.astype(config.w_dtype)
 
 
-def _chunked_scaled_matmul(a_q, a_scales, b_q, b_scales, block_size: int):
+def chunked_scaled_matmul(a_q, a_scales, b_q, b_scales, block_size: int):
     """DeepSeek-style fp8 GEMM with per-chunk scales and f32 partial-sum promotion.
 
     a_q: e4m3 [G, M, K], a_scales: f32 [G, M, C]; b_q: e4m3 [G, N, K],
@@ -261,7 +280,7 @@ def _chunked_scaled_matmul(a_q, a_scales, b_q, b_scales, block_size: int):
     (no fused multiply-add).
     """
     def chunks_first(q):  # [G, R, K] -> [C, G, R, block_size]
-        q = _pad_axis_to_multiple(q, -1, block_size)
+        q = pad_axis_to_multiple(q, -1, block_size)
         q = q.reshape(*q.shape[:-1], -1, block_size)
         return jnp.moveaxis(q, -2, 0)
 
@@ -269,7 +288,7 @@ def _chunked_scaled_matmul(a_q, a_scales, b_q, b_scales, block_size: int):
         accumulator, previous_scaled_partial = carry
         a_chunk, b_chunk, a_chunk_scales, b_chunk_scales = chunk
         partial = lax.dot_general(a_chunk, b_chunk, (((2,), (2,)), ((0,), (0,))),
-                                  precision=_FP8_PRECISION, preferred_element_type=jnp.float32)
+                                  precision=FP8_PRECISION, preferred_element_type=jnp.float32)
         # As in DeepGEMM, the two scales are multiplied first.
         scale = a_chunk_scales[:, :, None] * b_chunk_scales[:, None, :]
         # The add takes the previous chunk's scaled partial: no multiply feeds it,
@@ -288,7 +307,7 @@ def _chunked_scaled_matmul(a_q, a_scales, b_q, b_scales, block_size: int):
     return accumulator + last_scaled_partial
 
 
-def _rows_of_block_scales(block_scales, rows: int, block_size: int):
+def rows_of_block_scales(block_scales, rows: int, block_size: int):
     """[G, R/B, C] block scales -> [G, rows, C] scale of each row's block."""
     return jnp.repeat(block_scales, block_size, axis=1)[:, :rows, :]
 
@@ -298,8 +317,8 @@ def _block_forward(x, w, config: _GemmConfig):
     block = config.block_size
     x_q, x_scales = quantize_tiles(x, block)             # [G, M, K], [G, M, Ck]
     w_q, w_scales = quantize_blocks(w, block)            # [G, K, N], [G, Ck, Cn]
-    w_t_scales = _rows_of_block_scales(jnp.swapaxes(w_scales, 1, 2), w.shape[2], block)
-    out = _chunked_scaled_matmul(x_q, x_scales, jnp.swapaxes(w_q, 1, 2), w_t_scales, block)
+    w_t_scales = rows_of_block_scales(jnp.swapaxes(w_scales, 1, 2), w.shape[2], block)
+    out = chunked_scaled_matmul(x_q, x_scales, jnp.swapaxes(w_q, 1, 2), w_t_scales, block)
     return out.astype(config.out_dtype), (x, w_q, w_scales)
 
 
@@ -308,12 +327,12 @@ def _block_backward(residuals, grad, config: _GemmConfig):
     block = config.block_size
     # dgrad: g [G, M, N] tiled along N, times the forward's weight blocks.
     g_q, g_scales = quantize_tiles(grad, block)          # [G, M, N], [G, M, Cn]
-    w_row_scales = _rows_of_block_scales(w_scales, w_q.shape[1], block)  # [G, K, Cn]
-    grad_x = _chunked_scaled_matmul(g_q, g_scales, w_q, w_row_scales, block)
+    w_row_scales = rows_of_block_scales(w_scales, w_q.shape[1], block)  # [G, K, Cn]
+    grad_x = chunked_scaled_matmul(g_q, g_scales, w_q, w_row_scales, block)
     # wgrad: x^T [G, K, M] and g^T [G, N, M], both tiled along M (tokens).
     x_t_q, x_t_scales = quantize_tiles(jnp.swapaxes(x, 1, 2), block)
     g_t_q, g_t_scales = quantize_tiles(jnp.swapaxes(grad, 1, 2), block)
-    grad_w = _chunked_scaled_matmul(x_t_q, x_t_scales, g_t_q, g_t_scales, block)
+    grad_w = chunked_scaled_matmul(x_t_q, x_t_scales, g_t_q, g_t_scales, block)
     return grad_x.astype(config.x_dtype), grad_w.astype(config.w_dtype)
 
 

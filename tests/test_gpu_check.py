@@ -30,6 +30,9 @@ def test_every_section_runs_on_cpu_and_is_timed(cpu_report):
     layers = written["sections"]["dropless"]["layers"]
     assert [row["shape"].split(" (")[0] for row in layers] == ["coarse", "fine-grained"]
     assert written["sections"]["fp8"]["cublas_fp8"]["fp8_dots_lowered"] > 0
+    # the dropless fp8 step: every expert GEMM role (gate, up, down x fprop, dgrad, wgrad)
+    roles = written["sections"]["fp8"]["dropless_fp8"]["expert_fp8_dots_by_role"]
+    assert len(roles) == 9 and min(roles.values()) >= 1
     assert written["sections"]["dropless"]["ragged_all_to_all"]["lowers"] is True
     assert written["total_seconds"] == pytest.approx(report["total_seconds"])
 

@@ -23,8 +23,9 @@ from moejax.training.step import train_step
 
 E4M3_UNIT_ROUNDOFF = 2.0**-4
 
-# fp8 on the routed experts runs with the capacity dispatch (dropless has its own grouped GEMM);
-# with capacity_factor null nothing is dropped, so the math is the dropless model's
+# The model tests run the default dropless dispatch (fp8 grouped GEMMs: tests/test_dropless_fp8.py);
+# the capacity dispatch's fp8 experts and fp8 payload keep their own tests here (with
+# capacity_factor null nothing is dropped, so its math is the dropless model's)
 CAPACITY = "moe.dispatch=capacity"
 
 
@@ -34,7 +35,7 @@ def frobenius_relative(actual, expected) -> float:
 
 @functools.cache
 def model_and_batch():
-    cfg = tiny_config("moe.num_shared_experts=1", CAPACITY)
+    cfg = tiny_config("moe.num_shared_experts=1")
     params = moejax.init_params(cfg, jax.random.key(0))
     tokens = jax.random.randint(jax.random.key(1), (8, 17), 0, 256)
     return cfg, params, {"tokens": tokens}
@@ -43,7 +44,7 @@ def model_and_batch():
 @pytest.mark.parametrize("recipe", ["tensor", "block"])
 def test_fp8_model_stays_close_to_float32(recipe):
     cfg, params, batch = model_and_batch()
-    fp8_cfg = tiny_config("moe.num_shared_experts=1", CAPACITY, f"precision.fp8={recipe}",
+    fp8_cfg = tiny_config("moe.num_shared_experts=1", f"precision.fp8={recipe}",
                           "precision.fp8_block_size=16")
     reference, _ = moejax.forward(params, batch["tokens"], cfg)
     logits, _ = moejax.forward(params, batch["tokens"], fp8_cfg)
@@ -130,8 +131,9 @@ def test_block_fp8_on_a_mesh_matches_one_device():
     gradient element within float32 noise of an fp8 rounding boundary may round the other way
     (seen on jax 0.12.1, not on 0.10.2): the other gradients agree to a few such flips, far
     below one e4m3 step. The routed experts' weight gradients tile the rows of each expert's
-    buffer, whose grouping follows the shard layout: they agree to fp8 accuracy."""
-    overrides = ("precision.fp8=block", "precision.fp8_block_size=16", CAPACITY)
+    group (128-row chunks from its first row), whose rows follow the shard layout (each data
+    shard's expert replica sees half the batch): they agree to fp8 accuracy."""
+    overrides = ("precision.fp8=block", "precision.fp8_block_size=16")
     cfg = tiny_config(*overrides)
     _, params, batch = model_and_batch()
     loss_and_grads = jax.value_and_grad(lambda p, c: moejax.loss_fn(p, batch, c)[0])

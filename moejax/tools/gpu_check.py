@@ -7,7 +7,9 @@ on a borrowed GPU brings back everything it could measure:
    group in fp8) compiled, its cuBLASLt fp8 GEMMs
    (`__cublas$lt$matmul$f8` custom calls in the compiled HLO) counted against the dots with fp8
    operands in the lowered program; GEMM speed bf16 vs fp8 (tensor recipe with its
-   quantisation, the bare fp8 dot, and the DeepSeek block recipe) at 8192^3 and expert shapes.
+   quantisation, the bare fp8 dot, and the DeepSeek block recipe) at 8192^3 and expert shapes;
+   the dropless fp8 step's expert GEMMs by role (fprop, dgrad, wgrad of gate, up, down) and
+   what XLA:GPU compiled them to (cuBLASLt fp8 calls, ragged dots).
 2. `mfu`: train steps of configs/moe_1b.yaml (about 1.1B active parameters) on one device:
    tokens/s and model FLOPs utilisation against the measured bf16 matmul peak and the spec
    peak of the device, bf16 and fp8 tensor, dropless and capacity 1.0.
@@ -27,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import time
 import traceback
 from collections.abc import Callable
@@ -36,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moejax.tools import bench
+from moejax.tools import bench, hlo_stats
 from moejax.tools.bench import LayerShape
 from moejax.training.run import Run, build_run
 
@@ -77,17 +80,16 @@ class Sizes:
 
 
 SINGLE_DEVICE = ("mesh.data=1", "mesh.fsdp=1", "mesh.expert=1", "mesh.pipe=1")
-BF16_DROPLESS, FP8_DROPLESS = "bf16 dropless", "fp8 tensor dropless (routed experts bf16)"
+BF16_DROPLESS, FP8_DROPLESS = "bf16 dropless", "fp8 tensor dropless"
 BF16_CAPACITY, FP8_CAPACITY = "bf16 capacity 1.0", "fp8 tensor capacity 1.0"
-# label -> overrides of the MFU preset. fp8 on the routed experts needs capacity dispatch (the
-# dropless grouped GEMM runs in bf16), so the dropless fp8 row keeps its experts in bf16.
-# In the order run: the goals' figures first (the first two rows come compiled from the
+# label -> overrides of the MFU preset; fp8 rows have every layer group in fp8, the routed
+# experts' grouped GEMMs included (moejax/model/dispatch/grouped_fp8.py). In the order run: the goals' figures first (the first two rows come compiled from the
 # memory and fp8 sections), so a run cut short by its time limit keeps them.
 MFU_ROWS = {
     BF16_DROPLESS: (),
     FP8_CAPACITY: ("moe.dispatch=capacity", "moe.capacity_factor=1.0", "precision.fp8=tensor"),
     BF16_CAPACITY: ("moe.dispatch=capacity", "moe.capacity_factor=1.0"),
-    FP8_DROPLESS: ("precision.fp8=tensor", "precision.fp8_layers=attention,dense_ffn,shared"),
+    FP8_DROPLESS: ("precision.fp8=tensor",),
 }
 DROPLESS_SYSTEMS = {  # label -> (dispatch, capacity factor, moe.kernels)
     "dropless ragged_dot": ("dropless", None, "ragged"),
@@ -218,6 +220,34 @@ def count_fp8_gemms(sizes: Sizes, context: dict) -> dict:
     return result
 
 
+def count_dropless_fp8_gemms(sizes: Sizes, context: dict) -> dict:
+    """The MFU model's dropless fp8 train step (precision.fp8=tensor, experts included): its
+    lowered fp8 dots by expert GEMM role (`fp8_<gate|up|down>_<fprop|dgrad|wgrad>` scopes;
+    `chlo.ragged_dot` composites on the fp8 codes on GPU), and (GPU) what XLA made of them once
+    compiled: cuBLASLt fp8 calls and ragged-dot instructions left. The compiled step is
+    handed to the MFU section through `context`."""
+    cfg = load_check_config(sizes.mfu_preset, [*sizes.mfu_overrides, *MFU_ROWS[FP8_DROPLESS]])
+    lowered, run, batch = lowered_train_step(cfg)
+    dots = hlo_stats.dots_with_scopes(lowered.as_text(debug_info=True))
+    fp8_dots = [d for d in dots if d["lhs"].startswith("f8") and d["rhs"].startswith("f8")]
+    roles: dict[str, int] = {}
+    for dot in fp8_dots:
+        for role in {m.group(0) for scope in dot["scopes"]
+                     for m in [re.search(r"fp8_(gate|up|down)_(fprop|dgrad|wgrad)", scope)] if m}:
+            roles[role] = roles.get(role, 0) + 1
+    result = {"config": f"{sizes.mfu_preset} {FP8_DROPLESS}", "fp8_dots_lowered": len(fp8_dots),
+              "expert_fp8_dots_by_role": dict(sorted(roles.items()))}
+    if not on_gpu():
+        result["cublas_fp8_calls"] = result["ragged_dots_compiled"] = NOT_RUN
+        return result
+    compiled = lowered.compile()
+    context[FP8_DROPLESS] = CompiledRun(run, cfg, compiled, batch).release()
+    text = compiled.as_text()
+    result.update(cublas_fp8_calls=text.count(CUBLAS_FP8),
+                  ragged_dots_compiled=len(re.findall(r" ragged-dot\(", text)))
+    return result
+
+
 def median_seconds(fn: Callable, *args, repeats: int) -> float:
     jax.block_until_ready(fn(*args))
     times = []
@@ -256,6 +286,7 @@ def gemm_speeds(sizes: Sizes) -> list[dict]:
 def check_fp8(sizes: Sizes, context: dict) -> dict:
     result = {}
     for name, part in (("cublas_fp8", lambda: count_fp8_gemms(sizes, context)),
+                       ("dropless_fp8", lambda: count_dropless_fp8_gemms(sizes, context)),
                        ("gemms", lambda: gemm_speeds(sizes))):
         try:
             result[name] = part()
@@ -532,12 +563,24 @@ def _error_line(result: dict) -> str:
 
 def _fp8_lines(r: dict) -> list[str]:
     c, gemms = r["cublas_fp8"], r["gemms"]
+    dropless = _dropless_fp8_lines(r.get("dropless_fp8"))
     if "error" in c:
-        return ["cuBLASLt count: " + _error_line(c)] + ([] if "error" in gemms else
-                                                          _gemm_lines(gemms))
+        return ["cuBLASLt count: " + _error_line(c)] + dropless + (
+            [] if "error" in gemms else _gemm_lines(gemms))
     return [(f"{c['config']}: fp8 dots lowered {c['fp8_dots_lowered']} (of {c['dots_lowered']} "
-            f"dots); cuBLASLt fp8 calls compiled: {c['cublas_fp8_calls']}"), ""] + (
+            f"dots); cuBLASLt fp8 calls compiled: {c['cublas_fp8_calls']}"), ""] + dropless + (
         ["GEMMs: " + _error_line(gemms)] if "error" in gemms else _gemm_lines(gemms))
+
+
+def _dropless_fp8_lines(d: dict | None) -> list[str]:
+    if d is None:
+        return []
+    if "error" in d:
+        return ["dropless fp8: " + _error_line(d), ""]
+    roles = ", ".join(f"{role} {n}" for role, n in d["expert_fp8_dots_by_role"].items())
+    return [(f"{d['config']}: fp8 dots lowered {d['fp8_dots_lowered']}; expert GEMMs by role: "
+             f"{roles}; compiled: cuBLASLt fp8 calls {d['cublas_fp8_calls']}, ragged dots "
+             f"{d['ragged_dots_compiled']}"), ""]
 
 
 def _gemm_lines(gemms: list) -> list[str]:

@@ -210,3 +210,72 @@ def _closure(start: str, edges: dict[str, set]) -> set:
                 seen.add(nxt)
                 stack.append(nxt)
     return seen
+
+
+# Lowered StableHLO with debug locations (`lowered.as_text(debug_info=True)`): which named
+# scopes each dot (or ragged dot) was traced under, and its operand element types.
+_LOC_DEFINITION = re.compile(r"^(#loc\d*) = loc\((.*)\)\s*$")
+_LOC_OF_OP = re.compile(r"loc\((#loc\d*)\)\s*$")
+_LOC_REFERENCE = re.compile(r"#loc\d*\b")
+_SCOPE_NAME = re.compile(r'"([^"]*)"(?!:\d)')  # quoted names, not "file.py":line
+_DOT_OPERANDS = re.compile(
+    r"(?:stablehlo\.dot_general|chlo\.ragged_dot\").*:\s*\(tensor<[^>]*x(\w+)>, "
+    r"tensor<[^>]*x(\w+)>")
+
+
+_FUNCTION = re.compile(r"^\s*func\.func (?:public |private )?@([\w.\-]+)\(")
+_CALL = re.compile(r"\bcall @([\w.\-]+)\(")
+
+
+def dots_with_scopes(lowered_text: str) -> list[dict]:
+    """Every `stablehlo.dot_general` and `chlo.ragged_dot` composite of a lowered module printed
+    with debug info: {"lhs", "rhs": element types (e.g. f8E4M3FN), "scopes": the name-stack
+    strings of its location and of the call sites of the function holding it (jax lowers
+    loop bodies and custom-vjp rules as functions whose locations are relative)}. The dots
+    inside a composite's decomposition are skipped (the composite counts once)."""
+    definitions = {}
+    for line in lowered_text.splitlines():
+        match = _LOC_DEFINITION.match(line)
+        if match:
+            definitions[match.group(1)] = match.group(2)
+    memo: dict[str, tuple] = {}
+
+    def names(loc: str) -> tuple:
+        if loc not in memo:
+            memo[loc] = ()  # guards against a cycle in malformed text
+            body = definitions.get(loc, "")
+            found = tuple(_SCOPE_NAME.findall(body))
+            for ref in _LOC_REFERENCE.findall(body):
+                found += names(ref)
+            memo[loc] = found
+        return memo[loc]
+
+    def loc_names(line: str) -> tuple:
+        loc = _LOC_OF_OP.search(line)
+        return names(loc.group(1)) if loc else ()
+
+    callers: dict[str, list] = {}  # callee -> [(calling function, call-site names)]
+    dots, function = [], ""
+    for line in lowered_text.splitlines():
+        header = _FUNCTION.match(line)
+        if header:
+            function = header.group(1)
+            continue
+        for callee in _CALL.findall(line):
+            callers.setdefault(callee, []).append((function, loc_names(line)))
+        operands = _DOT_OPERANDS.search(line)
+        if operands and not (function.startswith("chlo.") and function.endswith(".impl")):
+            dots.append((function, operands.group(1), operands.group(2), loc_names(line)))
+    inherited: dict[str, tuple] = {}
+
+    def scopes_of(function: str) -> tuple:
+        if function not in inherited:
+            inherited[function] = ()
+            found = ()
+            for caller, site in callers.get(function, ()):
+                found += site + scopes_of(caller)
+            inherited[function] = found
+        return inherited[function]
+
+    return [{"lhs": lhs, "rhs": rhs, "scopes": own + scopes_of(function)}
+            for function, lhs, rhs, own in dots]

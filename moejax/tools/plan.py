@@ -92,7 +92,8 @@ def step_shape(cfg: Config, num_devices: int) -> StepShape:
     return StepShape(mesh, cfg.train.global_batch_size // shards, cfg.train.seq_len, schedule)
 
 
-def dispatch_all_to_all_bytes(cfg: Config, shape: StepShape, payload_bytes: int) -> dict:
+def dispatch_all_to_all_bytes(cfg: Config, shape: StepShape, payload_bytes: int,
+                              fp8_bytes: int = 1) -> dict:
     """Bytes one device sends per step through the dropless dispatch's dense all_to_all
     (moe.kernels=tiles, moejax/model/dispatch/dropless.py), by formula:
 
@@ -105,7 +106,12 @@ def dispatch_all_to_all_bytes(cfg: Config, shape: StepShape, payload_bytes: int)
         token rows [P N_, D] in the payload dtype: out, back (forward), and their two transposes;
         metadata [P N_, 2 s] float32 (the s slots of `static_rows`: local expert ids as floats,
         and weights): out (forward) and its transpose;
-        model.remat=full runs the forward "out" pair again in the backward ("back" is dead there).
+        model.remat=full runs the forward "out" pair again in the backward ("back" is dead there);
+        with precision.fp8_dispatch each forward "out" of the token rows is two exchanges: the
+        e4m3 codes [P N_, D'] (D' = D rounded up to whole 1 x B slices, B =
+        precision.fp8_block_size; `fp8_bytes` per element: 1, XLA:CPU widens them to 2) and
+        their power-of-two scales [P N_, D' / B] float32; the transposes stay in the payload
+        dtype (`dispatch_bytes_per_token`).
     A pipelined stack runs every layer slot of a stage on every tick, bubble ticks and the
     padding slots of shorter stages included: runs = the longest stage's layers x ticks; the
     first-k dense layers have no MoE. The MTP modules run their one MoE layer once on the whole
@@ -137,18 +143,47 @@ def dispatch_all_to_all_bytes(cfg: Config, shape: StepShape, payload_bytes: int)
     share = (p - 1) / p
     dense = ragged = 0.0
     exchanges = 0
+    out_bytes, out_messages = _row_out_bytes(cfg, payload_bytes, fp8_bytes)
     for count, tokens, rematerialised in runs:
-        rows_exchanges, meta_exchanges = 4 + rematerialised, 2 + rematerialised
+        outs, meta_exchanges = 1 + rematerialised, 2 + rematerialised
         bound = static_rows(tokens, e.num_experts, e.top_k, p, row_tile(tokens * p * e.top_k, e))
         slots = bound.slots
-        rows_bytes = bound.exchange_rows * width * payload_bytes * share
+        # per row: the forward "out" (again under remat), "back" and the two transposes
+        row_bytes = outs * out_bytes + 3 * width * payload_bytes
         meta_bytes = bound.exchange_rows * 2 * slots * 4 * share
-        dense += count * (rows_exchanges * rows_bytes + meta_exchanges * meta_bytes)
+        dense += count * (bound.exchange_rows * row_bytes * share + meta_exchanges * meta_bytes)
         remote_rows = tokens * min(max_destinations(e, p), p - 1)  # rows to other shards
-        ragged += count * remote_rows * (rows_exchanges * width * payload_bytes
-                                         + meta_exchanges * 2 * slots * 4)
-        exchanges += count * (rows_exchanges + meta_exchanges)
+        ragged += count * remote_rows * (row_bytes + meta_exchanges * 2 * slots * 4)
+        exchanges += count * (outs * out_messages + 3 + meta_exchanges)
     return {"dense": dense, "ragged_bound": ragged, "exchanges": exchanges}
+
+
+def _row_out_bytes(cfg: Config, payload_bytes: int, fp8_bytes: int = 1) -> tuple[int, int]:
+    """(bytes, messages) of one token row on the dispatch's way out: D elements of the payload
+    dtype in one exchange, or with precision.fp8_dispatch the e4m3 codes of its 1 x B slices
+    (fp8_bytes each) and one float32 power-of-two scale per slice, in two exchanges."""
+    width = cfg.model.d_model
+    if not cfg.precision.fp8_dispatch:
+        return width * payload_bytes, 1
+    slices = -(-width // cfg.precision.fp8_block_size)
+    return slices * cfg.precision.fp8_block_size * fp8_bytes + slices * 4, 2
+
+
+def dispatch_bytes_per_token(cfg: Config, expert_shards: int, payload_bytes: int) -> dict:
+    """Forward bytes of one token's dispatch in one MoE layer, at most (what a ragged exchange
+    sends; the report's figure is of this kind): the token goes to at most
+    min(max_destinations, P - 1) other expert shards, each receiving its row (out: D x payload,
+    or D + 4 D / B bytes in fp8) and its (id, weight) slots (2 s float32), and sending one
+    result row back (D x payload)."""
+    e = cfg.moe
+    local_experts = e.num_experts // expert_shards
+    slots = min(e.top_k, local_experts) if expert_shards > 1 else e.top_k
+    destinations = min(max_destinations(e, expert_shards), expert_shards - 1)
+    out_bytes, _ = _row_out_bytes(cfg, payload_bytes)
+    per_destination = out_bytes + 2 * slots * 4 + cfg.model.d_model * payload_bytes
+    return {"destinations": destinations, "out": out_bytes, "metadata": 2 * slots * 4,
+            "back": cfg.model.d_model * payload_bytes,
+            "per_destination": per_destination, "total": destinations * per_destination}
 
 
 def activation_bytes(cfg: Config, shape: StepShape) -> dict:
@@ -238,8 +273,10 @@ def plan(cfg: Config, num_devices: int, compile: bool = True, hlo_out=None) -> d
         "dispatch_formula": {
             "source": "formula (dispatch_all_to_all_bytes) at the compute dtype",
             **dispatch_all_to_all_bytes(cfg, shape, payload)},
-        # what the XLA:CPU program sends: it widens sub-32-bit collective payloads to float32
-        "dispatch_formula_cpu_f32": dispatch_all_to_all_bytes(cfg, shape, max(payload, 4)),
+        # what the XLA:CPU program sends: it widens sub-32-bit collective payloads to float32,
+        # fp8 ones to float16
+        "dispatch_formula_cpu_f32": dispatch_all_to_all_bytes(cfg, shape, max(payload, 4),
+                                                              fp8_bytes=2),
     }
     if compile:
         compiled, lower_s, compile_s = compile_step(cfg, num_devices)
@@ -258,6 +295,8 @@ def plan(cfg: Config, num_devices: int, compile: bool = True, hlo_out=None) -> d
         }
     if _has_deepseek_v3_shape(cfg):
         result["deepseek_v3_report"] = deepseek_comparison(cfg)
+        result["deepseek_v3_report"]["this_plan_dispatch_bytes_per_token_per_moe_layer_forward"] = (
+            dispatch_bytes_per_token(cfg, shape.mesh["expert"], payload))
     return result
 
 
@@ -341,4 +380,8 @@ def format_plan(result: dict) -> str:
                      f"batch; {_gb(report['gpu_memory_bytes'])} per GPU; at most "
                      f"{report['report_cross_node_bytes_per_token_per_moe_layer_forward']:,} "
                      "cross-node bytes per token per MoE layer (forward, fp8 out, bf16 back)")
+        mine = report["this_plan_dispatch_bytes_per_token_per_moe_layer_forward"]
+        lines.append(f"this plan: at most {mine['total']:,} B per token per MoE layer (forward: "
+                     f"{mine['destinations']} shards x ({mine['out']:,} out + "
+                     f"{mine['metadata']} metadata + {mine['back']:,} back))")
     return "\n".join(lines)

@@ -4,7 +4,8 @@
   `Exchange` over the `expert` axis (all_to_all or ragged_all_to_all, optional fp8 payload),
   and `DispatchStats`, what every back-end reports.
 - `dropless`: the default; no copy dropped, work and memory follow the N k assignments.
-- `grouped`: dropless's grouped SwiGLU over rows sorted by expert (tiles on CPU, ragged_dot).
+- `grouped`: dropless's grouped SwiGLU over rows sorted by expert (tiles on CPU, ragged_dot);
+  `grouped_fp8`: the same in fp8 (both recipes, forward and backward).
 - `capacity`: buffers of C slots per expert; copies over capacity dropped and counted.
 - `dense`: every expert on every token, masked; the test oracle.
 

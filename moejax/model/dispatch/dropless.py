@@ -18,6 +18,12 @@ has at most that many experts on one shard), so the receiving shard's sorted buf
 combine buffer hold P N_ min(k, E_) assignments at most (every token of every shard on every
 local expert), plus the tile padding. With group-limited routing whose groups line up with the
 shards (moe.num_groups a multiple of P), a token reaches at most min(P, k, topk_groups) shards.
+
+DeepSeek's fp8 recipe on this path: with `precision.fp8` on the experts the three grouped GEMMs
+run in fp8 forward and backward (grouped_fp8.py: per-expert scales for `tensor`, 1 x 128 /
+128 x 128 tiles for `block`), and with `precision.fp8_dispatch` the token rows go out as e4m3
+with one power-of-two scale per 1 x fp8_block_size slice while the results come back in the
+compute dtype.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax.config import MoEConfig
-from moejax.model.dispatch import grouped
+from moejax.model.dispatch import grouped, grouped_fp8
 from moejax.model.dispatch.shards import DispatchStats, Exchange, on_expert_shards
 from moejax.model.layers import FFN, Matmul
 from moejax.sharding import same_varying_axes
@@ -86,7 +92,8 @@ def grouped_experts(rows, local_ids, weights, experts: FFN, matmul: Matmul, tile
                     max_assignments: int, use_ragged_dot: bool):
     """rows [M, D] with their local expert ids and weights [M, k] (id -1: an expert elsewhere,
     weight 0) -> (sum_j weights[:, j] * expert_{ids[:, j]}(rows) [M, D], padded rows [],
-    useful rows []). `max_assignments` bounds the routed ids statically."""
+    useful rows []). `max_assignments` bounds the routed ids statically. With `matmul.fp8`
+    the three expert GEMMs run in fp8, forward and backward (grouped_fp8.py)."""
     num_rows, top_k = local_ids.shape
     num_experts = experts.w_gate.shape[0]
     dtype = matmul.dtype
@@ -100,7 +107,12 @@ def grouped_experts(rows, local_ids, weights, experts: FFN, matmul: Matmul, tile
     with jax.named_scope("experts"):
         weights_ = FFN(*(w.astype(dtype) for w in (experts.w_gate, experts.w_up, experts.w_down)))
         sorted_rows, weights_ = same_varying_axes(sorted_rows, weights_)
-        if use_ragged_dot:
+        if matmul.fp8:
+            computed = grouped_fp8.grouped_swiglu_fp8(
+                sorted_rows, weights_, grouped_fp8.group_rows(layout, num_experts),
+                recipe=matmul.fp8, kernel="ragged" if use_ragged_dot else "tiles",
+                block_size=matmul.fp8_block_size)
+        elif use_ragged_dot:
             computed = grouped.ragged_swiglu(sorted_rows, weights_, layout)
         else:
             computed = grouped.tiled_swiglu(sorted_rows, weights_, layout.tile_expert,
@@ -127,14 +139,21 @@ def _send_layout(expert_ids, experts_per_shard: int, shards: int):
 
 
 def dropless_moe_local(x, expert_ids, weights, experts: FFN, cfg: MoEConfig, matmul: Matmul,
-                       use_ragged: bool, expert_axis=None):
+                       use_ragged: bool, expert_axis=None, fp8_dispatch: bool = False):
     """One shard's routed-expert output: x [N_, D], expert_ids and weights [N_, k] ->
     (y [N_, D], the shard's DispatchStats: padded and useful rows, rows sent, send-buffer rows).
-    `use_ragged`: ragged_dot and ragged_all_to_all (GPU/TPU) instead of the CPU paths."""
+    `use_ragged`: ragged_dot and ragged_all_to_all (GPU/TPU) instead of the CPU paths.
+    `fp8_dispatch`: the token rows travel as e4m3 with one power-of-two scale per 1 x B slice
+    (B = precision.fp8_block_size, DeepSeek's 1 x 128), the results come back in the compute
+    dtype; on one shard the rows get the same rounding, so one device computes what a mesh
+    does."""
     num_tokens, top_k = expert_ids.shape
     shards = 1 if expert_axis is None else jax.lax.axis_size(expert_axis)
     tile = row_tile(num_tokens * shards * top_k, cfg)
+    send_tile = matmul.fp8_block_size
     if shards == 1:
+        if fp8_dispatch:
+            x = Exchange(None).out(x.astype(matmul.dtype), fp8=True, tile=send_tile)
         y, padded, useful = grouped_experts(
             x, expert_ids, weights, experts, matmul, tile, num_tokens * top_k, use_ragged)
         return y, _row_stats(padded, useful, num_tokens, num_tokens)
@@ -153,7 +172,7 @@ def dropless_moe_local(x, expert_ids, weights, experts: FFN, cfg: MoEConfig, mat
         sent_per_shard = jnp.sum(token.reshape(shards, num_tokens) < num_tokens, axis=1)
         exchange = Exchange(expert_axis, sent_per_shard if use_ragged else None)
         # ids travel as float32 beside the weights (exact below 2^24): one message, not two
-        received_rows = exchange.out(send_rows)
+        received_rows = exchange.out(send_rows, fp8=fp8_dispatch, tile=send_tile)
         received_meta = exchange.out(
             jnp.concatenate([send_ids.astype(jnp.float32), send_weights], 1))
         received_ids = received_meta[:, :slots].astype(jnp.int32)
@@ -201,13 +220,12 @@ def dropless_moe(x, expert_ids, weights, experts: FFN, cfg: MoEConfig, matmul: M
                  fp8_dispatch: bool = False):
     """Routed-expert output for x [B, T, D] with nothing dropped; returns (y [B, T, D],
     DispatchStats summed over shards: padded rows, useful rows, rows sent, send-buffer rows).
-    The payload travels in the compute dtype (the config refuses fp8_dispatch with this
-    dispatch)."""
-    del fp8_dispatch
+    `fp8_dispatch`: the outgoing token rows in e4m3 (dropless_moe_local)."""
     use_ragged = cfg.kernels == "ragged" or (
         cfg.kernels == "auto" and jax.default_backend() != "cpu")
 
     def local(x_, ids_, w_, experts_, expert_axis):
-        return dropless_moe_local(x_, ids_, w_, experts_, cfg, matmul, use_ragged, expert_axis)
+        return dropless_moe_local(x_, ids_, w_, experts_, cfg, matmul, use_ragged, expert_axis,
+                                  fp8_dispatch)
 
     return on_expert_shards(local, x, expert_ids, weights, experts)

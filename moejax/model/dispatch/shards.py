@@ -102,8 +102,9 @@ class Exchange:
     `jax.lax.ragged_all_to_all` sends only the `send_sizes` used rows at the start of each
     block (XLA:CPU cannot run it); the result is the same. Without an expert axis (no mesh)
     both directions are the identity. `out(a, fp8=True)` sends the payload as e4m3 with one
-    power-of-two scale per row (fp8.send_in_fp8; also without an expert axis, so one device
-    computes what a mesh does); what comes `back` stays in its own dtype."""
+    power-of-two scale per row, or per 1 x `tile` slice of a row (fp8.send_in_fp8; also
+    without an expert axis, so one device computes what a mesh does); what comes `back`
+    stays in its own dtype."""
 
     def __init__(self, expert_axis: str | None, send_sizes: jax.Array | None = None):
         self.axis = expert_axis
@@ -113,9 +114,9 @@ class Exchange:
             self.send_sizes = send_sizes.astype(jnp.int32)
             self.recv_sizes = jax.lax.all_to_all(self.send_sizes, expert_axis, 0, 0, tiled=True)
 
-    def out(self, a: jax.Array, fp8: bool = False) -> jax.Array:
+    def out(self, a: jax.Array, fp8: bool = False, tile: int | None = None) -> jax.Array:
         move = functools.partial(self._move, outward=True)
-        return send_in_fp8(a, move) if fp8 else move(a)
+        return send_in_fp8(a, move, tile) if fp8 else move(a)
 
     def back(self, a: jax.Array) -> jax.Array:
         return self._move(a, outward=False)
