@@ -14,6 +14,7 @@ from moejax import params as P
 from moejax import sharding
 from moejax.config import Config
 from moejax.model.transformer import RouterState, init_router_state, initial_params, param_specs
+from moejax.training.grad_reduce import GradSyncState, init_sync_state, sync_state_shardings
 from moejax.training.loss_scale import LossScaleState, init_loss_scale
 from moejax.training.optim import make_optimizer
 
@@ -42,10 +43,14 @@ class TrainState:
     loss_scale: LossScaleState | None = None  # float16 compute only: dynamic loss scaling
     # steps skipped because the loss, gradients or updated parameters were not finite:
     skipped: SkippedSteps | None = None
+    # train.grad_compression / expert_grad_delay: error-feedback residuals, PowerSGD factors,
+    # delayed expert gradients (training/grad_reduce.py); None when the config keeps none
+    grad_sync: GradSyncState | None = None
 
 
-def _fresh_state(cfg: Config, key: jax.Array, optimizer) -> TrainState:
-    """The initial state's values (traced under jit: the shardings come from out_shardings)."""
+def _fresh_state(cfg: Config, key: jax.Array, optimizer, mesh) -> TrainState:
+    """The initial state's values (traced under jit: the shardings come from out_shardings);
+    `mesh` sizes the per-replica gradient state."""
     params = initial_params(cfg, key)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -55,6 +60,7 @@ def _fresh_state(cfg: Config, key: jax.Array, optimizer) -> TrainState:
         loss_scale=(init_loss_scale(cfg.precision.loss_scale_init)
                     if cfg.precision.uses_loss_scaling else None),
         skipped=SkippedSteps.zero(),
+        grad_sync=init_sync_state(cfg, mesh),
     )
 
 
@@ -78,7 +84,8 @@ def train_state_shardings(cfg: Config, mesh) -> TrainState:
     devices that repeat the parameter (moment_sharding); scalars and router state replicated."""
     optimizer = make_optimizer(cfg)
     replicated = NamedSharding(mesh, PartitionSpec())
-    shapes = jax.eval_shape(lambda key: _fresh_state(cfg, key, optimizer), jax.random.key(0))
+    shapes = jax.eval_shape(lambda key: _fresh_state(cfg, key, optimizer, mesh),
+                            jax.random.key(0))
     params = P.shardings(param_specs(cfg), mesh)
     return shapes.replace(
         step=replicated,
@@ -88,13 +95,14 @@ def train_state_shardings(cfg: Config, mesh) -> TrainState:
         router=jax.tree.map(lambda _: replicated, shapes.router),
         loss_scale=jax.tree.map(lambda _: replicated, shapes.loss_scale),
         skipped=jax.tree.map(lambda _: replicated, shapes.skipped),
+        grad_sync=sync_state_shardings(cfg, mesh, shapes.grad_sync),
     )
 
 
 def abstract_train_state(cfg: Config, mesh) -> TrainState:
     """The state as ShapeDtypeStructs carrying their shardings on `mesh`: what
     `init_train_state` creates, without creating it (for planning at full size)."""
-    shapes = jax.eval_shape(lambda key: _fresh_state(cfg, key, make_optimizer(cfg)),
+    shapes = jax.eval_shape(lambda key: _fresh_state(cfg, key, make_optimizer(cfg), mesh),
                             jax.random.key(0))
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         shapes, train_state_shardings(cfg, mesh))
@@ -108,5 +116,5 @@ def init_train_state(cfg: Config, key: jax.Array, mesh) -> TrainState:
 @functools.lru_cache(maxsize=8)
 def _compiled_init(cfg: Config, mesh):
     optimizer = make_optimizer(cfg)
-    return jax.jit(lambda key: _fresh_state(cfg, key, optimizer),
+    return jax.jit(lambda key: _fresh_state(cfg, key, optimizer, mesh),
                    out_shardings=train_state_shardings(cfg, mesh))

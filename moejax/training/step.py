@@ -8,8 +8,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from moejax import sharding
 from moejax.config import Config
 from moejax.model.transformer import RouterState, loss_fn
+from moejax.training import grad_reduce
 from moejax.training import loss_scale as ls
 from moejax.training.optim import learning_rate_schedule, make_optimizer
 from moejax.training.state import TrainState, train_state_shardings
@@ -49,30 +51,53 @@ def load_statistics(expert_counts: jax.Array, bias: jax.Array) -> dict[str, jax.
     }
 
 
-def _gradients(state: TrainState, batch: dict, cfg: Config, router: RouterState):
-    """(loss, metrics, grads); with float16 compute the loss is scaled and the grads unscaled."""
-    mtp_weight = mtp_loss_weight(cfg, state.step)
-    if state.loss_scale is None:
+def _value_and_grad(params, batch: dict, extras, cfg: Config):
+    """(loss, metrics, grads) of `batch`; extras = (router state, MTP weight, loss scale or
+    None). With float16 compute the loss is scaled and the grads unscaled."""
+    router, mtp_weight, loss_scale = extras
+    if loss_scale is None:
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, batch, cfg, router, mtp_weight)
+            params, batch, cfg, router, mtp_weight)
         return loss, metrics, grads
 
-    def scaled(params):
-        loss, metrics = loss_fn(params, batch, cfg, router, mtp_weight)
-        return ls.scale_loss(loss, state.loss_scale), (loss, metrics)
+    def scaled(params_):
+        loss, metrics = loss_fn(params_, batch, cfg, router, mtp_weight)
+        return ls.scale_loss(loss, loss_scale), (loss, metrics)
 
-    (_, (loss, metrics)), grads = jax.value_and_grad(scaled, has_aux=True)(state.params)
-    return loss, metrics, ls.unscale_grads(grads, state.loss_scale)
+    (_, (loss, metrics)), grads = jax.value_and_grad(scaled, has_aux=True)(params)
+    return loss, metrics, ls.unscale_grads(grads, loss_scale)
 
 
-def train_step(state: TrainState, batch: dict, cfg: Config, optimizer):
-    """state, batch {"tokens": [B, T + 1]} -> (new state, metrics).
+def _gradients(state: TrainState, batch: dict, cfg: Config, router: RouterState, mesh):
+    """(loss, metrics, grads, grad_sync): GSPMD's implicit reduction (train.grad_compression
+    none), or each replica's gradients reduced (and compressed) explicitly (grad_reduce); then
+    with train.expert_grad_delay the expert leaves swapped for the previous step's."""
+    extras = (router, mtp_loss_weight(cfg, state.step), state.loss_scale)
+    value_and_grad = functools.partial(_value_and_grad, cfg=cfg)
+    sync = state.grad_sync
+    if grad_reduce.uses_explicit(cfg):
+        loss, metrics, grads, reduced_sync = grad_reduce.explicit_gradients(
+            value_and_grad, state.params, batch, extras, sync, cfg, mesh)
+        if sync is not None:  # None: f32 without a delay keeps no state
+            sync = sync.replace(error=reduced_sync.error, q=reduced_sync.q)
+    else:
+        loss, metrics, grads = value_and_grad(state.params, batch, extras)
+    if cfg.train.expert_grad_delay:
+        grads, delayed = grad_reduce.delay_expert_gradients(grads, sync.delayed, cfg, mesh)
+        sync = sync.replace(delayed=delayed)
+    return loss, metrics, grads, sync
+
+
+def train_step(state: TrainState, batch: dict, cfg: Config, optimizer, mesh=None):
+    """state, batch {"tokens": [B, T + 1]} -> (new state, metrics). `mesh`: the mesh the
+    explicit gradient reduction runs on (train.grad_compression other than none).
 
     A step whose loss, gradients or updated parameters are not all finite changes nothing but
     the skipped-step counts (and, with float16 compute, halves the loss scale), so the state,
     and every checkpoint of it, only ever holds finite values."""
+    mesh = sharding.current_mesh() if mesh is None else mesh
     router = state.router.replace(temperature=router_temperature(cfg, state.step))
-    loss, metrics, grads = _gradients(state, batch, cfg, router)
+    loss, metrics, grads, grad_sync = _gradients(state, batch, cfg, router, mesh)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     if cfg.num_moe_layers:
@@ -81,8 +106,9 @@ def train_step(state: TrainState, batch: dict, cfg: Config, optimizer):
         metrics.update(load_statistics(metrics["expert_counts"], router.bias))
     grads_finite = ls.all_finite(grads)
     finite = grads_finite & jnp.isfinite(loss) & ls.all_finite(params)
-    params, opt_state, router = ls.select_update(
-        finite, (params, opt_state, router), (state.params, state.opt_state, state.router))
+    params, opt_state, router, grad_sync = ls.select_update(
+        finite, (params, opt_state, router, grad_sync),
+        (state.params, state.opt_state, state.router, state.grad_sync))
     loss_scale = state.loss_scale
     if loss_scale is not None:
         loss_scale = ls.update_loss_scale(loss_scale, grads_finite,
@@ -98,7 +124,8 @@ def train_step(state: TrainState, batch: dict, cfg: Config, optimizer):
         skipped_in_row=skipped.in_row,
     )
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
-                           router=router, loss_scale=loss_scale, skipped=skipped)
+                           router=router, loss_scale=loss_scale, skipped=skipped,
+                           grad_sync=grad_sync)
     return new_state, metrics
 
 
@@ -110,7 +137,7 @@ def compiled_train_step(cfg: Config, mesh):
     shardings = train_state_shardings(cfg, mesh)
     optimizer = make_optimizer(cfg)
     return jax.jit(
-        lambda state, batch: train_step(state, batch, cfg, optimizer),
+        lambda state, batch: train_step(state, batch, cfg, optimizer, mesh),
         in_shardings=(shardings, None),
         out_shardings=(shardings, None),
         donate_argnums=0,
