@@ -19,7 +19,7 @@ def cpu_report(tmp_path_factory):
 def test_every_section_runs_on_cpu_and_is_timed(cpu_report):
     report, written, _ = cpu_report
     assert written["platform"] == "cpu"
-    assert set(written["sections"]) == {"fp8", "mfu", "dropless", "memory"}
+    assert set(written["sections"]) == {"fp8", "mfu", "dropless", "attention", "memory"}
     for name, section in written["sections"].items():
         assert "error" not in section, (name, section.get("error"))
         assert section["seconds"] > 0
@@ -34,6 +34,11 @@ def test_every_section_runs_on_cpu_and_is_timed(cpu_report):
     roles = written["sections"]["fp8"]["dropless_fp8"]["expert_fp8_dots_by_role"]
     assert len(roles) == 9 and min(roles.values()) >= 1
     assert written["sections"]["dropless"]["ragged_all_to_all"]["lowers"] is True
+    # attention kernels: the blockwise one keeps fewer temporaries than the [T, T] scores
+    attention = written["sections"]["attention"]["rows"][0]
+    assert attention["blockwise"]["temp_bytes"] < attention["materialised"]["temp_bytes"]
+    assert attention["cudnn"] == NOT_RUN
+    assert written["sections"]["memory"]["planned_bytes"]["total"] > 0
     assert written["total_seconds"] == pytest.approx(report["total_seconds"])
 
 
@@ -48,7 +53,7 @@ def test_gpu_only_checks_are_marked_not_run(cpu_report):
     assert s["memory"]["peak_bytes_in_use"] == NOT_RUN
     assert s["memory"]["compiled_memory_analysis_bytes"]["total"] > 0
     assert {g["met"] for g in written["goals_measured"].values()} == {NOT_RUN}
-    for heading in ("## fp8", "## mfu", "## dropless", "## memory", "| goal |"):
+    for heading in ("## fp8", "## mfu", "## dropless", "## attention", "## memory", "| goal |"):
         assert heading in summary
     assert NOT_RUN in summary
 

@@ -77,6 +77,9 @@ class Sizes:
     steps: int  # timed train steps per MFU row (after one warm-up step)
     rounds: int  # interleaved rounds of the dropless timing
     repeats: int  # timed calls per GEMM
+    # (name, batch, seq, kv heads, query heads per kv head, qk dims, v dims, block) of one
+    # attention layer timed fwd + bwd with each kernel (check_attention)
+    attention_shapes: tuple = ()
 
 
 SINGLE_DEVICE = ("mesh.data=1", "mesh.fsdp=1", "mesh.expert=1", "mesh.pipe=1")
@@ -103,7 +106,10 @@ GPU_SIZES = Sizes(
     mfu_preset="moe_1b", mfu_overrides=(), mfu_rows=tuple(MFU_ROWS),
     layer_shapes=tuple(s for s in bench.LAYER_SHAPES if s.name in ("coarse", "fine-grained")),
     layer_systems=tuple(DROPLESS_SYSTEMS),
-    peak_size=8192, steps=10, rounds=5, repeats=10)
+    peak_size=8192, steps=10, rounds=5, repeats=10,
+    attention_shapes=(("GQA 32 x 64, T 4096", 2, 4096, 8, 4, 64, 64, 256),
+                      ("MLA DeepSeek-V3 (128 heads, 192 / 128), T 4096", 1, 4096, 128, 1, 192,
+                       128, 256)))
 # The CPU run is nearly all compilation, so it compiles each kind of program once: one MoE
 # layer without remat, the two MFU rows that the memory and fp8 sections compile anyway, the
 # GPU path of the dropless layer and capacity 1.0, one batched GEMM shape.
@@ -118,7 +124,8 @@ CPU_SIZES = Sizes(
                    "train.global_batch_size=2"),
     layer_shapes=tuple(dataclasses.replace(s, d_model=64, ffn_dim=s.ffn_dim // 8, tokens=256)
                        for s in bench.LAYER_SHAPES if s.name in ("coarse", "fine-grained")),
-    peak_size=256, steps=1, rounds=1, repeats=1)
+    peak_size=256, steps=1, rounds=1, repeats=1,
+    attention_shapes=(("GQA 4 x 16, T 64", 1, 64, 2, 2, 16, 16, 16),))
 
 
 def on_gpu() -> bool:
@@ -438,7 +445,57 @@ def check_dropless(sizes: Sizes, context: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. Memory
+# 4. Attention kernels
+
+
+def _materialised_attention(q, k, v, scale):
+    """The [T, T]-score causal attention the kernels replace (model.attention_block 0)."""
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    seq = q.shape[1]
+    scores = jnp.where(jnp.tril(jnp.ones((seq, seq), bool)), scores, -jnp.inf)
+    return jnp.einsum("bkgts,bskd->btkgd", jax.nn.softmax(scores, axis=-1).astype(v.dtype), v)
+
+
+def _attention_kernels(scale: float, block: int) -> dict:
+    """kernel name -> fn(q, k, v) -> out, the shapes of attention.fused_attention."""
+    from moejax.model.attention import fused_attention
+
+    return {"materialised": lambda q, k, v: _materialised_attention(q, k, v, scale),
+            "blockwise": lambda q, k, v: fused_attention(q, k, v, scale, "blockwise", block),
+            "cudnn": lambda q, k, v: fused_attention(q, k, v, scale, "cudnn", block)}
+
+
+def check_attention(sizes: Sizes, context: dict) -> dict:
+    """One attention layer's forward + backward with each training kernel (materialised,
+    blockwise, cuDNN flash attention: moejax/model/attention.attention_kernel picks between the
+    last two on a GPU): median seconds, compiled temporaries, and on a GPU the cuDNN
+    custom-calls in the compiled HLO (0 would mean XLA did not use cuDNN)."""
+    dtype = jnp.bfloat16 if on_gpu() else jnp.float32
+    rows = []
+    for name, batch, seq, kv, groups, qk, vd, block in sizes.attention_shapes:
+        keys = jax.random.split(jax.random.key(0), 3)
+        q = jax.random.normal(keys[0], (batch, seq, kv, groups, qk), dtype)
+        k = jax.random.normal(keys[1], (batch, seq, kv, qk), dtype)
+        v = jax.random.normal(keys[2], (batch, seq, kv, vd), dtype)
+        row = {"shape": name, "dtype": jnp.dtype(dtype).name}
+        for kernel, fn in _attention_kernels(qk**-0.5, block).items():
+            if kernel == "cudnn" and not on_gpu():
+                row[kernel] = NOT_RUN
+                continue
+            grad = jax.jit(jax.grad(lambda *a, fn=fn: jnp.sum(fn(*a).astype(jnp.float32)),
+                                    argnums=(0, 1, 2)))
+            compiled = grad.lower(q, k, v).compile()
+            row[kernel] = {"seconds": median_seconds(compiled, q, k, v, repeats=sizes.repeats),
+                           "temp_bytes": compiled.memory_analysis().temp_size_in_bytes}
+            if kernel == "cudnn":
+                row[kernel]["cudnn_calls"] = len(re.findall(r"custom_call_target=\"__cudnn",
+                                                            compiled.as_text()))
+        rows.append(row)
+    return {"rows": rows}
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Memory
 
 
 def check_memory(sizes: Sizes, context: dict) -> dict:
@@ -451,7 +508,8 @@ def check_memory(sizes: Sizes, context: dict) -> dict:
     jax.block_until_ready(run.step()["loss"])
     stats = jax.devices()[0].memory_stats()
     context[label] = run.release()
-    result = {"config": label, "compiled_memory_analysis_bytes": analysis}
+    result = {"config": label, "compiled_memory_analysis_bytes": analysis,
+              "planned_bytes": _planned_bytes(run.cfg)}
     if not on_gpu() or not stats:
         result["peak_bytes_in_use"] = result["peak_over_analysis_total"] = NOT_RUN
         return result
@@ -461,14 +519,28 @@ def check_memory(sizes: Sizes, context: dict) -> dict:
     return result
 
 
+def _planned_bytes(cfg) -> dict:
+    """What scripts/plan.py's arithmetic says the step needs on one device (state and the
+    remat-saved activations), to set beside the device's measured peak: how far the plan's
+    figures are from what XLA on this device allocates."""
+    from moejax.tools import plan
+
+    state = plan.state_bytes(cfg, 1)
+    activations = plan.activation_bytes(cfg, plan.step_shape(cfg, 1))
+    total = (state["parameters"] + state["optimizer"] + state["gradients"]
+             + activations["layer_inputs"] + activations["logits"])
+    return {**state, **activations, "total": total}
+
+
 # ---------------------------------------------------------------------------------------------
 # The run
 
 
 SECTIONS = {"fp8": check_fp8, "mfu": check_mfu, "dropless": check_dropless,
-            "memory": check_memory}
-# memory first: a clean device peak; then the cheap dropless section; mfu, the longest, last
-RUN_ORDER = ("memory", "dropless", "fp8", "mfu")
+            "attention": check_attention, "memory": check_memory}
+# memory first: a clean device peak; then the cheap dropless and attention sections; mfu, the
+# longest, last
+RUN_ORDER = ("memory", "dropless", "attention", "fp8", "mfu")
 
 
 def run_checks(out_dir: str | Path, sizes: Sizes | None = None,
@@ -537,7 +609,8 @@ def summary_markdown(report: dict) -> str:
     for name, goal in report.get("goals_measured", {}).items():
         lines.append(f"| {name} | {_fmt(goal['figure'])} | {goal['goal']} | {goal['met']} |")
     for name, writer in (("fp8", _fp8_lines), ("mfu", _mfu_lines),
-                         ("dropless", _dropless_lines), ("memory", _memory_lines)):
+                         ("dropless", _dropless_lines), ("attention", _attention_lines),
+                         ("memory", _memory_lines)):
         lines += ["", f"## {name}"]
         result = s[name] or {}
         if "error" in result:
@@ -634,13 +707,28 @@ def _dropless_lines(r: dict) -> list[str]:
     return lines
 
 
+def _attention_lines(r: dict) -> list[str]:
+    lines = ["| shape | kernel | ms fwd+bwd | temp MiB | cuDNN calls |", "|---|---|---|---|---|"]
+    for row in r["rows"]:
+        for kernel in ("materialised", "blockwise", "cudnn"):
+            cell = row[kernel]
+            if not isinstance(cell, dict):
+                lines.append(f"| {row['shape']} | {kernel} | {cell} | | |")
+                continue
+            lines.append(f"| {row['shape']} | {kernel} | {cell['seconds'] * 1e3:.2f} | "
+                         f"{cell['temp_bytes'] / 2**20:.1f} | {cell.get('cudnn_calls', '-')} |")
+    return lines
+
+
 def _memory_lines(r: dict) -> list[str]:
     analysis = r["compiled_memory_analysis_bytes"]
     peak = r["peak_bytes_in_use"]
     return [(f"{r['config']}: compiled analysis {analysis['total'] / 2**30:.2f} GiB "
             f"(arguments {analysis['argument'] / 2**30:.2f}, temp {analysis['temp'] / 2**30:.2f}); "
             f"device peak {f'{peak / 2**30:.2f} GiB' if isinstance(peak, int) else peak}, "
-            f"peak over analysis {_fmt(r['peak_over_analysis_total'])}")]
+            f"peak over analysis {_fmt(r['peak_over_analysis_total'])}"),
+            (f"planned by arithmetic (scripts/plan.py: state + remat-saved activations): "
+             f"{r['planned_bytes']['total'] / 2**30:.2f} GiB")]
 
 
 def _jsonable(value):
