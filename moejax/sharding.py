@@ -18,6 +18,9 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec
 from moejax.config import MESH_AXES, ConfigError, MeshConfig
 
 BATCH_AXES = ("data", "fsdp", "expert")
+# Mesh axes over which a parameter is repeated when no logical axis of it maps there: its AdamW
+# moments are split over them as well (DeepSeek-V3's ZeRO-1 over the data-parallel ranks).
+ZERO_AXES = ("data", "fsdp", "expert", "pipe")
 
 # logical axis -> mesh axis (or axes); logical axes not listed are replicated.
 LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {

@@ -84,7 +84,7 @@ def _reference_mtp_cross_entropies(params, tokens, cfg):
     i with the embedding of token i + k and predicts token i + k + 1."""
     m = cfg.model
     seq = tokens.shape[1] - 1
-    hidden, _, _ = _decoder(params, tokens[:, :-1], jnp.arange(seq), cfg, None)
+    hidden, _, _, _ = _decoder(params, tokens[:, :-1], jnp.arange(seq), cfg, None)
     router = moejax.init_router_state(cfg)
     losses = []
     for depth in range(1, m.mtp_depth + 1):

@@ -128,7 +128,6 @@ def _is_matrix(spec: P.ParamSpec) -> bool:
 def leaf_plans(cfg: Config, mesh) -> tuple[LeafPlan, ...]:
     """One LeafPlan per parameter leaf, in jax.tree.leaves order."""
     from moejax.model.transformer import param_specs
-    from moejax.training.state import ZERO_AXES
 
     plans = []
     for path, spec in jax.tree_util.tree_flatten_with_path(param_specs(cfg), is_leaf=P.is_spec)[0]:
@@ -139,7 +138,7 @@ def leaf_plans(cfg: Config, mesh) -> tuple[LeafPlan, ...]:
         # on a pipelined plan; the train step itself refuses mesh.pipe > 1)
         local = sharding._spec([tuple(a for a in e if _kept_inside(n, a, mesh)) for n, e in zip(
             spec.logical_axes, sharding._entries(stored, len(spec.shape)))])
-        target = sharding.spread_over(stored, spec.shape, mesh, ZERO_AXES)
+        target = sharding.spread_over(stored, spec.shape, mesh, sharding.ZERO_AXES)
         reduce_axes = tuple(a for a in sharding.BATCH_AXES if not (expert and a == "expert"))
         plans.append(LeafPlan(leaf_name(path), spec.shape, expert, local, target, reduce_axes,
                               _is_matrix(spec)))

@@ -64,17 +64,12 @@ def _fresh_state(cfg: Config, key: jax.Array, optimizer, mesh) -> TrainState:
     )
 
 
-# Mesh axes over which a parameter is repeated when no logical axis of it maps there: its AdamW
-# moments are split over them as well (DeepSeek-V3's ZeRO-1 over the data-parallel ranks).
-ZERO_AXES = ("data", "fsdp", "expert", "pipe")
-
-
 def moment_sharding(moment: jax.ShapeDtypeStruct, param: NamedSharding) -> NamedSharding:
     """An AdamW moment's sharding: its parameter's, split further over each of ZERO_AXES that
     the parameter is repeated over (and that divides one of its dimensions). The update then
     runs on 1 / (those axes) of each parameter and the new parameters are gathered back: no
     device holds a moment another device with the same parameter also holds."""
-    spec = sharding.spread_over(param.spec, moment.shape, param.mesh, ZERO_AXES)
+    spec = sharding.spread_over(param.spec, moment.shape, param.mesh, sharding.ZERO_AXES)
     return NamedSharding(param.mesh, spec)
 
 
