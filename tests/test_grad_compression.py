@@ -13,6 +13,7 @@ from moejax.config import ConfigError
 from moejax.tools.grad_compression import reduction_program
 from moejax.training import grad_reduce
 from moejax.training.checkpoint import Checkpoints
+from moejax.training.optim import learning_rate_schedule
 from moejax.training.run import build_run
 
 MESH = ("mesh.data=2", "mesh.expert=4")
@@ -63,8 +64,25 @@ def test_explicit_f32_equals_implicit(implicit_and_f32):
     # Adam's moments after one step are (1 - b1) g and (1 - b2) g^2 of the clipped gradient g:
     # the gradients agree leaf by leaf to 1e-6
     assert max_relative_error(host(explicit.opt_state), host(implicit.opt_state)) <= 1e-6
-    # the update m / (sqrt(v) + eps) amplifies float32 reordering where g ~ eps
-    assert max_relative_error(host(explicit.params), host(implicit.params)) <= 1e-5
+    # Each run's parameters moved by its own moments' AdamW update: lr (u + wd p0) with
+    # u = m^ / (sqrt(v^) + eps). Comparing the parameters directly is ill-conditioned where
+    # |g| ~ eps (du/dg = eps / (|g| + eps)^2: a 1e-6 gradient difference can move u by 1e-3),
+    # so the parameters' difference must be the moments' update difference, to float32 rounding.
+    run, _, _ = implicit_and_f32["none"]
+    lr = float(learning_rate_schedule(run.cfg)(0))
+    pe, pi = host(explicit.params), host(implicit.params)
+    ue, ui = adam_first_update(run.cfg, explicit.opt_state), adam_first_update(run.cfg, implicit.opt_state)
+    for a, b, da, db in zip(jax.tree.leaves(pe), jax.tree.leaves(pi), jax.tree.leaves(ue), jax.tree.leaves(ui)):
+        unexplained = np.abs((a - b) + lr * (da - db))
+        np.testing.assert_array_less(unexplained, 4 * np.spacing(np.abs(b)) + 1e-6 * lr)
+
+
+def adam_first_update(cfg, opt_state):
+    """u = m^ / (sqrt(v^) + eps) after AdamW's first step, from the state's moments."""
+    adam = next(s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: hasattr(x, "mu")) if hasattr(s, "mu"))
+    t = cfg.train
+    return jax.tree.map(lambda m, v: (np.asarray(m, np.float64) / (1 - t.adam_b1))
+                        / (np.sqrt(np.asarray(v, np.float64) / (1 - t.adam_b2)) + 1e-8), adam.mu, adam.nu)
 
 
 def test_explicit_gradients_leave_in_moment_shardings(implicit_and_f32):
