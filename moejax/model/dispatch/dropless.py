@@ -171,11 +171,13 @@ def dropless_moe_local(x, expert_ids, weights, experts: FFN, cfg: MoEConfig, mat
         send_ids, send_weights = compact_slots(send_ids, send_weights, slots)
         sent_per_shard = jnp.sum(token.reshape(shards, num_tokens) < num_tokens, axis=1)
         exchange = Exchange(expert_axis, sent_per_shard if use_ragged else None)
-        # ids travel as float32 beside the weights (exact below 2^24): one message, not two
+        # ids travel as float32 beside the weights (exact below 2^24): one message, not two;
+        # shifted by one, so that a row nobody wrote (the ragged exchange leaves zeros) reads
+        # as id -1: an empty row is neither computed nor counted as useful
         received_rows = exchange.out(send_rows, fp8=fp8_dispatch, tile=send_tile)
         received_meta = exchange.out(
-            jnp.concatenate([send_ids.astype(jnp.float32), send_weights], 1))
-        received_ids = received_meta[:, :slots].astype(jnp.int32)
+            jnp.concatenate([(send_ids + 1).astype(jnp.float32), send_weights], 1))
+        received_ids = received_meta[:, :slots].astype(jnp.int32) - 1
     computed, padded, useful = grouped_experts(
         received_rows, received_ids, received_meta[:, slots:], experts, matmul, tile,
         shards * num_tokens * slots, use_ragged)
