@@ -87,6 +87,11 @@ class MoEConfig:
     # dropless: tiles (a tiled grouped GEMM, dense all_to_all: CPU) | ragged (ragged_dot and
     # ragged_all_to_all: GPU/TPU) | auto (ragged off CPU)
     kernels: str = "auto"
+    # dropless under expert parallelism: each (source, destination) exchange buffer holds
+    # receive_factor x the rows a pair expects under balanced routing; rows beyond it travel in
+    # further exchange rounds (never dropped). null: buffers for the worst case (every token of
+    # every shard to one shard's experts), one round (dispatch/dropless.py pair_capacity)
+    receive_factor: float | None = None
     # run the layer as two sequence halves, each dispatch -> experts -> combine -> + shared, so
     # one half's all-to-all can be in flight while the other computes (model/moe.py in_halves)
     overlap_halves: bool = False
@@ -559,6 +564,9 @@ def _validate_moe(e: MoEConfig) -> None:
     _check(e.kernels in ("auto", "tiles", "ragged"),
            f"moe.kernels={e.kernels!r} is unknown: use auto, tiles or ragged.")
     _check(e.tile_rows >= 1, f"moe.tile_rows={e.tile_rows} must be positive.")
+    _check(e.receive_factor is None or e.receive_factor > 0,
+           f"moe.receive_factor={e.receive_factor} must be positive, or null for worst-case "
+           "dropless buffers.")
     _check(e.drop_policy in ("position", "probs"),
            f"moe.drop_policy={e.drop_policy!r} is unknown: use position or probs.")
     _check(1 <= e.top_k <= e.num_experts,

@@ -19,7 +19,8 @@ import moejax
 from moejax import params as P
 from moejax.config import MeshConfig
 from moejax.model.dispatch import grouped
-from moejax.model.dispatch.dropless import compact_slots, max_destinations, row_tile, static_rows
+from moejax.model.dispatch.dropless import (_Queues, compact_slots, max_destinations, pair_capacity,
+                                            row_tile, static_rows)
 from moejax.model.moe import moe_ffn, moe_specs
 from moejax.sharding import batch_sharding
 
@@ -107,6 +108,62 @@ def test_dropless_on_meshes_equals_one_device(routing, mesh_name):
         assert float(stats["exchange_fill"]) == pytest.approx(shards_hit / cfg.mesh.expert)
 
 
+BOUNDED = "moe.receive_factor=1.25"
+
+
+def one_shard_layer(router: str, *overrides):
+    """(config, params, x, bias) with every token's experts on the first of 4 expert shards:
+    the deepseek router through its selection bias; softmax_topk (no bias) through the
+    router's weights on a constant first feature of x."""
+    cfg = layer_config(router, *overrides)
+    params, x = layer_inputs(router)
+    if router == "softmax_topk":
+        first_shard = jnp.arange(cfg.moe.num_experts) < cfg.moe.num_experts // 4
+        params = dataclasses.replace(
+            params, router=params.router.at[0].set(jnp.where(first_shard, 3.0, -3.0)))
+        x = x.at[..., 0].set(5.0)
+    return cfg, params, x, adversarial_bias(cfg, "one_shard")
+
+
+@pytest.mark.parametrize("mesh_name", ["expert4", "data2_expert4"])
+@pytest.mark.parametrize("router", ROUTERS)
+def test_bounded_dropless_sends_overflow_in_rounds_and_equals_the_dense_oracle(router,
+                                                                              mesh_name):
+    """moe.receive_factor=1.25 sizes each pair's exchange buffer for balanced routing; every
+    token to one shard's experts overfills the pairs into that shard, and the rows beyond
+    travel in further rounds: the layer still equals the dense oracle and drops nothing."""
+    cfg, params, x, bias = one_shard_layer(router, BOUNDED)
+    mesh_shape = {"expert4": (1, 1, 4), "data2_expert4": (2, 1, 4)}[mesh_name]
+    tokens_per_shard = BATCH[0] * BATCH[1] // int(np.prod(mesh_shape))
+    capacity = pair_capacity(cfg.moe, tokens_per_shard, 4)
+    assert capacity < tokens_per_shard  # a bounded buffer, not the worst case
+    dense = cfg.replace(moe=dataclasses.replace(cfg.moe, dispatch="dense"))
+    (expected_loss, _), expected_grads = loss_and_grads(dense, params, x, bias)
+    cfg = cfg.replace(mesh=MeshConfig(*mesh_shape))
+    mesh = moejax.make_mesh(cfg.mesh)
+    with jax.set_mesh(mesh):
+        params = jax.device_put(params, P.shardings(moe_specs(cfg), mesh))
+        x = jax.device_put(x, batch_sharding(mesh))
+        (loss, stats), grads = loss_and_grads(cfg, params, x, bias)
+    assert int(stats["expert_counts"][:2].sum()) == 2 * BATCH[0] * BATCH[1]  # all on shard 0
+    # every shard queues all its tokens for shard 0: ceil(N_ / C) rounds
+    assert float(stats["overflow_rounds"]) == -(-tokens_per_shard // capacity) - 1 >= 1
+    assert float(stats["dropped_fraction"]) == 0.0
+    assert abs(float(loss) - float(expected_loss)) <= 1e-5 * abs(float(expected_loss))
+    assert max_relative_error(grads, expected_grads) <= 1e-5
+
+
+def test_undelivered_assignments_count_rows_beyond_the_rounds_run():
+    """The dropped count of bounded dropless comes from the queues: 16 tokens, each with both
+    experts on shard 0 of 4, in pair buffers of 10 rows need 2 rounds; with 1 the last 6
+    tokens' 12 assignments would be lost, with 2 none."""
+    expert_ids = jnp.tile(jnp.array([[0, 1]]), (16, 1))
+    queues = _Queues.of(expert_ids, experts_per_shard=2, shards=4, capacity=10)
+    assert int(queues.rounds) == 2
+    assert int(queues.undelivered(expert_ids, 2, 10, rounds=1)) == 12
+    assert int(queues.undelivered(expert_ids, 2, 10, rounds=2)) == 0
+
+
 def test_group_limited_routing_reaches_at_most_topk_groups_shards():
     """4 groups of 2 experts on 4 expert shards, 2 groups kept, k = 4: a token reaches at most 2
     shards, so at most half of the send buffer's pair slots are used."""
@@ -140,13 +197,14 @@ def traced_shapes(fn, *args, per_shard: bool) -> tuple[set, list]:
     return shapes, exchanged
 
 
-@pytest.mark.parametrize("mesh_shape", [None, (2, 1, 4), (1, 1, 8)])
-def test_static_rows_are_the_traced_buffer_shapes(mesh_shape):
+@pytest.mark.parametrize("mesh_shape, overrides", [(None, ()), ((2, 1, 4), ()), ((1, 1, 8), ()),
+                                                   ((2, 1, 4), (BOUNDED,))])
+def test_static_rows_are_the_traced_buffer_shapes(mesh_shape, overrides):
     """`static_rows` is what the layer's program allocates, forward and backward: exchange
-    buffers of P N_ rows ([P N_, D] and [P N_, 2 s] metadata), the combine's [A, D], the sorted
-    buffer [R, D] with its pre-activations [R, F], and no larger [*, F] buffer. F = 24 is a
-    width no other array has."""
-    cfg = layer_config("deepseek", "moe.expert_ffn_dim=24")
+    buffers of P C rows ([P C, D] and [P C, 2 s] metadata; C = N_ unless moe.receive_factor
+    bounds it, in every round), the combine's [A, D], the sorted buffer [R, D] with its
+    pre-activations [R, F], and no larger [*, F] buffer. F = 24 is a width no other array has."""
+    cfg = layer_config("deepseek", "moe.expert_ffn_dim=24", *overrides)
     params = P.init(moe_specs(cfg), jax.random.key(0))
     x = jax.random.normal(jax.random.key(1), (*BATCH, cfg.model.d_model))
     shards, batch_shards = 1, 1
@@ -155,7 +213,7 @@ def test_static_rows_are_the_traced_buffer_shapes(mesh_shape):
         shards, batch_shards = mesh_shape[2], int(np.prod(mesh_shape))
     tokens, e, width = BATCH[0] * BATCH[1] // batch_shards, cfg.moe, cfg.model.d_model
     bound = static_rows(tokens, e.num_experts, e.top_k, shards,
-                        row_tile(tokens * shards * e.top_k, e))
+                        row_tile(tokens * shards * e.top_k, e), pair_capacity(e, tokens, shards))
     step = jax.grad(lambda p, x: layer_loss(p, x, jnp.zeros(8), cfg)[0], argnums=(0, 1))
     with contextlib.ExitStack() as stack:
         if mesh_shape is not None:

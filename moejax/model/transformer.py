@@ -419,7 +419,8 @@ def _aux_outputs(layer_stats, cfg: Config) -> dict:
                        + e.z_loss_coef * aux["z_loss"])
     aux["dropped_fraction"] = jnp.mean(layer_stats["dropped_fraction"])
     aux["expert_counts"] = layer_stats["expert_counts"]  # [L_moe, E]
-    for name in ("padding_overhead", "exchange_fill"):  # dropless dispatch, per layer [L_moe]
+    # dropless dispatch, per layer [L_moe]
+    for name in ("padding_overhead", "exchange_fill", "overflow_rounds"):
         if name in layer_stats:
             aux[name] = layer_stats[name]
     return aux

@@ -34,7 +34,7 @@ from jax.sharding import AbstractMesh, AxisType
 from moejax import sharding
 from moejax.config import MESH_AXES, Config, ConfigError, stage_layer_counts, staged_layers
 from moejax.model.dispatch import max_destinations, row_tile
-from moejax.model.dispatch.dropless import static_rows
+from moejax.model.dispatch.dropless import pair_capacity, static_rows
 from moejax.model.pipeline import Schedule
 from moejax.tools import hlo_stats
 from moejax.training.run import build_run
@@ -100,7 +100,10 @@ def dispatch_all_to_all_bytes(cfg: Config, shape: StepShape, payload_bytes: int,
         per exchange of a [P N_, W] buffer: P N_ W b (P - 1) / P
         (P: expert shards; N_: tokens of one device's shard of one microbatch; P N_: the
         exchange rows of `dropless.static_rows`, used or not; W: the row width; b: bytes per
-        element)
+        element). With moe.receive_factor set, N_ reads C (`dropless.pair_capacity`) and the
+        bytes are those of the first round, all that balanced routing needs; each overflow
+        round (adversarial routing) sends as much again, and its exchanges sit in the HLO
+        under a conditional.
 
     and per MoE layer run, the exchanges of the forward and of its transpose:
         token rows [P N_, D] in the payload dtype: out, back (forward), and their two transposes;
@@ -146,7 +149,8 @@ def dispatch_all_to_all_bytes(cfg: Config, shape: StepShape, payload_bytes: int,
     out_bytes, out_messages = _row_out_bytes(cfg, payload_bytes, fp8_bytes)
     for count, tokens, rematerialised in runs:
         outs, meta_exchanges = 1 + rematerialised, 2 + rematerialised
-        bound = static_rows(tokens, e.num_experts, e.top_k, p, row_tile(tokens * p * e.top_k, e))
+        bound = static_rows(tokens, e.num_experts, e.top_k, p, row_tile(tokens * p * e.top_k, e),
+                            pair_capacity(e, tokens, p))
         slots = bound.slots
         # per row: the forward "out" (again under remat), "back" and the two transposes
         row_bytes = outs * out_bytes + 3 * width * payload_bytes

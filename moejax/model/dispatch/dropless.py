@@ -18,6 +18,9 @@ has at most that many experts on one shard), so the receiving shard's sorted buf
 combine buffer hold P N_ min(k, E_) assignments at most (every token of every shard on every
 local expert), plus the tile padding. With group-limited routing whose groups line up with the
 shards (moe.num_groups a multiple of P), a token reaches at most min(P, k, topk_groups) shards.
+Bounded (moe.receive_factor set): the pair buffers hold C < N_ rows (`pair_capacity`, what
+balanced routing needs with some slack) and the exchange runs in rounds of C rows per pair
+until every queue is empty, so all buffers shrink by C / N_ and nothing is dropped.
 
 DeepSeek's fp8 recipe on this path: with `precision.fp8` on the experts the three grouped GEMMs
 run in fp8 forward and backward (grouped_fp8.py: per-expert scales for `tensor`, 1 x 128 /
@@ -29,6 +32,8 @@ compute dtype.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +42,7 @@ from moejax.config import MoEConfig
 from moejax.model.dispatch import grouped, grouped_fp8
 from moejax.model.dispatch.shards import DispatchStats, Exchange, on_expert_shards
 from moejax.model.layers import FFN, Matmul
+from moejax import sharding
 from moejax.sharding import same_varying_axes
 
 
@@ -62,27 +68,30 @@ def row_tile(num_assignments: int, cfg: MoEConfig) -> int:
 class StaticRows:
     """The static row counts of one shard's dropless buffers (see `static_rows`)."""
 
-    exchange_rows: int  # P N_: each exchange buffer, [P N_, D] out and back (0 on one shard)
+    exchange_rows: int  # P C: each exchange buffer, [P C, D] out and back (0 on one shard)
     slots: int  # s: (id, weight) slots a row carries, min(k, E_) (k on one shard)
-    assignment_rows: int  # A: P N_ s (N k on one shard), the combine's [A, D] rows
+    assignment_rows: int  # A: P C s (N k on one shard), the combine's [A, D] rows
     sorted_rows: int  # R: A + E_ (tile - 1) padding rows, in whole tiles; [R, D] and [R, F]
 
 
 def static_rows(tokens_per_shard: int, num_experts: int, top_k: int, expert_shards: int,
-                tile: int) -> StaticRows:
-    """The buffer bounds `dropless_moe_local` sizes its arrays by (tests/test_dropless.py checks
-    them against its traced program), for N_ tokens on a shard, E experts over P expert shards
-    (E_ = E / P each) and the row tile (`row_tile` of N_ P k).
-    One shard: no exchange, N k assignments. P shards: a token is sent at most once to each
-    shard, so each of the P pair buffers holds N_ rows and none can overflow; a row carries
-    s = min(k, E_) local expert slots, so the receiving shard sorts at most P N_ s assignments.
-    The sorted buffer adds at most tile - 1 padding rows per local expert."""
+                tile: int, pair_rows: int | None = None) -> StaticRows:
+    """The buffer bounds of one exchange round of `dropless_moe_local` (tests/test_dropless.py
+    checks them against its traced program), for N_ tokens on a shard, E experts over P
+    expert shards (E_ = E / P each), the row tile (`row_tile` of N_ P k) and C = `pair_rows`
+    rows per (source, destination) pair and round (`pair_capacity`; N_ when None).
+    One shard: no exchange, N k assignments. P shards: each of the P pair buffers holds C rows
+    (N_, the worst case, when receive_factor is null: a token is sent at most once to each
+    shard); a row carries s = min(k, E_) local expert slots, so the receiving shard sorts at
+    most P C s assignments. The sorted buffer adds at most tile - 1 padding rows per local
+    expert."""
     local_experts = num_experts // expert_shards
     if expert_shards == 1:
         exchange_rows, slots = 0, top_k
         assignments = tokens_per_shard * top_k
     else:
-        exchange_rows, slots = expert_shards * tokens_per_shard, min(top_k, local_experts)
+        pair_rows = tokens_per_shard if pair_rows is None else pair_rows
+        exchange_rows, slots = expert_shards * pair_rows, min(top_k, local_experts)
         assignments = exchange_rows * slots
     return StaticRows(exchange_rows, slots, assignments,
                       grouped.padded_rows(assignments, local_experts, tile))
@@ -125,15 +134,56 @@ def grouped_experts(rows, local_ids, weights, experts: FFN, matmul: Matmul, tile
     return y, layout.used_tiles * tile, layout.useful_rows
 
 
-def _send_layout(expert_ids, experts_per_shard: int, shards: int):
-    """Where each token goes: (slot [N_, P]: its row in the flat [P N_] send buffer, P N_ for
-    "not sent"; token [P N_]: the token in each send row, N_ for an empty row)."""
-    num_tokens = expert_ids.shape[0]
-    destination = expert_ids // experts_per_shard  # [N_, k]
-    sends = jnp.any(destination[:, :, None] == jnp.arange(shards), axis=1)  # [N_, P]
-    position = jnp.cumsum(sends, axis=0) - 1  # the token's row within its pair buffer
-    slot = jnp.where(sends, jnp.arange(shards) * num_tokens + position, shards * num_tokens)
-    token = jnp.full(shards * num_tokens, num_tokens, jnp.int32).at[slot.reshape(-1)].set(
+def pair_capacity(cfg: MoEConfig, tokens_per_shard: int, shards: int) -> int:
+    """C, the rows of one (source, destination) exchange buffer per round. moe.receive_factor
+    null: N_, every token of the shard (the worst case: one round always suffices). Otherwise
+    receive_factor x the rows a pair expects under balanced routing, N_ (1 - C(E - E_, k) /
+    C(E, k)) (the chance that a token's k experts, drawn evenly, include one of a shard's E_),
+    rounded up, at most N_."""
+    if cfg.receive_factor is None or shards == 1:
+        return tokens_per_shard
+    experts, local = cfg.num_experts, cfg.num_experts // shards
+    visits = 1 - math.comb(experts - local, cfg.top_k) / math.comb(experts, cfg.top_k)
+    return max(1, min(tokens_per_shard, math.ceil(cfg.receive_factor * tokens_per_shard * visits)))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Queues:
+    """Where the shard's tokens wait to be sent: sends [N_, P] (the token has an expert on
+    shard p), position [N_, P] (its row in the pair's queue, in token order), rounds []
+    (exchange rounds every shard runs: the longest queue on any shard over C, at least 1)."""
+
+    sends: jax.Array
+    position: jax.Array
+    rounds: jax.Array
+
+    @classmethod
+    def of(cls, expert_ids, experts_per_shard: int, shards: int, capacity: int) -> _Queues:
+        destination = expert_ids // experts_per_shard  # [N_, k]
+        sends = jnp.any(destination[:, :, None] == jnp.arange(shards), axis=1)
+        position = jnp.cumsum(sends, axis=0) - 1
+        longest = jnp.max(jnp.sum(sends, axis=0))
+        axes = tuple(sorted(sharding.manual_axes()))  # every device runs the same rounds
+        longest = jax.lax.pmax(longest, axes) if axes else longest
+        return cls(sends, position, jnp.maximum(1, -(-longest // capacity)))
+
+    def undelivered(self, expert_ids, experts_per_shard: int, capacity: int, rounds) -> jax.Array:
+        """Assignments (token, expert) whose row would sit beyond `rounds` rounds of C rows:
+        what a dropless layer that ran out of rounds would drop (0 when it runs `rounds`)."""
+        late = self.sends & (self.position >= rounds * capacity)  # [N_, P]
+        destination = expert_ids // experts_per_shard
+        late_assignment = jnp.take_along_axis(late, destination, axis=1)  # [N_, k]
+        return jnp.sum(late_assignment)
+
+
+def _send_layout(queues: _Queues, round_index, capacity: int):
+    """Round `round_index`'s send buffers: (slot [N_, P]: each token's row in the flat [P C]
+    buffer, P C for "not sent this round"; token [P C]: the token in each row, N_ if empty)."""
+    num_tokens, shards = queues.sends.shape
+    in_round = queues.sends & (queues.position // capacity == round_index)
+    slot = jnp.where(in_round, jnp.arange(shards) * capacity + queues.position % capacity,
+                     shards * capacity)
+    token = jnp.full(shards * capacity, num_tokens, jnp.int32).at[slot.reshape(-1)].set(
         jnp.repeat(jnp.arange(num_tokens, dtype=jnp.int32), shards), mode="drop")
     return slot.astype(jnp.int32), token
 
@@ -141,12 +191,19 @@ def _send_layout(expert_ids, experts_per_shard: int, shards: int):
 def dropless_moe_local(x, expert_ids, weights, experts: FFN, cfg: MoEConfig, matmul: Matmul,
                        use_ragged: bool, expert_axis=None, fp8_dispatch: bool = False):
     """One shard's routed-expert output: x [N_, D], expert_ids and weights [N_, k] ->
-    (y [N_, D], the shard's DispatchStats: padded and useful rows, rows sent, send-buffer rows).
+    (y [N_, D], the shard's DispatchStats: padded and useful rows, rows sent, send-buffer rows,
+    exchange rounds, undelivered assignments).
     `use_ragged`: ragged_dot and ragged_all_to_all (GPU/TPU) instead of the CPU paths.
     `fp8_dispatch`: the token rows travel as e4m3 with one power-of-two scale per 1 x B slice
     (B = precision.fp8_block_size, DeepSeek's 1 x 128), the results come back in the compute
     dtype; on one shard the rows get the same rounding, so one device computes what a mesh
-    does."""
+    does.
+
+    Under expert parallelism the exchange runs in rounds of C rows per (source, destination)
+    pair (`pair_capacity`): round r sends the rows at positions [r C, (r + 1) C) of each pair's
+    queue. Round 0 always runs; round r > 0 runs (lax.cond, the same on every device) only
+    when some queue is longer than r C, and is rematerialised in the backward, so the
+    buffers and saved activations are those of one round."""
     num_tokens, top_k = expert_ids.shape
     shards = 1 if expert_axis is None else jax.lax.axis_size(expert_axis)
     tile = row_tile(num_tokens * shards * top_k, cfg)
@@ -158,10 +215,39 @@ def dropless_moe_local(x, expert_ids, weights, experts: FFN, cfg: MoEConfig, mat
             x, expert_ids, weights, experts, matmul, tile, num_tokens * top_k, use_ragged)
         return y, _row_stats(padded, useful, num_tokens, num_tokens)
     local_experts = experts.w_gate.shape[0]
+    capacity = pair_capacity(cfg, num_tokens, shards)
+    queues = _Queues.of(expert_ids, local_experts, shards, capacity)
+
+    def exchange_round(round_index, x_, weights_, experts_):
+        return _exchange_round(x_, expert_ids, weights_, experts_, queues, round_index,
+                               capacity, cfg, matmul, use_ragged, expert_axis, fp8_dispatch,
+                               tile)
+
+    y, stats = exchange_round(0, x, weights, experts)
+    for round_index in range(1, -(-num_tokens // capacity)):
+        later = jax.checkpoint(functools.partial(exchange_round, round_index))
+        skipped = lambda *_: jax.tree.map(jnp.zeros_like, (y, stats))  # noqa: B023
+        y_r, stats_r = jax.lax.cond(round_index < queues.rounds, later, skipped,
+                                    x, weights, experts)
+        y, stats = y + y_r, stats + stats_r
+    undelivered = queues.undelivered(expert_ids, local_experts, capacity, queues.rounds)
+    return y, stats.replace(dropped=undelivered.astype(jnp.float32),
+                            overflow_rounds=(queues.rounds - 1).astype(jnp.float32),
+                            exchanges=jnp.ones((), jnp.float32))
+
+
+def _exchange_round(x, expert_ids, weights, experts: FFN, queues: _Queues, round_index,
+                    capacity: int, cfg: MoEConfig, matmul: Matmul, use_ragged: bool,
+                    expert_axis, fp8_dispatch: bool, tile: int):
+    """One round: this round's rows out, the local experts on what arrived, the results back
+    -> (this round's share of y [N_, D], its DispatchStats)."""
+    num_tokens, top_k = expert_ids.shape
+    shards, local_experts = queues.sends.shape[1], experts.w_gate.shape[0]
+    rows = shards * capacity
     with jax.named_scope("dispatch"):
-        slot, token = _send_layout(expert_ids, local_experts, shards)
+        slot, token = _send_layout(queues, round_index, capacity)
         send_rows = grouped.take_rows(x.astype(matmul.dtype), token, slot)
-        shard_of_row = jnp.arange(shards * num_tokens) // num_tokens
+        shard_of_row = jnp.arange(rows) // capacity
         ids_of_row = jnp.concatenate([expert_ids, jnp.full((1, top_k), -1, expert_ids.dtype)])[
             token]
         on_shard = ids_of_row // local_experts == shard_of_row[:, None]
@@ -169,33 +255,51 @@ def dropless_moe_local(x, expert_ids, weights, experts: FFN, cfg: MoEConfig, mat
         send_weights = grouped.take_rows(weights, token, slot) * on_shard
         slots = min(top_k, local_experts)  # a row reaches at most this many local experts
         send_ids, send_weights = compact_slots(send_ids, send_weights, slots)
-        sent_per_shard = jnp.sum(token.reshape(shards, num_tokens) < num_tokens, axis=1)
+        sent_per_shard = jnp.sum(token.reshape(shards, capacity) < num_tokens, axis=1)
         exchange = Exchange(expert_axis, sent_per_shard if use_ragged else None)
         # ids travel as float32 beside the weights (exact below 2^24): one message, not two;
         # shifted by one, so that a row nobody wrote (the ragged exchange leaves zeros) reads
         # as id -1: an empty row is neither computed nor counted as useful
-        received_rows = exchange.out(send_rows, fp8=fp8_dispatch, tile=send_tile)
+        received_rows = exchange.out(send_rows, fp8=fp8_dispatch, tile=matmul.fp8_block_size)
         received_meta = exchange.out(
             jnp.concatenate([(send_ids + 1).astype(jnp.float32), send_weights], 1))
         received_ids = received_meta[:, :slots].astype(jnp.int32) - 1
     computed, padded, useful = grouped_experts(
         received_rows, received_ids, received_meta[:, slots:], experts, matmul, tile,
-        shards * num_tokens * slots, use_ragged)
+        rows * slots, use_ragged)
     with jax.named_scope("combine"):
-        returned = exchange.back(computed)  # [P N_, D]: row p N_ + s computed on shard p
-        per_destination = grouped.take_rows(returned, slot.reshape(-1),
-                                            _flat_inverse(token, shards, num_tokens))
-        y = jnp.sum(per_destination.reshape(num_tokens, shards, -1), axis=1)
-    sent = jnp.sum(token < num_tokens)
-    return y, _row_stats(padded, useful, sent, shards * num_tokens)
+        returned = exchange.back(computed)  # [P C, D]: row p C + c computed on shard p
+        y = _sum_destinations(returned, slot, token, cfg, capacity)
+    return y, _row_stats(padded, useful, jnp.sum(token < num_tokens), rows)
+
+
+def _sum_destinations(returned, slot, token, cfg: MoEConfig, capacity: int):
+    """y [N_, D]: each token's sum of the rows its destinations returned this round, gathered
+    as [N_, d, D] with d = max_destinations (not [N_, P, D]): a token reaches at most d
+    shards."""
+    num_tokens, shards = slot.shape
+    rows = shards * capacity
+    most = max_destinations(cfg, shards)
+    sent = slot < rows
+    rank = jnp.cumsum(sent, axis=1) - 1  # [N_, P]: the destination's place among the token's
+    pick = sent[:, :, None] & (rank[:, :, None] == jnp.arange(most))  # [N_, P, d]
+    row_of = jnp.where(jnp.any(pick, axis=1),
+                       jnp.sum(jnp.where(pick, slot[:, :, None], 0), axis=1), rows)  # [N_, d]
+    shard_of_row = jnp.arange(rows) // capacity
+    token_rank = rank[jnp.minimum(token, num_tokens - 1), shard_of_row]
+    reader = jnp.where(token < num_tokens, token * most + token_rank, num_tokens * most)
+    per_destination = grouped.take_rows(returned, row_of.reshape(-1), reader[:, None])
+    return jnp.sum(per_destination.reshape(num_tokens, most, -1), axis=1)
 
 
 def _row_stats(padded, useful, sent, send_buffer) -> DispatchStats:
-    """The dropless statistics as float32 counts (nothing is ever dropped)."""
+    """One exchange's dropless statistics as float32 counts (dropped and overflow rounds 0:
+    the caller fills them in when it runs rounds)."""
     f32 = jnp.float32
     return DispatchStats(dropped=jnp.zeros((), f32), padded_rows=jnp.asarray(padded, f32),
                          useful_rows=jnp.asarray(useful, f32), rows_sent=jnp.asarray(sent, f32),
-                         send_buffer_rows=jnp.asarray(send_buffer, f32))
+                         send_buffer_rows=jnp.asarray(send_buffer, f32),
+                         overflow_rounds=jnp.zeros((), f32), exchanges=jnp.ones((), f32))
 
 
 def compact_slots(ids, weights, slots: int):
@@ -209,13 +313,6 @@ def compact_slots(ids, weights, slots: int):
                             jnp.sum(jnp.where(pick, ids[:, :, None], 0), axis=1), -1)
     compact_weights = jnp.sum(jnp.where(pick, weights[:, :, None], 0), axis=1)
     return compact_ids, compact_weights
-
-
-def _flat_inverse(token, shards: int, num_tokens: int):
-    """For each send row r = p N_ + s, the entry n P + p of the flattened [N_, P] slots that
-    reads it (N_ P when empty): the inverse `take_rows` needs for its gradient."""
-    shard = jnp.arange(shards * num_tokens) // num_tokens
-    return jnp.where(token < num_tokens, token * shards + shard, num_tokens * shards)[:, None]
 
 
 def dropless_moe(x, expert_ids, weights, experts: FFN, cfg: MoEConfig, matmul: Matmul,
