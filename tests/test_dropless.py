@@ -19,8 +19,14 @@ import moejax
 from moejax import params as P
 from moejax.config import MeshConfig
 from moejax.model.dispatch import grouped
-from moejax.model.dispatch.dropless import (_Queues, compact_slots, max_destinations, pair_capacity,
-                                            row_tile, static_rows)
+from moejax.model.dispatch.dropless import (
+    _Queues,
+    compact_slots,
+    max_destinations,
+    pair_capacity,
+    row_tile,
+    static_rows,
+)
 from moejax.model.moe import moe_ffn, moe_specs
 from moejax.sharding import batch_sharding
 
@@ -252,6 +258,9 @@ def test_tile_layout_sorts_stably_and_pads_to_tiles():
     assert int(layout.used_tiles) == 3 and int(layout.useful_rows) == 6
     np.testing.assert_array_equal(layout.tile_expert[:3], [0, 1, 2])
     assert all(int(layout.assignment_of_row[r]) == len(ids) for r in (2, 3, 5, 11))
+    assert int(layout.unplaced) == 0
+    # a buffer below the bound has no row for expert 2's group (rows 8-10): counted, not hidden
+    assert int(grouped.tile_layout(ids, 5, tile=4, num_rows=8).unplaced) == 3
 
 
 def test_take_rows_gradient_equals_the_gather_gradient():

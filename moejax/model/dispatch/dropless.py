@@ -38,11 +38,11 @@ import math
 import jax
 import jax.numpy as jnp
 
+from moejax import sharding
 from moejax.config import MoEConfig
 from moejax.model.dispatch import grouped, grouped_fp8
 from moejax.model.dispatch.shards import DispatchStats, Exchange, on_expert_shards
 from moejax.model.layers import FFN, Matmul
-from moejax import sharding
 from moejax.sharding import same_varying_axes
 
 
@@ -101,7 +101,8 @@ def grouped_experts(rows, local_ids, weights, experts: FFN, matmul: Matmul, tile
                     max_assignments: int, use_ragged_dot: bool):
     """rows [M, D] with their local expert ids and weights [M, k] (id -1: an expert elsewhere,
     weight 0) -> (sum_j weights[:, j] * expert_{ids[:, j]}(rows) [M, D], padded rows [],
-    useful rows []). `max_assignments` bounds the routed ids statically. With `matmul.fp8`
+    useful rows [], routed assignments the buffer had no row for []: 0 while
+    `max_assignments` bounds the routed ids, as it must statically). With `matmul.fp8`
     the three expert GEMMs run in fp8, forward and backward (grouped_fp8.py)."""
     num_rows, top_k = local_ids.shape
     num_experts = experts.w_gate.shape[0]
@@ -131,7 +132,7 @@ def grouped_experts(rows, local_ids, weights, experts: FFN, matmul: Matmul, tile
                                            layout.assignment_of_row[:, None])
         y = jnp.einsum("mkd,mk->md", per_assignment.reshape(num_rows, top_k, -1),
                        weights.astype(dtype))
-    return y, layout.used_tiles * tile, layout.useful_rows
+    return y, layout.used_tiles * tile, layout.useful_rows, layout.unplaced
 
 
 def pair_capacity(cfg: MoEConfig, tokens_per_shard: int, shards: int) -> int:
@@ -211,9 +212,9 @@ def dropless_moe_local(x, expert_ids, weights, experts: FFN, cfg: MoEConfig, mat
     if shards == 1:
         if fp8_dispatch:
             x = Exchange(None).out(x.astype(matmul.dtype), fp8=True, tile=send_tile)
-        y, padded, useful = grouped_experts(
+        y, padded, useful, unplaced = grouped_experts(
             x, expert_ids, weights, experts, matmul, tile, num_tokens * top_k, use_ragged)
-        return y, _row_stats(padded, useful, num_tokens, num_tokens)
+        return y, _row_stats(padded, useful, unplaced, num_tokens, num_tokens)
     local_experts = experts.w_gate.shape[0]
     capacity = pair_capacity(cfg, num_tokens, shards)
     queues = _Queues.of(expert_ids, local_experts, shards, capacity)
@@ -231,7 +232,7 @@ def dropless_moe_local(x, expert_ids, weights, experts: FFN, cfg: MoEConfig, mat
                                     x, weights, experts)
         y, stats = y + y_r, stats + stats_r
     undelivered = queues.undelivered(expert_ids, local_experts, capacity, queues.rounds)
-    return y, stats.replace(dropped=undelivered.astype(jnp.float32),
+    return y, stats.replace(dropped=stats.dropped + undelivered.astype(jnp.float32),
                             overflow_rounds=(queues.rounds - 1).astype(jnp.float32),
                             exchanges=jnp.ones((), jnp.float32))
 
@@ -264,13 +265,13 @@ def _exchange_round(x, expert_ids, weights, experts: FFN, queues: _Queues, round
         received_meta = exchange.out(
             jnp.concatenate([(send_ids + 1).astype(jnp.float32), send_weights], 1))
         received_ids = received_meta[:, :slots].astype(jnp.int32) - 1
-    computed, padded, useful = grouped_experts(
+    computed, padded, useful, unplaced = grouped_experts(
         received_rows, received_ids, received_meta[:, slots:], experts, matmul, tile,
         rows * slots, use_ragged)
     with jax.named_scope("combine"):
         returned = exchange.back(computed)  # [P C, D]: row p C + c computed on shard p
         y = _sum_destinations(returned, slot, token, cfg, capacity)
-    return y, _row_stats(padded, useful, jnp.sum(token < num_tokens), rows)
+    return y, _row_stats(padded, useful, unplaced, jnp.sum(token < num_tokens), rows)
 
 
 def _sum_destinations(returned, slot, token, cfg: MoEConfig, capacity: int):
@@ -292,11 +293,11 @@ def _sum_destinations(returned, slot, token, cfg: MoEConfig, capacity: int):
     return jnp.sum(per_destination.reshape(num_tokens, most, -1), axis=1)
 
 
-def _row_stats(padded, useful, sent, send_buffer) -> DispatchStats:
-    """One exchange's dropless statistics as float32 counts (dropped and overflow rounds 0:
-    the caller fills them in when it runs rounds)."""
+def _row_stats(padded, useful, unplaced, sent, send_buffer) -> DispatchStats:
+    """One exchange's dropless statistics as float32 counts; dropped: the assignments the
+    sorted buffer had no row for (overflow rounds 0: the caller adds rounds)."""
     f32 = jnp.float32
-    return DispatchStats(dropped=jnp.zeros((), f32), padded_rows=jnp.asarray(padded, f32),
+    return DispatchStats(dropped=jnp.asarray(unplaced, f32), padded_rows=jnp.asarray(padded, f32),
                          useful_rows=jnp.asarray(useful, f32), rows_sent=jnp.asarray(sent, f32),
                          send_buffer_rows=jnp.asarray(send_buffer, f32),
                          overflow_rounds=jnp.zeros((), f32), exchanges=jnp.ones((), f32))

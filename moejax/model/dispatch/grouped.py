@@ -66,6 +66,9 @@ class TileLayout:
     tile_expert: jax.Array  # [R / tile] int32: the expert whose weights each tile uses
     used_tiles: jax.Array  # [] int32: tiles holding at least one assignment's group
     useful_rows: jax.Array  # [] int32: assignments routed here
+    # [] int32: routed assignments whose row fell beyond the buffer (lost): 0 when `num_rows`
+    # is a true bound (padded_rows of the assignments)
+    unplaced: jax.Array
     tile: int = struct.field(pytree_node=False)
 
 
@@ -85,6 +88,7 @@ def tile_layout(expert_of_assignment: jax.Array, num_experts: int, tile: int,
     expert = jnp.minimum(sorted_expert, num_experts - 1)
     rank = jnp.arange(num_assignments) - group_start[expert]
     row_sorted = jnp.where(routed, padded_start[expert] + rank, num_rows).astype(jnp.int32)
+    unplaced = jnp.sum(routed & (row_sorted >= num_rows))
     row_of_assignment = jnp.zeros(num_assignments, jnp.int32).at[order].set(row_sorted)
     assignment_of_row = jnp.full(num_rows, num_assignments, jnp.int32).at[row_sorted].set(
         order.astype(jnp.int32), mode="drop")
@@ -93,7 +97,7 @@ def tile_layout(expert_of_assignment: jax.Array, num_experts: int, tile: int,
     return TileLayout(row_of_assignment, assignment_of_row,
                       jnp.minimum(tile_expert, num_experts - 1).astype(jnp.int32),
                       (jnp.sum(padded) // tile).astype(jnp.int32),
-                      jnp.sum(counts).astype(jnp.int32), tile)
+                      jnp.sum(counts).astype(jnp.int32), unplaced.astype(jnp.int32), tile)
 
 
 def _zeros(shape, dtype, like: jax.Array) -> jax.Array:

@@ -29,7 +29,9 @@ class DispatchStats:
     """A back-end's statistics: float32 counts [], summed over expert shards (and over the
     halves of moe.overlap_halves); `metrics` turns them into the layer's ratios.
 
-    dropped: token copies (assignments) dropped over capacity (0 but for `capacity`).
+    dropped: token copies (assignments) dropped: over capacity (`capacity`); for `dropless`,
+    those its buffers had no row for or its exchange rounds did not reach (0 unless a bound
+    is wrong: counted from the buffers, so a test of it can fail; `dense`: 0).
     The row counts, filled by `dropless` alone (None for the others):
     padded_rows: rows of the sorted buffers the grouped GEMM ran (whole row tiles);
     useful_rows: the assignments among them;
