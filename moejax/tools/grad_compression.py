@@ -283,30 +283,28 @@ def study(out: Path, seeds=(0, 1, 2), steps: int = 300, settings=tuple(SETTINGS)
         save()
         return record
 
+    def gap(seed, record, name, mesh, base, base_mesh):
+        """held-out and final-parameter gaps of `record` (setting `name` on `mesh`) to `base`
+        (none on `base_mesh`), both of `seed`."""
+        return {"held_out_gap": record["held_out"] - base["held_out"],
+                "params_gap": params_gap(
+                    final_params(study_config(name, seed, steps, mesh, corpus_dir),
+                                 record["run_dir"]),
+                    final_params(study_config("none", seed, steps, base_mesh, corpus_dir),
+                                 base["run_dir"]))}
+
     def tolerance(seed):
         """none on a second mesh: its gap to none on STUDY_MESH is float32 reordering alone."""
         other = run("none", seed, TOLERANCE_MESH, key="none on fsdp2 x expert4")
-        base = result["runs"]["none"][str(seed)]
-        result["tolerance"] = {
-            "held_out_gap": other["held_out"] - base["held_out"],
-            "params_gap": params_gap(
-                final_params(study_config("none", seed, steps, TOLERANCE_MESH, corpus_dir),
-                             other["run_dir"]),
-                final_params(study_config("none", seed, steps, STUDY_MESH, corpus_dir),
-                             base["run_dir"]))}
+        result["tolerance"] = gap(seed, other, "none", TOLERANCE_MESH,
+                                  result["runs"]["none"][str(seed)], STUDY_MESH)
         log(f"tolerance: {result['tolerance']}")
         save()
 
     def explicit_gap(seed):
         """f32 (the explicit reduction) against none after `steps` steps."""
-        f32, base = result["runs"]["f32"][str(seed)], result["runs"]["none"][str(seed)]
-        result["f32_vs_none"] = {
-            "held_out_gap": f32["held_out"] - base["held_out"],
-            "params_gap": params_gap(
-                final_params(study_config("f32", seed, steps, STUDY_MESH, corpus_dir),
-                             f32["run_dir"]),
-                final_params(study_config("none", seed, steps, STUDY_MESH, corpus_dir),
-                             base["run_dir"]))}
+        result["f32_vs_none"] = gap(seed, result["runs"]["f32"][str(seed)], "f32", STUDY_MESH,
+                                    result["runs"]["none"][str(seed)], STUDY_MESH)
         log(f"f32 vs none: {result['f32_vs_none']}")
         save()
 

@@ -210,12 +210,11 @@ def sync_state_shardings(cfg: Config, mesh, shapes: GradSyncState | None):
 # payloads
 
 
-def _chunks_first(x_, plan: LeafPlan, mesh):
-    """x_ [local shape] -> ([N, *chunk shape], undo) where the N chunks are the target shards
-    of the scatter axes, in the order all_to_all over those axes numbers the devices."""
-    scatter = plan.scatter_axes()
+def _split_layout(local_shape, plan: LeafPlan, mesh):
+    """How a local [shape] splits into target chunks: (split shape, with each scattered
+    dimension d as [n, d / n]; the axis order that puts the n's first, then the rest)."""
     split_shape, fronts, rest = [], [], []
-    for dim, axes in zip(x_.shape, scatter):
+    for dim, axes in zip(local_shape, plan.scatter_axes()):
         n = math.prod(mesh.shape[a] for a in axes)
         if axes:
             fronts.append(len(split_shape))
@@ -223,7 +222,14 @@ def _chunks_first(x_, plan: LeafPlan, mesh):
         else:
             split_shape.append(dim)
         rest.append(len(split_shape) - 1)
-    moved = jnp.transpose(x_.reshape(split_shape), fronts + rest)
+    return split_shape, fronts + rest, rest
+
+
+def _chunks_first(x_, plan: LeafPlan, mesh):
+    """x_ [local shape] -> ([N, *chunk shape], chunk shape) where the N chunks are the target
+    shards of the scatter axes, in the order all_to_all over those axes numbers the devices."""
+    split_shape, order, rest = _split_layout(x_.shape, plan, mesh)
+    moved = jnp.transpose(x_.reshape(split_shape), order)
     chunk_shape = tuple(split_shape[i] for i in rest)
     return moved.reshape(-1, *chunk_shape), chunk_shape
 
@@ -270,17 +276,7 @@ def _reduce_quantized(m_, plan: LeafPlan, mesh, compression: str):
 
 def _unchunk(chunks, local_shape, plan: LeafPlan, mesh):
     """Inverse of _chunks_first."""
-    scatter = plan.scatter_axes()
-    split_shape, fronts, rest = [], [], []
-    for dim, axes in zip(local_shape, scatter):
-        n = math.prod(mesh.shape[a] for a in axes)
-        if axes:
-            fronts.append(len(split_shape))
-            split_shape += [n, dim // n]
-        else:
-            split_shape.append(dim)
-        rest.append(len(split_shape) - 1)
-    order = fronts + rest
+    split_shape, order, _ = _split_layout(local_shape, plan, mesh)
     moved_shape = [split_shape[i] for i in order]
     inverse = [order.index(i) for i in range(len(order))]
     return jnp.transpose(chunks.reshape(moved_shape), inverse).reshape(local_shape)
