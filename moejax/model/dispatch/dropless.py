@@ -164,7 +164,9 @@ class _Queues:
         sends = jnp.any(destination[:, :, None] == jnp.arange(shards), axis=1)
         position = jnp.cumsum(sends, axis=0) - 1
         longest = jnp.max(jnp.sum(sends, axis=0))
-        axes = tuple(sorted(sharding.manual_axes()))  # every device runs the same rounds
+        # every device runs the same rounds: the max over the axes the count varies over
+        # (it is the same along the others)
+        axes = tuple(sorted(sharding.varying_axes(longest)))
         longest = jax.lax.pmax(longest, axes) if axes else longest
         return cls(sends, position, jnp.maximum(1, -(-longest // capacity)))
 
