@@ -220,3 +220,20 @@ def test_impossible_pipelines_are_refused_with_one_sentence(overrides, message):
         tiny_config("train.global_batch_size=8", *overrides)
     text = str(err.value)
     assert "\n" not in text and text.endswith(".")
+
+
+def test_the_dense_first_layers_run_per_microbatch_not_on_the_whole_shard():
+    """The first-k dense layers run before the pipeline one microbatch at a time: their SwiGLU
+    hidden activations exist for one microbatch's rows of a batch shard, never for the
+    shard's whole batch (which made them 713 of the 785 GB of the 671B PP16 plan's
+    temporaries)."""
+    hlo = pipelined("gpipe", "pipe2_fsdp2_expert2")[3]
+    cfg = tiny_config(*PIPELINE_CONFIG, *SCHEDULES["gpipe"])
+    rows = cfg.train.global_batch_size // 4  # 4 batch shards: data 1 x fsdp 2 x expert 2
+    seq, hidden = cfg.train.seq_len, cfg.model.ffn_dim
+    assert cfg.model.num_dense_layers == 1
+    # SwiGLU's silu outside the pipeline's shard_map (inside it: the MoE layers and the tail)
+    silu = [line for line in hlo.splitlines() if "silu" in line and "shard_map" not in line]
+    shapes = {m.group(1) for line in silu if (m := re.search(r"= f32\[([\d,]+)\]", line))}
+    assert f"{rows // 2},{seq},{hidden}" in shapes, shapes
+    assert not shapes & {f"{rows},{seq},{hidden}", f"{rows * seq},{hidden}"}, shapes
