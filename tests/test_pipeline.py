@@ -232,8 +232,10 @@ def test_the_dense_first_layers_run_per_microbatch_not_on_the_whole_shard():
     rows = cfg.train.global_batch_size // 4  # 4 batch shards: data 1 x fsdp 2 x expert 2
     seq, hidden = cfg.train.seq_len, cfg.model.ffn_dim
     assert cfg.model.num_dense_layers == 1
-    # SwiGLU's silu outside the pipeline's shard_map (inside it: the MoE layers and the tail)
-    silu = [line for line in hlo.splitlines() if "silu" in line and "shard_map" not in line]
-    shapes = {m.group(1) for line in silu if (m := re.search(r"= f32\[([\d,]+)\]", line))}
+    # SwiGLU's silu at the dense FFN's width (the experts' and the shared expert's are
+    # moe.expert_ffn_dim wide)
+    assert hidden not in (cfg.moe.expert_ffn_dim, cfg.moe.expert_ffn_dim * cfg.moe.num_shared_experts)
+    silu = [line for line in hlo.splitlines() if "silu" in line]
+    shapes = {m.group(1) for line in silu if (m := re.search(rf"= f32\[([\d,]+,{hidden})\]", line))}
     assert f"{rows // 2},{seq},{hidden}" in shapes, shapes
     assert not shapes & {f"{rows},{seq},{hidden}", f"{rows * seq},{hidden}"}, shapes

@@ -324,6 +324,25 @@ def _stage_loop(stored, micro, block_fn, schedule: Schedule, slots: _Slots, pipe
     return finished, mine
 
 
+def microbatched(fn, x, weights, microbatches: int):
+    """fn(weights, x_ [B_ / m, ...]) -> [B_ / m, ...] on the m microbatches of x [B, ...], one
+    at a time (rows j, j + m, ... of each batch shard form microbatch j, as `pipelined_stack`
+    splits them), inside one shard_map: the working set is one microbatch's, and the gradient
+    of `weights` (entering whole) accumulates locally over the microbatches and is summed over
+    the batch axes once (a loop under GSPMD all-reduced it at every microbatch). Used for the
+    first-k dense layers before the pipeline."""
+    rows = PartitionSpec(sharding.BATCH_AXES)
+
+    def local(x_, weights_):
+        weights_ = jax.tree.map(_varying_over_batch_axes, weights_)
+        micro = x_.reshape(x_.shape[0] // microbatches, microbatches, *x_.shape[1:])
+        out = jax.lax.map(lambda xm: fn(weights_, xm), micro.swapaxes(0, 1))
+        return out.swapaxes(0, 1).reshape(x_.shape)
+
+    whole = jax.tree.map(lambda _: PartitionSpec(), weights)
+    return jax.shard_map(local, in_specs=(rows, whole), out_specs=rows)(x, weights)
+
+
 def _varying_over_batch_axes(weight):
     """The weight marked as varying over every batch axis, outside the tick loop: used
     invariant inside it, each use would get its own cast, whose transpose sums the gradient

@@ -271,17 +271,6 @@ def moe_stack(blocks: Block, x, cfg: Config, router_state: RouterState,
     return y, stats
 
 
-def _per_microbatch(fn, x, cfg: Config):
-    """fn([B / m, T, D]) -> [B / m, T, D] run on the m = train.microbatches microbatches of
-    x [B, T, D] in turn (rows j, j + m, ... form microbatch j, as the pipeline splits them):
-    the first-k dense layers before a pipeline then work, and keep their backward's working
-    set, one microbatch at a time rather than on the device's whole batch shard (713 of the
-    785 GB of temporaries of the 671B PP16 plan, docs/plan.md)."""
-    m = cfg.train.microbatches
-    micro = x.reshape(x.shape[0] // m, m, *x.shape[1:]).swapaxes(0, 1)
-    return jax.lax.map(fn, micro).swapaxes(0, 1).reshape(x.shape)
-
-
 def _decoder(params: Transformer, tokens, positions, cfg: Config, router_state, cache=None,
              tail: pipeline.Tail | None = None):
     """tokens [B, T] at positions [T] -> (hidden [B, T, D] before the final norm, per-layer MoE
@@ -307,8 +296,11 @@ def _decoder(params: Transformer, tokens, positions, cfg: Config, router_state, 
     new_cache = {"dense": None, "moe": None}
     if (params.dense_blocks is not None and params.moe_blocks is not None and not cached
             and pipeline.pipe_stages() > 1):
-        whole = _whole_over_pipe(params.dense_blocks, specs.dense_blocks)  # once, not per tick
-        x = _per_microbatch(lambda x_: _run_stack(whole, x_, None, dense_layer, cfg)[0], x, cfg)
+        # one microbatch at a time rather than on the device's whole batch shard: their
+        # backward's working set was 713 of the 785 GB of temporaries of the 671B PP16 plan
+        x = pipeline.microbatched(
+            lambda blocks, x_: _run_stack(blocks, x_, None, dense_layer, cfg)[0], x,
+            params.dense_blocks, cfg.train.microbatches)
     elif params.dense_blocks is not None:
         run = _run_stack if params.moe_blocks is not None else functools.partial(
             _run_staged_stack, cached=cached)
