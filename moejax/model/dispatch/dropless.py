@@ -220,6 +220,9 @@ def dropless_moe_local(x, expert_ids, weights, experts: FFN, cfg: MoEConfig, mat
     local_experts = experts.w_gate.shape[0]
     capacity = pair_capacity(cfg, num_tokens, shards)
     queues = _Queues.of(expert_ids, local_experts, shards, capacity)
+    # the experts cast to vary like the tokens once, before the rounds: their gradient then
+    # accumulates over the rounds and is summed over the batch axes once, not once per round
+    x, experts = same_varying_axes(x, experts)
 
     def exchange_round(round_index, x_, weights_, experts_):
         return _exchange_round(x_, expert_ids, weights_, experts_, queues, round_index,
