@@ -114,8 +114,8 @@ def test_mtp_loss_decomposes_as_documented():
         assert float(metrics[f"mtp_cross_entropy_{depth}"]) == pytest.approx(float(reference),
                                                                              rel=1e-5)
     main_only = tiny_config(*MLA, "moe.seq_balance_loss_coef=0.01")
-    main_loss, main_metrics = moejax.loss_fn(params.replace(mtp=None), {"tokens": tokens},
-                                             main_only)
+    main_loss, main_metrics = jax.jit(moejax.loss_fn, static_argnums=2)(
+        params.replace(mtp=None), {"tokens": tokens}, main_only)
     assert float(metrics["cross_entropy"]) == pytest.approx(float(main_metrics["cross_entropy"]),
                                                             rel=1e-6)
     # loss = main CE + main router losses + (lambda / D) sum_k (CE_k + router losses_k)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 from helpers import max_relative_error, tiny_config
-from test_mesh_equivalence import CONFIGS, _batch, _router_state, shardings
+from test_mesh_equivalence import CONFIGS, _batch, _router_state, on_mesh, shardings
 
 import moejax
 from moejax.config import ConfigError, MeshConfig
@@ -56,8 +56,8 @@ def pipelined(schedule, mesh_name):
     cfg = tiny_config(*PIPELINE_CONFIG, *SCHEDULES[schedule]).replace(mesh=MESHES[mesh_name])
     mesh = moejax.make_mesh(cfg.mesh)
     with jax.set_mesh(mesh):
-        sharded = jax.device_put(params, shardings(cfg, mesh))
-        batch = jax.device_put(_batch(cfg), batch_sharding(mesh))
+        sharded = on_mesh(params, shardings(cfg, mesh))
+        batch = on_mesh(_batch(cfg), batch_sharding(mesh))
         compiled = jax.jit(_grad_fn(cfg, batch)).lower(sharded).compile()
         (loss, metrics), grads = compiled(sharded)
     return loss, metrics, grads, compiled.as_text()
@@ -97,11 +97,11 @@ def test_uneven_stages_match_single_device(case):
     cfg = single.replace(mesh=mesh_cfg)
     mesh = moejax.make_mesh(cfg.mesh)
     with jax.set_mesh(mesh):
-        stored = jax.device_put(params, shardings(cfg, mesh))
+        stored = on_mesh(params, shardings(cfg, mesh))
         # no stage stores the stack whole: each weight is split over `pipe` along a dimension
         for leaf in jax.tree.leaves(stored.moe_blocks):
             assert leaf.addressable_shards[0].data.size * 2 <= leaf.size, leaf.sharding
-        batch = jax.device_put(_batch(cfg), batch_sharding(mesh))
+        batch = on_mesh(_batch(cfg), batch_sharding(mesh))
         (loss, metrics), grads = jax.jit(_grad_fn(cfg, batch))(stored)
     assert abs(float(loss) - float(expected_loss)) <= 1e-5 * abs(float(expected_loss))
     assert jnp.array_equal(metrics["expert_counts"], expected_metrics["expert_counts"])
