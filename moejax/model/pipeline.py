@@ -37,6 +37,7 @@ over the whole batch (router.merge_microbatches)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -167,11 +168,7 @@ def pipelined_stack(stack, stack_specs, x, per_layer, block_fn, schedule: Schedu
     p, v, m = schedule.stages, schedule.virtual_stages, schedule.microbatches
     num_layers = jax.tree.leaves(stack)[0].shape[0]
     slots = _Slots.of(schedule, num_layers)
-    batch = x.shape[0]
-
-    def by_microbatch(leaf):  # [B, ...] -> [m, B / m, ...]: microbatch j holds rows j, j + m, ...
-        return leaf.reshape(batch // m, m, *leaf.shape[1:]).swapaxes(0, 1)
-
+    by_microbatch = functools.partial(split_microbatches, microbatches=m)
     micro = by_microbatch(x)  # each microbatch keeps the batch's sharding over data axes
     rows = PartitionSpec(None, sharding.BATCH_AXES)
     if schedule.uneven:
@@ -205,7 +202,7 @@ def pipelined_stack(stack, stack_specs, x, per_layer, block_fn, schedule: Schedu
             out_specs=(rows, by_stage_and_shard, by_stage_and_shard))
         out, outputs, tail_outputs = run(stored, micro, tail.weights,
                                          jax.tree.map(by_microbatch, tail.rows))
-    out = out.swapaxes(0, 1).reshape(x.shape)
+    out = joined_microbatches(out)
     outputs = jax.tree.map(lambda leaf: _by_layer(leaf, schedule, slots), outputs)
     if tail is None:
         return out, outputs
@@ -324,6 +321,17 @@ def _stage_loop(stored, micro, block_fn, schedule: Schedule, slots: _Slots, pipe
     return finished, mine
 
 
+def split_microbatches(leaf, microbatches: int):
+    """[B, ...] -> [m, B / m, ...]: microbatch j holds rows j, j + m, ... (so each keeps the
+    batch's sharding over the data axes)."""
+    return leaf.reshape(leaf.shape[0] // microbatches, microbatches, *leaf.shape[1:]).swapaxes(0, 1)
+
+
+def joined_microbatches(micro):
+    """The inverse of `split_microbatches`: [m, B / m, ...] -> [B, ...]."""
+    return micro.swapaxes(0, 1).reshape(-1, *micro.shape[2:])
+
+
 def microbatched(fn, x, weights, microbatches: int):
     """fn(weights, x_ [B_ / m, ...]) -> [B_ / m, ...] on the m microbatches of x [B, ...], one
     at a time (rows j, j + m, ... of each batch shard form microbatch j, as `pipelined_stack`
@@ -335,9 +343,8 @@ def microbatched(fn, x, weights, microbatches: int):
 
     def local(x_, weights_):
         weights_ = jax.tree.map(_varying_over_batch_axes, weights_)
-        micro = x_.reshape(x_.shape[0] // microbatches, microbatches, *x_.shape[1:])
-        out = jax.lax.map(lambda xm: fn(weights_, xm), micro.swapaxes(0, 1))
-        return out.swapaxes(0, 1).reshape(x_.shape)
+        micro = split_microbatches(x_, microbatches)
+        return joined_microbatches(jax.lax.map(lambda xm: fn(weights_, xm), micro))
 
     whole = jax.tree.map(lambda _: PartitionSpec(), weights)
     return jax.shard_map(local, in_specs=(rows, whole), out_specs=rows)(x, weights)

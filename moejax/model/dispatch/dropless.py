@@ -230,10 +230,10 @@ def dropless_moe_local(x, expert_ids, weights, experts: FFN, cfg: MoEConfig, mat
                                tile)
 
     y, stats = exchange_round(0, x, weights, experts)
+    nothing = jax.tree.map(jnp.zeros_like, (y, stats))  # what a round that does not run adds
     for round_index in range(1, -(-num_tokens // capacity)):
         later = jax.checkpoint(functools.partial(exchange_round, round_index))
-        skipped = lambda *_: jax.tree.map(jnp.zeros_like, (y, stats))  # noqa: B023
-        y_r, stats_r = jax.lax.cond(round_index < queues.rounds, later, skipped,
+        y_r, stats_r = jax.lax.cond(round_index < queues.rounds, later, lambda *_: nothing,
                                     x, weights, experts)
         y, stats = y + y_r, stats + stats_r
     undelivered = queues.undelivered(expert_ids, local_experts, capacity, queues.rounds)
