@@ -198,7 +198,9 @@ class TrainConfig:
     microbatches: int = 1
     # gpipe: every microbatch forward, then every backward (one block of layers per stage);
     # interleaved: each stage holds virtual_stages blocks, visited in turn (circular), which
-    # shrinks the bubble from (p - 1) / (m + p - 1) to (p - 1) / (v m + p - 1)
+    # shrinks the bubble from (p - 1) / (m + p - 1) to (p - 1) / (v m + p - 1); 1f1b: each
+    # microbatch's backward as soon as the last stage has its loss, so a stage keeps at most
+    # 2p - 1 microbatches' inputs whatever m (recomputing its forward in the backward)
     pipeline_schedule: str = "gpipe"
     virtual_stages: int = 1  # v blocks per stage; more than 1 needs pipeline_schedule=interleaved
     # layers of the pipelined stack on each stage, first to last (e.g. [4, 4, 3, 3]; gpipe);
@@ -432,14 +434,19 @@ def unevenly_staged(cfg: Config) -> bool:
 
 def _validate_pipeline(cfg: Config, stages: int, batch_shards: int) -> None:
     t = cfg.train
-    _check(t.pipeline_schedule in ("gpipe", "interleaved"),
-           f"train.pipeline_schedule={t.pipeline_schedule!r} is unknown: use gpipe or interleaved.")
+    _check(t.pipeline_schedule in ("gpipe", "interleaved", "1f1b"),
+           f"train.pipeline_schedule={t.pipeline_schedule!r} is unknown: use gpipe, interleaved "
+           "or 1f1b.")
+    _check(t.pipeline_schedule != "1f1b" or stages == 1 or cfg.moe.switch_loss_coef == 0,
+           f"train.pipeline_schedule=1f1b runs each microbatch's backward before the batch's "
+           f"forward is done, so it cannot train the switch loss (a product of two whole-batch "
+           f"means): set moe.switch_loss_coef=0 (it is {cfg.moe.switch_loss_coef}) or use gpipe.")
     _check(t.microbatches >= 1, f"train.microbatches={t.microbatches} must be at least 1.")
     _check(t.virtual_stages >= 1, f"train.virtual_stages={t.virtual_stages} must be at least 1.")
     _check((t.virtual_stages > 1) == (t.pipeline_schedule == "interleaved"),
            f"train.pipeline_schedule={t.pipeline_schedule} with train.virtual_stages="
            f"{t.virtual_stages}: the interleaved schedule needs virtual_stages >= 2 and gpipe "
-           "needs virtual_stages=1.")
+           "and 1f1b need virtual_stages=1.")
     if stages == 1:
         return
     blocks = stages * t.virtual_stages
@@ -460,7 +467,7 @@ def _validate_pipeline(cfg: Config, stages: int, batch_shards: int) -> None:
                f"train.pipeline_layers_per_stage={list(counts)} must give each of the {stages} "
                f"stages at least one layer, {layers} in all (the pipelined stack).")
         _check(t.virtual_stages == 1,
-               "train.pipeline_layers_per_stage places layers on stages for gpipe: use it "
+               "train.pipeline_layers_per_stage places layers on stages for gpipe and 1f1b: use it "
                "without the interleaved schedule.")
     _check(t.global_batch_size % (t.microbatches * batch_shards) == 0,
            f"train.global_batch_size={t.global_batch_size} is not divisible by "

@@ -108,6 +108,43 @@ def test_uneven_stages_match_single_device(case):
     assert max_relative_error(grads, expected_grads) <= 1e-5
 
 
+# 1F1B: DeepSeek-V3 in small (MLA with YaRN, MTP, a dense first layer, dropless, group-limited
+# routing) without the switch loss, which 1f1b refuses; m = 4 microbatches, more than the
+# 2p - 1 = 3 inputs pipe2 keeps, so its slots are reused. pipe4 x expert2 has uneven stages
+# (5 MoE layers: 2, 1, 1, 1).
+ONE_F_ONE_B_CONFIG = (*CONFIGS["deepseek_v3"], "moe.switch_loss_coef=0", "model.num_layers=6",
+                      "train.global_batch_size=16", "train.microbatches=4")
+ONE_F_ONE_B_MESHES = {"pipe2_data2_expert2": MeshConfig(2, 1, 2, 2),
+                      "pipe4_expert2": MeshConfig(1, 1, 2, 4)}
+
+
+@functools.cache
+def one_f_one_b_reference():
+    cfg = tiny_config(*ONE_F_ONE_B_CONFIG)
+    params = moejax.init_params(cfg, jax.random.key(0))
+    (loss, metrics), grads = jax.jit(_grad_fn(cfg, _batch(cfg)))(params)
+    return params, loss, metrics, grads
+
+
+@pytest.mark.parametrize("mesh_name", ONE_F_ONE_B_MESHES)
+def test_one_f_one_b_matches_single_device(mesh_name):
+    params, expected_loss, expected_metrics, expected_grads = one_f_one_b_reference()
+    cfg = tiny_config(*ONE_F_ONE_B_CONFIG, "train.pipeline_schedule=1f1b").replace(
+        mesh=ONE_F_ONE_B_MESHES[mesh_name])
+    mesh = moejax.make_mesh(cfg.mesh)
+    with jax.set_mesh(mesh):
+        stored = on_mesh(params, shardings(cfg, mesh))
+        batch = on_mesh(_batch(cfg), batch_sharding(mesh))
+        (loss, metrics), grads = jax.jit(_grad_fn(cfg, batch))(stored)
+    assert abs(float(loss) - float(expected_loss)) <= 1e-5 * abs(float(expected_loss))
+    assert float(expected_metrics["seq_balance_loss"]) > 0 and float(expected_metrics["mtp_aux_loss"]) > 0
+    for name in ("cross_entropy", "seq_balance_loss", "z_loss", "aux_loss", "mtp_aux_loss",
+                 "mtp_cross_entropy_1"):
+        assert max_relative_error(metrics[name], expected_metrics[name]) <= 1e-5, name
+    assert jnp.array_equal(metrics["expert_counts"], expected_metrics["expert_counts"])
+    assert max_relative_error(grads, expected_grads) <= 1e-5
+
+
 def test_a_checkpoint_of_uneven_stages_resumes_on_another_pipe_size(tmp_path):
     """The stack keeps its [L, ...] shape whatever the stages: a checkpoint written on pipe2
     (stages of 2 and 1 layers, the stack split over `pipe` along another dimension) restores
@@ -120,7 +157,8 @@ def test_a_checkpoint_of_uneven_stages_resumes_on_another_pipe_size(tmp_path):
     writer = Checkpoints(tmp_path, keep=1)
     writer.save(1, uneven.state, {"position": 0})
     writer.close()
-    for overrides in (("mesh.expert=8",), ("mesh.pipe=3", "mesh.expert=2")):
+    for overrides in (("mesh.expert=8",), ("mesh.pipe=3", "mesh.expert=2"),
+                      ("mesh.pipe=2", "mesh.expert=4", "train.pipeline_schedule=1f1b")):
         target = build_run(tiny_config(*overrides), abstract=True).state
         restored, _ = Checkpoints(tmp_path).restore(1, target)
         for saved, back, like in zip(jax.tree.leaves(uneven.state), jax.tree.leaves(restored),
@@ -213,7 +251,9 @@ def test_schedule_bubble_and_work_order():
      "is not divisible by train.microbatches=3"),
     (("mesh.pipe=2", "mesh.expert=4", "model.num_layers=5", "train.virtual_stages=2"),
      "the interleaved schedule needs virtual_stages >= 2"),
-    (("train.pipeline_schedule=1f1b",), "train.pipeline_schedule='1f1b' is unknown"),
+    (("train.pipeline_schedule=1f2b",), "train.pipeline_schedule='1f2b' is unknown"),
+    (("mesh.pipe=2", "mesh.expert=4", "model.num_layers=5", "moe.switch_loss_coef=0.01",
+      "train.pipeline_schedule=1f1b"), "set moe.switch_loss_coef=0 (it is 0.01) or use gpipe"),
 ])
 def test_impossible_pipelines_are_refused_with_one_sentence(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)) as err:

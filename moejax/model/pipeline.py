@@ -153,6 +153,9 @@ class Tail:
     weights: object
     weight_specs: object
     rows: object
+    # the 1f1b schedule (one_f_one_b): loss(outputs, loss_inputs) -> [] of one microbatch shard
+    loss: object = None
+    loss_inputs: object = None
 
 
 def pipelined_stack(stack, stack_specs, x, per_layer, block_fn, schedule: Schedule,
@@ -165,23 +168,14 @@ def pipelined_stack(stack, stack_specs, x, per_layer, block_fn, schedule: Schedu
     outputs with leaves [c, ...])` runs one block of c layers on one shard of one microbatch.
     Returns (x [B, T, D] after every layer, outputs with leaves [L, m S, ...]), and with a
     `tail` its outputs, leaves [m S, ...] by microbatch and shard."""
-    p, v, m = schedule.stages, schedule.virtual_stages, schedule.microbatches
+    m = schedule.microbatches
     num_layers = jax.tree.leaves(stack)[0].shape[0]
     slots = _Slots.of(schedule, num_layers)
     by_microbatch = functools.partial(split_microbatches, microbatches=m)
     micro = by_microbatch(x)  # each microbatch keeps the batch's sharding over data axes
     rows = PartitionSpec(None, sharding.BATCH_AXES)
-    if schedule.uneven:
-        # stored [L, ...]: each stage regroups its layers inside (_stage_blocks)
-        stored = (stack, per_layer)
-        specs = (stack_specs, jax.tree.map(lambda _: PartitionSpec(), per_layer))
-    else:
-        # [L, ...] -> [p, v, c, ...]: stage s stores blocks s v .. s v + v - 1, its own shard
-        stored = jax.tree.map(lambda leaf: leaf.reshape(p, v, slots.per_block, *leaf.shape[1:]),
-                              (stack, per_layer))
-        specs = (stack_specs, jax.tree.map(lambda _: PartitionSpec(PIPE), per_layer))
-    pipe_dims = jax.tree.map(_pipe_dim, stack_specs,
-                             is_leaf=lambda x: isinstance(x, PartitionSpec))
+    stored, specs = _stored(stack, stack_specs, per_layer, schedule, slots)
+    pipe_dims = _pipe_dims(stack_specs)
     by_stage_and_shard = PartitionSpec(PIPE, sharding.BATCH_AXES)
 
     if tail is None:
@@ -207,6 +201,23 @@ def pipelined_stack(stack, stack_specs, x, per_layer, block_fn, schedule: Schedu
     if tail is None:
         return out, outputs
     return out, outputs, jax.tree.map(lambda leaf: _by_microbatch(leaf, schedule), tail_outputs)
+
+
+def _stored(stack, stack_specs, per_layer, schedule: Schedule, slots: _Slots):
+    """The stack and per-layer inputs as the shard_map takes them, and their specs: [L, ...]
+    for uneven stages (each stage regroups its layers inside, _stage_blocks), else
+    [p, v, c, ...] (stage s stores blocks s v .. s v + v - 1, its own shard)."""
+    if schedule.uneven:
+        return (stack, per_layer), (stack_specs, jax.tree.map(lambda _: PartitionSpec(),
+                                                              per_layer))
+    p, v = schedule.stages, schedule.virtual_stages
+    stored = jax.tree.map(lambda leaf: leaf.reshape(p, v, slots.per_block, *leaf.shape[1:]),
+                          (stack, per_layer))
+    return stored, (stack_specs, jax.tree.map(lambda _: PartitionSpec(PIPE), per_layer))
+
+
+def _pipe_dims(stack_specs):
+    return jax.tree.map(_pipe_dim, stack_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
 def _tail_loop(finished, fn, weights, rows, schedule: Schedule):
@@ -319,6 +330,161 @@ def _stage_loop(stored, micro, block_fn, schedule: Schedule, slots: _Slots, pipe
         lambda leaf: jax.lax.dynamic_slice_in_dim(leaf, stage, schedule.work_items)[None, None],
         outputs)  # the ticks stage .. stage + m v - 1 carry this stage's work items in order
     return finished, mine
+
+
+def one_f_one_b(stack, stack_specs, x, per_layer, block_fn, block_loss, schedule: Schedule,
+                tail: Tail):
+    """The stack and its tail trained with the 1F1B schedule: loss and gradients in one pass.
+
+    Same arguments as `pipelined_stack`, plus `block_loss(outputs with leaves [c, ...]) -> [c]`,
+    each layer's loss term from its outputs (the router losses), and `tail.loss(tail outputs,
+    tail.loss_inputs) -> []`, one microbatch shard's loss from the tail's outputs. The step's
+    loss is their mean over microbatches and batch shards (so it must be linear in the
+    per-microbatch terms). Returns (loss [], outputs [L, m S, ...], tail outputs [m S, ...]):
+    the loss carries the gradients of `stack`, `x` and `tail.weights` computed inside (see
+    `_with_gradients`), so jax.grad of anything linear in it, the loss itself scaled, works."""
+    m = schedule.microbatches
+    num_layers = jax.tree.leaves(stack)[0].shape[0]
+    slots = _Slots.of(schedule, num_layers)
+    sg = jax.lax.stop_gradient
+    rows = PartitionSpec(None, sharding.BATCH_AXES)
+    (stored_stack, stored_per_layer), (stack_in_specs, per_layer_specs) = _stored(
+        sg(stack), stack_specs, per_layer, schedule, slots)
+    by_stage_and_shard = PartitionSpec(PIPE, sharding.BATCH_AXES)
+    loop = functools.partial(_one_f_one_b_loop, block_fn=block_fn, block_loss=block_loss,
+                             tail=tail, schedule=schedule, slots=slots,
+                             pipe_dims=_pipe_dims(stack_specs))
+    by_microbatch = functools.partial(split_microbatches, microbatches=m)
+    run = jax.shard_map(
+        loop, in_specs=(stack_in_specs, per_layer_specs, rows, tail.weight_specs, rows,
+                        PartitionSpec()),
+        out_specs=(PartitionSpec(), (stack_in_specs, rows, tail.weight_specs),
+                   by_stage_and_shard, by_stage_and_shard))
+    loss, grads, outputs, tail_outputs = run(
+        stored_stack, stored_per_layer, by_microbatch(sg(x)), sg(tail.weights),
+        jax.tree.map(by_microbatch, tail.rows), tail.loss_inputs)
+    grad_stack, grad_micro, grad_tail = grads
+    grad_stack = jax.tree.map(lambda g, w: g.reshape(w.shape), grad_stack, stack)
+    loss = _with_gradients(loss, (stack, x, tail.weights),
+                           (grad_stack, joined_microbatches(grad_micro), grad_tail))
+    outputs = jax.tree.map(lambda leaf: _by_layer(leaf, schedule, slots), outputs)
+    last = jax.tree.map(lambda leaf: leaf[-1].swapaxes(0, 1).reshape(-1, *leaf.shape[3:]),
+                        tail_outputs)  # the last stage's [S, m, ...] -> [m S, ...]
+    return loss, outputs, last
+
+
+def _with_gradients(value, primals, grads):
+    """`value` (gradient-free), to which jax.grad attaches `grads` for `primals`: adds
+    sum(grad . primal) - the same, which is exactly 0 but differentiates to `grads`."""
+    pairs = [(g, w) for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(primals))
+             if jnp.issubdtype(w.dtype, jnp.floating)]
+    linear = sum(jnp.vdot(jax.lax.stop_gradient(g).astype(jnp.float32), w.astype(jnp.float32))
+                 for g, w in pairs)
+    return jax.lax.stop_gradient(value) + (linear - jax.lax.stop_gradient(linear))
+
+
+def _one_f_one_b_loop(stack, per_layer, micro, tail_weights, tail_rows, loss_inputs, *,
+                      block_fn, block_loss, tail: Tail, schedule: Schedule, slots: _Slots,
+                      pipe_dims):
+    """One device's 1F1B ticks. Stage s runs the forward of microbatch t - s and the backward
+    of microbatch t - (2p - 2 - s) at tick t (m + 2p - 2 ticks); the last stage runs the tail
+    and its backward on the microbatch it has just finished, so its backward follows at once.
+    A stage keeps the inputs of at most 2p - 1 microbatches (those between its forward and
+    backward) and recomputes its block's forward in the backward. Every stage runs every part
+    of a tick, the idle ones on masked values (a `lax.cond` on the stage would skip them, but
+    XLA:CPU deadlocks when a branch holds a collective, docs/pipeline.md). Returns (the loss
+    summed over every microbatch shard, the gradients of (stack, micro, tail_weights) in their
+    input layouts, per-tick block outputs [1, 1, m, c, ...], tail outputs [1, 1, m, ...])."""
+    p, m = schedule.stages, schedule.microbatches
+    stage = jax.lax.axis_index(PIPE)
+    shards = 1
+    for axis in sharding.BATCH_AXES:
+        shards *= jax.lax.axis_size(axis)
+    scale = 1.0 / (m * shards)  # the loss is the mean over microbatches and batch shards
+
+    def placed(stack_, micro_, tail_weights_):
+        """What the ticks read, cast to varying once here (so the transposes of these casts
+        sum each gradient once per step, over the axes it is summed over)."""
+        blocks, _ = _stage_blocks((stack_, per_layer), schedule, slots, pipe_dims, stage)
+        blocks = jax.tree.map(lambda leaf: _varying_over_batch_axes(leaf[0]), blocks)
+        micro_ = jax.lax.pcast(micro_, (PIPE,), to="varying")
+        tail_weights_ = jax.tree.map(lambda w: _varying_over(w, (*sharding.BATCH_AXES, PIPE)),
+                                     tail_weights_)
+        return blocks, micro_, tail_weights_
+
+    (block, micro, tail_weights), placed_vjp = jax.vjp(placed, stack, micro, tail_weights)
+    _, layer_inputs = _stage_blocks((stack, per_layer), schedule, slots, pipe_dims, stage)
+    active = jnp.asarray(slots.active)[stage][0]  # [c]
+    inputs = (active, jax.tree.map(lambda leaf: leaf[0], layer_inputs))
+    tail_rows = jax.lax.pcast(tail_rows, (PIPE,), to="varying")
+    every_axis = (*sharding.BATCH_AXES, PIPE)
+
+    def block_with_loss(block_, x_in):
+        y, outputs = block_fn(block_, x_in, inputs)
+        return (y, jnp.sum(jnp.where(active, block_loss(outputs), 0.0))), outputs
+
+    def tail_with_loss(weights, hidden, rows_):
+        outputs = tail.fn(weights, hidden, rows_)
+        return tail.loss(outputs, loss_inputs), outputs
+
+    slots_kept = min(m, 2 * p - 1)
+    forward_ring = [(s, s + 1) for s in range(p - 1)]
+    backward_ring = [(s + 1, s) for s in range(p - 1)]
+    is_last = stage == p - 1
+
+    def tick(carry, t):
+        received, cotangent, kept, grads, loss = carry
+        forward = t - stage
+        f_ok = (forward >= 0) & (forward < m)
+        forward = jnp.clip(forward, 0, m - 1)
+        x_in = jnp.where(stage == 0, micro[forward], received)
+        (y, block_aux), outputs = block_with_loss(block, x_in)
+        slot = forward % slots_kept
+        kept = kept.at[slot].set(jnp.where(f_ok, x_in, kept[slot]))
+
+        rows_ = jax.tree.map(lambda leaf: leaf[forward], tail_rows)
+        tail_loss, tail_vjp, tail_outputs = jax.vjp(
+            lambda w, h: tail_with_loss(w, h, rows_), tail_weights, y, has_aux=True)
+        tail_ok = is_last & f_ok
+        d_tail, d_y = tail_vjp(_typed_like(jnp.where(tail_ok, scale, 0.0), tail_loss))
+
+        backward = t - (2 * p - 2 - stage)
+        b_ok = (backward >= 0) & (backward < m)
+        backward = jnp.clip(backward, 0, m - 1)
+        _, block_vjp, _ = jax.vjp(block_with_loss, block, kept[backward % slots_kept],
+                                  has_aux=True)
+        d_out = jnp.where(b_ok, jnp.where(is_last, d_y, cotangent), 0.0)
+        d_block, d_x = block_vjp((_typed_like(d_out, y),
+                                  _typed_like(jnp.where(b_ok, scale, 0.0), block_aux)))
+        d_micro = grads[1].at[backward].add(jnp.where(b_ok & (stage == 0), d_x, 0.0))
+        grads = (_add(grads[0], d_block), d_micro, _add(grads[2], d_tail))
+        loss = (loss + jnp.where(tail_ok, scale * tail_loss, 0.0)
+                + jnp.where(f_ok, scale * block_aux, 0.0))
+        carry = (jax.lax.ppermute(y, PIPE, forward_ring),
+                 jax.lax.ppermute(d_x, PIPE, backward_ring), kept, grads, loss)
+        return carry, (outputs, tail_outputs)
+
+    zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)
+    first = (zeros(micro[0]), zeros(micro[0]), zeros(micro[:slots_kept]),
+             (zeros(block), zeros(micro), zeros(tail_weights)),
+             _varying_over(jnp.zeros((), jnp.float32), every_axis))
+    (_, _, _, grads, loss), (outputs, tail_outputs) = jax.lax.scan(
+        tick, first, jnp.arange(m + 2 * p - 2))
+    grads = placed_vjp(grads)
+    # ticks stage .. stage + m - 1 ran this stage's forwards in microbatch order
+    mine = jax.tree.map(
+        lambda leaf: jax.lax.dynamic_slice_in_dim(leaf, stage, m)[None, None],
+        (outputs, tail_outputs))
+    return jax.lax.psum(loss, every_axis), grads, *mine
+
+
+def _typed_like(cotangent, value):
+    """`cotangent` cast to vary over the mesh axes `value` varies over, as a VJP requires."""
+    return _varying_over(cotangent, sharding.varying_axes(value))
+
+
+def _add(tree, other):
+    return jax.tree.map(jnp.add, tree, other)
 
 
 def split_microbatches(leaf, microbatches: int):

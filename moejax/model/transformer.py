@@ -206,7 +206,25 @@ def _run_staged_stack(blocks: Block, x, per_layer, layer_fn, cfg: Config, cached
     stack_specs = specs.moe_blocks if cfg.num_moe_layers else specs.dense_blocks
     stack_specs = jax.tree.map(lambda s: stage_spec(s.logical_axes, s.shape), stack_specs,
                                is_leaf=P.is_spec)
+    if tail is not None and tail.loss is not None:  # 1f1b: returns the loss in place of x
+        return pipeline.one_f_one_b(blocks, stack_specs, x, per_layer, run_block,
+                                    functools.partial(_block_router_loss, cfg=cfg), schedule,
+                                    tail)
     return pipeline.pipelined_stack(blocks, stack_specs, x, per_layer, run_block, schedule, tail)
+
+
+def _block_router_loss(outputs, cfg: Config) -> jax.Array:
+    """A stack block's per-layer router losses [c], weighted (1f1b: see _router_loss)."""
+    if outputs is None:  # a dense stack: no router
+        return jnp.zeros((), jnp.float32)
+    return _router_loss(outputs[0], cfg)
+
+
+def _router_loss(stats, cfg: Config) -> jax.Array:
+    """The weighted router losses of each layer [L] from its statistics (leaves [L, ...])
+    without the switch loss, whose batch value is not a mean of per-microbatch ones."""
+    e = cfg.moe
+    return e.seq_balance_loss_coef * stats["seq_balance_loss"] + e.z_loss_coef * stats["z_loss"]
 
 
 def _whole_over_pipe(weights, specs, layer_of_stack: bool = False):
@@ -274,7 +292,8 @@ def moe_stack(blocks: Block, x, cfg: Config, router_state: RouterState,
 def _decoder(params: Transformer, tokens, positions, cfg: Config, router_state, cache=None,
              tail: pipeline.Tail | None = None):
     """tokens [B, T] at positions [T] -> (hidden [B, T, D] before the final norm, per-layer MoE
-    statistics or None, updated cache or None, the pipeline `tail`'s outputs or None)."""
+    statistics or None, updated cache or None, the pipeline `tail`'s outputs or None). With a
+    tail that has a loss (the 1f1b schedule), the first is the loss (pipeline.one_f_one_b)."""
     layers = _Layers(cfg, positions, effective_router_state(params, cfg, router_state))
     cached = cache is not None
 
@@ -422,8 +441,7 @@ def _aux_outputs(layer_stats, cfg: Config) -> dict:
                 "expert_counts": jnp.zeros((0, max(e.num_experts, 1)), jnp.float32)}
     aux = {name: jnp.sum(layer_stats[name]) for name in ("switch_loss", "seq_balance_loss", "z_loss")}
     aux["aux_loss"] = (e.switch_loss_coef * aux["switch_loss"]
-                       + e.seq_balance_loss_coef * aux["seq_balance_loss"]
-                       + e.z_loss_coef * aux["z_loss"])
+                       + jnp.sum(_router_loss(layer_stats, cfg)))
     aux["dropped_fraction"] = jnp.mean(layer_stats["dropped_fraction"])
     aux["expert_counts"] = layer_stats["expert_counts"]  # [L_moe, E]
     # dropless dispatch, per layer [L_moe]
@@ -448,10 +466,12 @@ def _head_losses(params: Transformer, hidden, tokens, cfg: Config, router_state)
     return out
 
 
-def _loss_tail(params: Transformer, tokens, cfg: Config, router_state) -> pipeline.Tail:
+def _loss_tail(params: Transformer, tokens, cfg: Config, router_state,
+               mtp_weight=None) -> pipeline.Tail:
     """_head_losses as the pipeline's tail: run per microbatch and batch shard on the stages
     (inside its shard_map: the routed experts of the MTP layer stay split over `expert`, every
-    other weight whole), so no stage computes the whole batch's logits."""
+    other weight whole), so no stage computes the whole batch's logits. With `mtp_weight` (the
+    1f1b schedule) it also gives the tail's loss of one microbatch shard."""
     head = params.replace(dense_blocks=None, moe_blocks=None, router_state=None)
     manual = lambda s: PartitionSpec(*("expert" if n == "experts" else None
                                        for n in s.logical_axes))
@@ -462,8 +482,27 @@ def _loss_tail(params: Transformer, tokens, cfg: Config, router_state) -> pipeli
         head_, router_state_ = weights
         return _head_losses(head_, hidden, tokens_, cfg, router_state_)
 
+    def tail_loss(outputs, weight):
+        mtp_stats = outputs.get("mtp_stats")
+        mtp_router = jnp.sum(_router_loss(mtp_stats, cfg)) if mtp_stats is not None else 0.0
+        return _total_loss(outputs["cross_entropy"], 0.0, outputs.get("mtp_cross_entropy"),
+                           mtp_router, weight, cfg)
+
+    one_f_one_b = mtp_weight is not None
     return pipeline.Tail(fn=per_microbatch, weights=(head, router_state),
-                         weight_specs=(head_specs, PartitionSpec()), rows=tokens)
+                         weight_specs=(head_specs, PartitionSpec()), rows=tokens,
+                         loss=tail_loss if one_f_one_b else None,
+                         loss_inputs=jnp.asarray(mtp_weight, jnp.float32) if one_f_one_b else None)
+
+
+def _total_loss(cross_entropy, router_loss, mtp_cross_entropy, mtp_router_loss, mtp_weight,
+                cfg: Config):
+    """cross-entropy + router losses + (lambda / D) sum_k (CE_k + the MTP router losses)."""
+    loss = cross_entropy + router_loss
+    if cfg.model.mtp_depth:
+        mtp_total = jnp.sum(mtp_cross_entropy) + mtp_router_loss
+        loss = loss + mtp_weight / cfg.model.mtp_depth * mtp_total
+    return loss
 
 
 def loss_fn(params: Transformer, batch: dict, cfg: Config, router_state=None,
@@ -480,8 +519,12 @@ def loss_fn(params: Transformer, batch: dict, cfg: Config, router_state=None,
     tokens = batch["tokens"]
     router_state = effective_router_state(params, cfg, router_state)
     positions = jnp.arange(tokens.shape[1] - 1)
+    mtp_weight = cfg.train.mtp_loss_weight if mtp_weight is None else mtp_weight
+    pipelined = pipeline.pipe_stages() > 1
+    one_f_one_b = pipelined and cfg.train.pipeline_schedule == "1f1b"
     # pipelined: the head and MTP run per microbatch, split over the stages (_loss_tail)
-    tail = _loss_tail(params, tokens, cfg, router_state) if pipeline.pipe_stages() > 1 else None
+    tail = _loss_tail(params, tokens, cfg, router_state,
+                      mtp_weight if one_f_one_b else None) if pipelined else None
     hidden, layer_stats, _, tail_outputs = _decoder(params, tokens[:, :-1], positions, cfg,
                                                     router_state, tail=tail)
     if tail_outputs is None:
@@ -493,22 +536,21 @@ def loss_fn(params: Transformer, batch: dict, cfg: Config, router_state=None,
     aux = _aux_outputs(layer_stats, cfg)
     cross_entropy = tail_outputs["cross_entropy"]
     metrics = {"cross_entropy": cross_entropy, **aux}
-    loss = cross_entropy + aux["aux_loss"]
+    mtp_aux_loss = 0.0
     if cfg.model.mtp_depth:
-        mtp_weight = cfg.train.mtp_loss_weight if mtp_weight is None else mtp_weight
-        losses = list(tail_outputs["mtp_cross_entropy"])
         mtp_stats = tail_outputs.get("mtp_stats")
-        mtp_total = sum(losses)
         if mtp_stats is not None:
             mtp_aux = _aux_outputs(mtp_stats, cfg)
-            mtp_total = mtp_total + mtp_aux["aux_loss"]
-            metrics["mtp_aux_loss"] = mtp_aux["aux_loss"]
+            mtp_aux_loss = metrics["mtp_aux_loss"] = mtp_aux["aux_loss"]
             metrics["expert_counts"] = jnp.concatenate(
                 [aux["expert_counts"], mtp_aux["expert_counts"]])
-        loss = loss + mtp_weight / cfg.model.mtp_depth * mtp_total
-        metrics.update({f"mtp_cross_entropy_{k}": ce for k, ce in enumerate(losses, start=1)})
+        metrics.update({f"mtp_cross_entropy_{k}": ce for k, ce in
+                        enumerate(tail_outputs["mtp_cross_entropy"], start=1)})
         metrics["mtp_loss_weight"] = jnp.asarray(mtp_weight, jnp.float32)
-    return loss, metrics
+    if one_f_one_b:  # the pipeline computed the loss and its gradients (pipeline.one_f_one_b)
+        return hidden, metrics
+    return _total_loss(cross_entropy, aux["aux_loss"], tail_outputs.get("mtp_cross_entropy"),
+                       mtp_aux_loss, mtp_weight, cfg), metrics
 
 
 def count_params(cfg: Config) -> dict[str, int]:
