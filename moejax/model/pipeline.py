@@ -57,8 +57,9 @@ class Schedule:
     stages: int  # p, the size of the `pipe` mesh axis
     virtual_stages: int  # v blocks per stage
     microbatches: int  # m
-    # layers of the pipelined stack on each stage (gpipe); None: equal blocks
+    # layers of the pipelined stack on each stage (gpipe, 1f1b); None: equal blocks
     layers_per_stage: tuple[int, ...] | None = None
+    one_f_one_b: bool = False  # the 1f1b schedule (one_f_one_b)
 
     @property
     def uneven(self) -> bool:
@@ -75,12 +76,16 @@ class Schedule:
 
     @property
     def ticks(self) -> int:
+        """m v + p - 1; 1f1b: m + 2p - 2 ticks of one forward and one backward each."""
+        if self.one_f_one_b:
+            return self.microbatches + 2 * self.stages - 2
         return self.work_items + self.stages - 1
 
     @property
     def theoretical_bubble(self) -> float:
-        """Idle fraction of a stage's ticks: (p - 1) / (m v + p - 1)."""
-        return (self.stages - 1) / self.ticks
+        """Idle fraction of a stage's ticks: (p - 1) / (m v + p - 1); 1f1b, whose every tick
+        runs a forward and a backward: (2p - 2) / (m + 2p - 2)."""
+        return (self.ticks - self.work_items) / self.ticks
 
     def item(self, w):
         """Work item w -> (microbatch, virtual stage r); w may be traced."""
@@ -105,7 +110,8 @@ def pipe_stages() -> int:
 def schedule_for(cfg: Config) -> Schedule:
     stages = pipe_stages()
     counts = stage_layer_counts(cfg, stages) if stages > 1 else None
-    return Schedule(stages, cfg.train.virtual_stages, cfg.train.microbatches, counts)
+    return Schedule(stages, cfg.train.virtual_stages, cfg.train.microbatches, counts,
+                    cfg.train.pipeline_schedule == "1f1b")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -469,7 +475,7 @@ def _one_f_one_b_loop(stack, per_layer, micro, tail_weights, tail_rows, loss_inp
              (zeros(block), zeros(micro), zeros(tail_weights)),
              _varying_over(jnp.zeros((), jnp.float32), every_axis))
     (_, _, _, grads, loss), (outputs, tail_outputs) = jax.lax.scan(
-        tick, first, jnp.arange(m + 2 * p - 2))
+        tick, first, jnp.arange(schedule.ticks))
     grads = placed_vjp(grads)
     # ticks stage .. stage + m - 1 ran this stage's forwards in microbatch order
     mine = jax.tree.map(

@@ -273,10 +273,12 @@ class _Layers:
 
 
 def moe_stack(blocks: Block, x, cfg: Config, router_state: RouterState,
-              schedule: pipeline.Schedule | None = None):
+              schedule: pipeline.Schedule | None = None, tail: pipeline.Tail | None = None):
     """The MoE block stack alone, as the forward pass runs it (pipelined over the mesh's stages
     by `schedule`, default the config's): x [B, T, D] -> (y, per-layer MoE statistics; with a
-    pipeline [L, m, ...] per microbatch). For measuring a schedule without the rest of the model."""
+    pipeline [L, m, ...] per microbatch), and the tail's outputs with a `tail`; with a tail
+    that has a loss (1f1b), the loss in place of y. For measuring a schedule without the rest
+    of the model."""
     layers = _Layers(cfg, jnp.arange(x.shape[1]), router_state)
 
     def moe_layer(block, x_, inputs):
@@ -284,9 +286,9 @@ def moe_stack(blocks: Block, x, cfg: Config, router_state: RouterState,
         return x_, (stats, None)
 
     bias = router_state.bias[:cfg.num_moe_layers]
-    y, (stats, _) = _run_staged_stack(blocks, x, (bias, None), moe_layer, cfg, cached=False,
-                                      schedule=schedule)
-    return y, stats
+    y, (stats, _), *tail_outputs = _run_staged_stack(
+        blocks, x, (bias, None), moe_layer, cfg, cached=False, schedule=schedule, tail=tail)
+    return (y, stats, *tail_outputs)
 
 
 def _decoder(params: Transformer, tokens, positions, cfg: Config, router_state, cache=None,

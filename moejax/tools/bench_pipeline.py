@@ -122,11 +122,15 @@ def stack_step(cfg: Config, mesh, without_bubble: bool = False):
     router = transformer.init_router_state(cfg)
 
     schedule = pipeline.Schedule(mesh.shape["pipe"], cfg.train.virtual_stages,
-                                 cfg.train.microbatches)
+                                 cfg.train.microbatches,
+                                 one_f_one_b=cfg.train.pipeline_schedule == "1f1b")
     if without_bubble:
         schedule = _NoBubble(**dataclasses.asdict(schedule))
 
     def loss(blocks, x):
+        if schedule.one_f_one_b:  # the same loss, each microbatch's part taken by the tail
+            value, _, _ = transformer.moe_stack(blocks, x, cfg, router, schedule, _square_tail(x))
+            return value
         y, _ = transformer.moe_stack(blocks, x, cfg, router, schedule)
         return jnp.mean(jnp.square(y))
 
@@ -136,14 +140,26 @@ def stack_step(cfg: Config, mesh, without_bubble: bool = False):
     return (lambda: compiled(params.moe_blocks, x)), compiled
 
 
+def _square_tail(x) -> pipeline.Tail:
+    """1f1b's tail for the stack alone: each microbatch's mean square, the loss stack_step
+    takes of the whole batch (the mean of equal microbatches' means)."""
+    return pipeline.Tail(fn=lambda weights, hidden, rows: {"square": jnp.mean(jnp.square(hidden))},
+                         weights=(), weight_specs=(), rows=jnp.zeros((x.shape[0], 1), jnp.int32),
+                         loss=lambda outputs, _: outputs["square"],
+                         loss_inputs=jnp.zeros((), jnp.float32))
+
+
+SCHEDULES = ("gpipe", "interleaved", "1f1b")
+
+
 def bubble(microbatch_counts, rounds: int, log=print) -> list[dict]:
-    """(pipe 4, expert 2), 8 MoE layers: for GPipe and interleaved (v = 2) at each number of
-    microbatches, the measured bubble 1 - T(without bubble ticks) / T(schedule), next to the
-    theory (p - 1) / (m v + p - 1), and the compiled per-stage memory."""
+    """(pipe 4, expert 2), 8 MoE layers: for GPipe, interleaved (v = 2) and 1F1B at each
+    number of microbatches, the measured bubble 1 - T(without bubble ticks) / T(schedule), next
+    to the theory (Schedule.theoretical_bubble), and the compiled per-stage memory."""
     rows = []
     for microbatches in microbatch_counts:
         runs, compiled = {}, {}
-        for schedule in ("gpipe", "interleaved"):
+        for schedule in SCHEDULES:
             cfg = load_config("tiny", (
                 "model.num_layers=8", "model.num_dense_layers=0", "train.seq_len=64",
                 "train.global_batch_size=" + str(4 * microbatches),
@@ -154,9 +170,10 @@ def bubble(microbatch_counts, rounds: int, log=print) -> list[dict]:
         for run in runs.values():
             jax.block_until_ready(run())  # warm up
         times, _ = bench.interleaved_rounds(runs, rounds)
-        for schedule in ("gpipe", "interleaved"):
+        for schedule in SCHEDULES:
             virtual = 2 if schedule == "interleaved" else 1
-            theory = pipeline.Schedule(4, virtual, microbatches).theoretical_bubble
+            theory = pipeline.Schedule(4, virtual, microbatches,
+                                       one_f_one_b=schedule == "1f1b").theoretical_bubble
             idle = [1 - r for r in bench.round_ratios(times[schedule + " without bubble"],
                                                       times[schedule])]
             row = {"schedule": schedule, "stages": 4, "virtual_stages": virtual,
