@@ -87,6 +87,14 @@ class Schedule:
         runs a forward and a backward: (2p - 2) / (m + 2p - 2)."""
         return (self.ticks - self.work_items) / self.ticks
 
+    def kept_block_inputs(self, layers: int) -> int:
+        """Microbatch inputs [B_/m, T, D] a stage of `layers` layer slots keeps for its
+        backward: GPipe and interleaved (the remat scan over ticks) one per slot per tick;
+        1f1b one per microbatch between its forward and backward, at most 2p - 1."""
+        if self.one_f_one_b:
+            return min(self.microbatches, 2 * self.stages - 1)
+        return layers * self.virtual_stages * self.ticks
+
     def item(self, w):
         """Work item w -> (microbatch, virtual stage r); w may be traced."""
         q, v = self.group, self.virtual_stages
@@ -384,7 +392,9 @@ def _with_gradients(value, primals, grads):
     sum(grad . primal) - the same, which is exactly 0 but differentiates to `grads`."""
     pairs = [(g, w) for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(primals))
              if jnp.issubdtype(w.dtype, jnp.floating)]
-    linear = sum(jnp.vdot(jax.lax.stop_gradient(g).astype(jnp.float32), w.astype(jnp.float32))
+    # elementwise, then summed: each device's shard stays where it is (jnp.vdot flattens both,
+    # which gathered every stack whole)
+    linear = sum(jnp.sum(jax.lax.stop_gradient(g).astype(jnp.float32) * w.astype(jnp.float32))
                  for g, w in pairs)
     return jax.lax.stop_gradient(value) + (linear - jax.lax.stop_gradient(linear))
 
@@ -505,18 +515,28 @@ def joined_microbatches(micro):
 
 
 def microbatched(fn, x, weights, microbatches: int):
-    """fn(weights, x_ [B_ / m, ...]) -> [B_ / m, ...] on the m microbatches of x [B, ...], one
-    at a time (rows j, j + m, ... of each batch shard form microbatch j, as `pipelined_stack`
-    splits them), inside one shard_map: the working set is one microbatch's, and the gradient
-    of `weights` (entering whole) accumulates locally over the microbatches and is summed over
-    the batch axes once (a loop under GSPMD all-reduced it at every microbatch). Used for the
-    first-k dense layers before the pipeline."""
+    """fn(weights, x_ [B_ / m, ...]) -> [B_ / m, ...] on the m microbatches of x [B, ...] (rows
+    j, j + m, ... of each batch shard form microbatch j, as `pipelined_stack` splits them),
+    split over the pipeline stages: stage s runs microbatches s, s + p, ..., one at a time, and
+    one psum over `pipe` gives every stage all of them. Inside one shard_map, so the working
+    set is one microbatch's and the gradient of `weights` (entering whole) accumulates locally
+    and is summed over the batch axes and `pipe` once (a loop under GSPMD all-reduced it at
+    every microbatch). Used for the first-k dense layers before the pipeline: each stage
+    computes and keeps 1 / p of their work."""
     rows = PartitionSpec(sharding.BATCH_AXES)
+    stages = pipe_stages()
+    rounds = -(-microbatches // stages)
 
     def local(x_, weights_):
-        weights_ = jax.tree.map(_varying_over_batch_axes, weights_)
+        weights_ = jax.tree.map(lambda w: _varying_over(w, (*sharding.BATCH_AXES, PIPE)),
+                                weights_)
         micro = split_microbatches(x_, microbatches)
-        return joined_microbatches(jax.lax.map(lambda xm: fn(weights_, xm), micro))
+        mine = jax.lax.axis_index(PIPE) + stages * jnp.arange(rounds)
+        valid = (mine < microbatches).reshape(-1, *(1,) * (micro.ndim - 1))
+        mine = jnp.minimum(mine, microbatches - 1)  # a stage past the last one repeats it
+        done = jnp.where(valid, jax.lax.map(lambda xm: fn(weights_, xm), micro[mine]), 0.0)
+        placed = jnp.zeros_like(micro).at[mine].add(done.astype(micro.dtype))
+        return joined_microbatches(jax.lax.psum(placed, PIPE))
 
     whole = jax.tree.map(lambda _: PartitionSpec(), weights)
     return jax.shard_map(local, in_specs=(rows, whole), out_specs=rows)(x, weights)

@@ -88,7 +88,8 @@ def step_shape(cfg: Config, num_devices: int) -> StepShape:
     staged = mesh["pipe"] > 1
     schedule = Schedule(mesh["pipe"], cfg.train.virtual_stages,
                         cfg.train.microbatches if staged else 1,
-                        stage_layer_counts(cfg, mesh["pipe"]) if staged else None)
+                        stage_layer_counts(cfg, mesh["pipe"]) if staged else None,
+                        staged and cfg.train.pipeline_schedule == "1f1b")
     return StepShape(mesh, cfg.train.global_batch_size // shards, cfg.train.seq_len, schedule)
 
 
@@ -120,6 +121,9 @@ def dispatch_all_to_all_bytes(cfg: Config, shape: StepShape, payload_bytes: int,
     first-k dense layers have no MoE. The MTP modules run their one MoE layer once on the whole
     shard (N_ = B_ (T - depth)) outside any remat scan; with a pipeline they run in its tail,
     ceil(m / p) times per device on one microbatch (N_ = B_ / m (T - depth)) under remat.
+    1f1b: every tick runs its block's forward and then the forward and backward of the block
+    it differentiates (one more "out" and "back" per layer run), and the tail (forward and
+    backward, no remat) on every stage: m + 2p - 2 ticks.
     Other all-to-alls in the HLO are GSPMD's resharding, not the dispatch.
 
     Also `ragged_bound`: what the GPU's ragged_all_to_all sends at most: each token to at most
@@ -133,32 +137,37 @@ def dispatch_all_to_all_bytes(cfg: Config, shape: StepShape, payload_bytes: int,
     stage_layers = (max(stage_layer_counts(cfg, sched.stages)) if sched.virtual_stages == 1
                     else staged_layers(cfg) // (sched.stages * sched.virtual_stages))
     remat = cfg.model.remat != "none"
-    # (MoE layer runs, tokens N_ per run, rematerialised?)
+    # (MoE layer runs, tokens N_ per run, rematerialised?, an extra forward?): 1f1b runs each
+    # tick's block forward, then a forward and backward of the block it differentiates
     runs = [(cfg.num_moe_layers if sched.stages == 1
              else stage_layers * sched.virtual_stages * sched.ticks,
-             shape.tokens_per_device // sched.microbatches, remat)]
+             shape.tokens_per_device // sched.microbatches, remat, sched.one_f_one_b)]
     for depth in range(1, cfg.model.mtp_depth + 1):
+        tokens = shape.batch_rows // sched.microbatches * (shape.seq_len - depth)
         if sched.stages == 1:  # MTP: not in a remat scan
-            runs.append((1, shape.batch_rows * (shape.seq_len - depth), False))
+            runs.append((1, shape.batch_rows * (shape.seq_len - depth), False, False))
+        elif sched.one_f_one_b:  # the tail at every tick on every stage, differentiated at once
+            runs.append((sched.ticks, tokens, False, False))
         else:  # the pipeline's tail: per microbatch, under remat
-            runs.append((-(-sched.microbatches // sched.stages),
-                         shape.batch_rows // sched.microbatches * (shape.seq_len - depth), True))
+            runs.append((-(-sched.microbatches // sched.stages), tokens, True, False))
     share = (p - 1) / p
     dense = ragged = 0.0
     exchanges = 0
     out_bytes, out_messages = _row_out_bytes(cfg, payload_bytes, fp8_bytes)
-    for count, tokens, rematerialised in runs:
+    for count, tokens, rematerialised, extra_forward in runs:
         outs, meta_exchanges = 1 + rematerialised, 2 + rematerialised
+        backs = 3 + extra_forward  # the forward "back", the two transposes, another "back"
+        outs, meta_exchanges = outs + extra_forward, meta_exchanges + extra_forward
         bound = static_rows(tokens, e.num_experts, e.top_k, p, row_tile(tokens * p * e.top_k, e),
                             pair_capacity(e, tokens, p))
         slots = bound.slots
         # per row: the forward "out" (again under remat), "back" and the two transposes
-        row_bytes = outs * out_bytes + 3 * width * payload_bytes
+        row_bytes = outs * out_bytes + backs * width * payload_bytes
         meta_bytes = bound.exchange_rows * 2 * slots * 4 * share
         dense += count * (bound.exchange_rows * row_bytes * share + meta_exchanges * meta_bytes)
         remote_rows = tokens * min(max_destinations(e, p), p - 1)  # rows to other shards
         ragged += count * remote_rows * (row_bytes + meta_exchanges * 2 * slots * 4)
-        exchanges += count * (outs * out_messages + 3 + meta_exchanges)
+        exchanges += count * (outs * out_messages + backs + meta_exchanges)
     return {"dense": dense, "ragged_bound": ragged, "exchanges": exchanges}
 
 
@@ -192,9 +201,10 @@ def dispatch_bytes_per_token(cfg: Config, expert_shards: int, payload_bytes: int
 
 def activation_bytes(cfg: Config, shape: StepShape) -> dict:
     """Arithmetic, per device: the layer inputs [B_, T, D] float32 the backward needs (every
-    layer's with model.remat=full or none; with a pipeline, one block input per layer slot of
-    the longest stage per tick, GPipe keeping every tick's, and the MTP modules' per
-    microbatch), and the logits float32: [B_, T, V] per head without a pipeline, one
+    layer's with model.remat=full or none; with a pipeline, the block inputs the longest stage
+    keeps (Schedule.kept_block_inputs), the first dense layers' inputs for the ceil(m / p)
+    microbatches a stage runs them on, and the MTP modules' per microbatch), and the logits
+    float32: [B_, T, V] per head without a pipeline, one
     microbatch's with one (the pipeline's tail runs the head per microbatch under remat).
     Excludes one layer's working set (rematerialised, or kept whole with remat=none) and the
     dispatch buffers."""
@@ -205,8 +215,10 @@ def activation_bytes(cfg: Config, shape: StepShape) -> dict:
     dense_first = cfg.model.num_layers - staged_layers(cfg)
     if sched.stages > 1:
         per_microbatch = layer_input // sched.microbatches
-        staged = max(stage_layer_counts(cfg, sched.stages)) * sched.ticks * per_microbatch
-        unstaged = dense_first * layer_input + cfg.model.mtp_depth * per_microbatch
+        staged = sched.kept_block_inputs(max(stage_layer_counts(cfg, sched.stages))) * per_microbatch
+        # the first dense layers: a stage runs ceil(m / p) microbatches (pipeline.microbatched)
+        rounds = -(-sched.microbatches // sched.stages)
+        unstaged = (dense_first * rounds + cfg.model.mtp_depth) * per_microbatch
         logits = tokens // sched.microbatches * cfg.model.vocab_size * 4 * heads
     else:
         staged = staged_layers(cfg) * layer_input
@@ -217,14 +229,16 @@ def activation_bytes(cfg: Config, shape: StepShape) -> dict:
 
 def stage_breakdown(cfg: Config, shape: StepShape) -> list[dict]:
     """Per pipeline stage: its layers of the stack, the microbatches whose head and MTP it
-    runs (the pipeline's tail), and its remat-saved block inputs (arithmetic, float32). Every
+    runs (the pipeline's tail; 1f1b: every tick's, on masked values except on the last stage),
+    and the block inputs it keeps for the backward (arithmetic, float32). Every
     stage holds the same state bytes: the stack is split over `pipe` whatever the layer counts,
     and the other weights are whole on every stage (their AdamW moments split over it)."""
     sched = shape.schedule
     per_microbatch = shape.tokens_per_device * cfg.model.d_model * 4 // sched.microbatches
     return [{"stage": s, "layers": layers,
-             "tail_microbatches": len(range(s, sched.microbatches, sched.stages)),
-             "block_inputs": layers * sched.ticks * per_microbatch}
+             "tail_microbatches": (sched.ticks if sched.one_f_one_b
+                                   else len(range(s, sched.microbatches, sched.stages))),
+             "block_inputs": sched.kept_block_inputs(layers) * per_microbatch}
             for s, layers in enumerate(stage_layer_counts(cfg, sched.stages))]
 
 
