@@ -143,6 +143,10 @@ class MeshConfig:
 class PrecisionConfig:
     param_dtype: str = "float32"  # master weights
     compute_dtype: str = "bfloat16"  # matmul inputs; router, norms and softmax stay float32
+    # the residual stream between layers (and so the activations a pipeline or remat keeps):
+    # float32, or bfloat16 (Megatron's default) for half the activation memory; norms, the
+    # router, softmax and the loss still compute in float32
+    residual_dtype: str = "float32"
     fp8: str = "none"  # none | tensor (per-tensor scaling, cuBLASLt fp8) | block (DeepSeek 1x128/128x128)
     fp8_layers: str = "attention,dense_ffn,shared,experts"  # comma-separated layer groups
     fp8_block_size: int = 128  # tile / block edge of the block recipe
@@ -378,6 +382,9 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
         value = getattr(cfg.precision, name)
         _check(value in ("float32", "bfloat16", "float16"),
                f"precision.{name}={value!r} is unknown: use float32, bfloat16 or float16.")
+    _check(cfg.precision.residual_dtype in ("float32", "bfloat16"),
+           f"precision.residual_dtype={cfg.precision.residual_dtype!r} is unknown: use float32 "
+           "or bfloat16.")
     _validate_precision(cfg.precision)
     if e.num_experts:
         _validate_moe(e)

@@ -178,3 +178,27 @@ def test_block_fp8_on_a_mesh_matches_one_device():
         error = frobenius_relative(getattr(grads.moe_blocks.ffn, name),
                                    getattr(expected_grads.moe_blocks.ffn, name))
         assert error <= 2 * E4M3_UNIT_ROUNDOFF, name
+
+
+def _hidden_and_loss(residual: str):
+    """The decoder's hidden stream (abstract) and the loss of tiny with MTP, at one residual
+    dtype, on fixed parameters and tokens."""
+    from moejax.model import transformer
+
+    cfg = tiny_config("model.mtp_depth=1", f"precision.residual_dtype={residual}")
+    params = moejax.init_params(cfg, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (4, cfg.train.seq_len + 1), 0,
+                                cfg.model.vocab_size)
+    hidden = jax.eval_shape(lambda p: transformer._decoder(
+        p, tokens[:, :-1], jnp.arange(cfg.train.seq_len), cfg, None)[0], params)
+    loss = jax.jit(lambda p: moejax.loss_fn(p, {"tokens": tokens}, cfg)[0])(params)
+    return hidden, float(loss)
+
+
+def test_bfloat16_residual_stream_halves_the_activations_and_stays_close_to_float32():
+    """precision.residual_dtype=bfloat16: the hidden stream between layers (what remat and a
+    pipeline keep) is bfloat16, and the loss moves by bf16 rounding only."""
+    hidden32, loss32 = _hidden_and_loss("float32")
+    hidden16, loss16 = _hidden_and_loss("bfloat16")
+    assert hidden32.dtype == jnp.float32 and hidden16.dtype == jnp.bfloat16
+    assert loss16 != loss32 and abs(loss16 - loss32) <= 1e-2 * loss32

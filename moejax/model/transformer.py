@@ -313,7 +313,7 @@ def _decoder(params: Transformer, tokens, positions, cfg: Config, router_state, 
         return x, (stats, entries if cached else None)
 
     embed = _whole_over_pipe(params.embed, specs.embed)
-    x = constrain(embed[tokens].astype(jnp.float32), ACTIVATION_AXES)
+    x = constrain(embed[tokens].astype(cfg.precision.residual_dtype), ACTIVATION_AXES)
     new_cache = {"dense": None, "moe": None}
     if (params.dense_blocks is not None and params.moe_blocks is not None and not cached
             and pipeline.pipe_stages() > 1):
@@ -405,12 +405,15 @@ def _mtp_block(params: Transformer, depth, hidden, next_tokens, layers: _Layers,
     module = jax.tree.map(lambda leaf: leaf[depth - 1], params.mtp)
     # constrained like the decoder's embedding: left to itself GSPMD keeps the lookup's
     # model-width sharding and all-gathers the whole global batch onto every device
-    next_embed = constrain(params.embed[next_tokens].astype(jnp.float32), ACTIVATION_AXES)
+    residual = cfg.precision.residual_dtype
+    next_embed = constrain(params.embed[next_tokens].astype(residual), ACTIVATION_AXES)
     joined = jnp.concatenate([rms_norm(next_embed, module.embed_norm, m.norm_eps),
-                              rms_norm(hidden, module.hidden_norm, m.norm_eps)], axis=-1)
+                              rms_norm(hidden.astype(residual), module.hidden_norm, m.norm_eps)],
+                             axis=-1)
     dtype = jnp.dtype(cfg.precision.compute_dtype)  # a small GEMM: no fp8, like the head
     x = constrain(jnp.matmul(joined.astype(dtype), module.proj.astype(dtype),
-                             preferred_element_type=jnp.float32), ACTIVATION_AXES)
+                             preferred_element_type=jnp.float32).astype(residual),
+                  ACTIVATION_AXES)
     if cfg.num_moe_layers:
         bias = layers.router_state.bias[cfg.num_moe_layers + depth - 1]
         return layers.moe(module.block, x, bias, cache)

@@ -200,7 +200,8 @@ def dispatch_bytes_per_token(cfg: Config, expert_shards: int, payload_bytes: int
 
 
 def activation_bytes(cfg: Config, shape: StepShape) -> dict:
-    """Arithmetic, per device: the layer inputs [B_, T, D] float32 the backward needs (every
+    """Arithmetic, per device: the layer inputs [B_, T, D] (precision.residual_dtype) the
+    backward needs (every
     layer's with model.remat=full or none; with a pipeline, the block inputs the longest stage
     keeps (Schedule.kept_block_inputs), the first dense layers' inputs for the ceil(m / p)
     microbatches a stage runs them on, and the MTP modules' per microbatch), and the logits
@@ -210,7 +211,7 @@ def activation_bytes(cfg: Config, shape: StepShape) -> dict:
     dispatch buffers."""
     width, tokens = cfg.model.d_model, shape.tokens_per_device
     sched = shape.schedule
-    layer_input = tokens * width * 4
+    layer_input = tokens * width * _residual_bytes(cfg)
     heads = 1 + cfg.model.mtp_depth
     dense_first = cfg.model.num_layers - staged_layers(cfg)
     if sched.stages > 1:
@@ -227,14 +228,19 @@ def activation_bytes(cfg: Config, shape: StepShape) -> dict:
     return {"layer_inputs": unstaged + staged, "logits": logits}
 
 
+def _residual_bytes(cfg: Config) -> int:
+    return jnp.dtype(cfg.precision.residual_dtype).itemsize
+
+
 def stage_breakdown(cfg: Config, shape: StepShape) -> list[dict]:
     """Per pipeline stage: its layers of the stack, the microbatches whose head and MTP it
     runs (the pipeline's tail; 1f1b: every tick's, on masked values except on the last stage),
-    and the block inputs it keeps for the backward (arithmetic, float32). Every
+    and the block inputs it keeps for the backward (arithmetic, precision.residual_dtype). Every
     stage holds the same state bytes: the stack is split over `pipe` whatever the layer counts,
     and the other weights are whole on every stage (their AdamW moments split over it)."""
     sched = shape.schedule
-    per_microbatch = shape.tokens_per_device * cfg.model.d_model * 4 // sched.microbatches
+    per_microbatch = (shape.tokens_per_device * cfg.model.d_model * _residual_bytes(cfg)
+                      // sched.microbatches)
     return [{"stage": s, "layers": layers,
              "tail_microbatches": (sched.ticks if sched.one_f_one_b
                                    else len(range(s, sched.microbatches, sched.stages))),
@@ -285,7 +291,8 @@ def plan(cfg: Config, num_devices: int, compile: bool = True, hlo_out=None) -> d
                      "bubble": shape.schedule.theoretical_bubble},
         "bytes_per_device": {"source": "arithmetic: shard shapes of the abstract train state",
                              **state_bytes(cfg, num_devices)},
-        "activations": {"source": "arithmetic: remat-saved layer inputs + logits, float32",
+        "activations": {"source": "arithmetic: remat-saved layer inputs (residual dtype) + "
+                                  "logits (float32)",
                         **activation_bytes(cfg, shape)},
         "stages": stage_breakdown(cfg, shape) if shape.schedule.stages > 1 else [],
         "dispatch_formula": {
@@ -361,7 +368,7 @@ def format_plan(result: dict) -> str:
         lines.append(f"  {name:<28} {_gb(state[name]):>13}  arithmetic (shard shapes)")
     act = result["activations"]
     lines.append(f"  {'activations: layer inputs':<28} {_gb(act['layer_inputs']):>13}  "
-                 "arithmetic (remat-saved, f32)")
+                 "arithmetic (remat-saved, residual dtype)")
     lines.append(f"  {'activations: logits':<28} {_gb(act['logits']):>13}  arithmetic (f32)")
     if "compiled" in result:
         memory = result["compiled"]["memory"]
@@ -378,7 +385,7 @@ def format_plan(result: dict) -> str:
                      f"compile {result['compiled']['compile_seconds']:.1f} s")
     if result.get("stages"):
         lines.append("")
-        lines.append("stage  layers  head/MTP microbatches  block inputs (f32)")
+        lines.append("stage  layers  head/MTP microbatches  block inputs")
         for row in result["stages"]:
             lines.append(f"  {row['stage']:>3} {row['layers']:>7} {row['tail_microbatches']:>22}"
                          f"  {_gb(row['block_inputs']):>13}")
