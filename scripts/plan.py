@@ -3,7 +3,7 @@ on this machine: the real sharded step is compiled for fake XLA:CPU devices (moe
 
     python scripts/plan.py --config deepseek_v3_671b --devices 2048 \\
         mesh.pipe=2 mesh.expert=64 mesh.fsdp=16 train.microbatches=15 \\
-        [--json] [--json-out plan.json] [--no-compile] [--hlo-out step.hlo]
+        [--json] [--json-out plan.json] [--no-compile] [--hlo-out step.hlo] [--peak]
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 
@@ -25,17 +26,22 @@ def parse_args(argv=None):
                         help="arithmetic only (abstract mesh, no fake devices, no HLO counts)")
     parser.add_argument("--hlo-out", help="write the compiled HLO text to this path")
     parser.add_argument("--json-out", help="also write the plan as JSON to this path")
+    parser.add_argument("--peak", action="store_true",
+                        help="also report what XLA's buffer assignment holds at the memory "
+                             "peak (dumps the compiled program to a temporary directory)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value config overrides")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    dump = tempfile.TemporaryDirectory(prefix="moejax-plan-") if args.peak else None
     if not args.no_compile:  # before jax starts: one fake host device per planned device;
         # the program never runs, so LLVM need not optimise it
         os.environ["XLA_FLAGS"] = (
             os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
-            f" --xla_force_host_platform_device_count={args.devices}").strip()
+            f" --xla_force_host_platform_device_count={args.devices}"
+            + (f" --xla_dump_to={dump.name} --xla_dump_hlo_as_text" if dump else "")).strip()
     if importlib.util.find_spec("moejax") is None:  # a checkout without `pip install -e .`
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from moejax.config import ConfigError, load_config
@@ -47,6 +53,10 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     result = plan.plan(cfg, args.devices, compile=not args.no_compile, hlo_out=args.hlo_out)
+    if dump is not None and not args.no_compile:
+        result["peak"] = {"source": "XLA:CPU buffer assignment (live ranges at the peak)",
+                          **plan.peak_breakdown(dump.name)}
+        dump.cleanup()
     print(json.dumps(result, indent=1) if args.json else plan.format_plan(result))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=1) + "\n")

@@ -84,3 +84,21 @@ def test_a_mesh_larger_than_the_planned_devices_is_one_sentence(capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: mesh") and "needs 8 devices but only 3" in err
     assert "Traceback" not in err
+
+
+def test_peak_breakdown_reads_the_first_level_of_xla_live_ranges(tmp_path):
+    """plan.peak_breakdown: the module with the largest peak, its first-level values largest
+    first (nested lines are parts of them, not more values)."""
+    from moejax.tools.plan import peak_breakdown
+
+    small = "  Stack trace breakdown for peak usage: 10 bytes\n      ├── a (100.0%, total: 10 bytes, current: 10 bytes, remaining: 0 bytes)\n"
+    big = ("  Stack trace breakdown for peak usage: 1 500 bytes\n"
+           "    main.1_spmd (100.0%, total: 1 500 bytes, current: 0 bytes, remaining: 1 500 bytes)\n"
+           "      ├── jit(f)/dot (20.0%, total: 300 bytes, current: 300 bytes, remaining: 1 200 bytes)\n"
+           "      │   └── inner (10.0%, total: 150 bytes, current: 150 bytes, remaining: 0 bytes)\n"
+           "      └── copy.7 (80.0%, total: 1 200 bytes, current: 1 200 bytes, remaining: 0 bytes)\n")
+    (tmp_path / "m1-live-range.txt").write_text(small)
+    (tmp_path / "m2-live-range.txt").write_text(big)
+    assert peak_breakdown(tmp_path) == {
+        "peak_bytes": 1500, "values": [{"name": "copy.7", "bytes": 1200},
+                                       {"name": "jit(f)/dot", "bytes": 300}]}

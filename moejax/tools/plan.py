@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import time
 from pathlib import Path
 
@@ -325,6 +326,26 @@ def plan(cfg: Config, num_devices: int, compile: bool = True, hlo_out=None) -> d
     return result
 
 
+def peak_breakdown(dump_dir, top: int = 15) -> dict:
+    """What XLA:CPU's buffer assignment holds at the program's memory peak, read from the
+    `*-live-range.txt` files an `--xla_dump_to=dump_dir --xla_dump_hlo_as_text` compile wrote
+    (the module with the largest peak): {"peak_bytes", "values": [{"name", "bytes"}, ...]},
+    the `top` largest of the breakdown's first level first. Names are the HLO values' op names (jax's name stack, e.g.
+    `.../shard_map/broadcast_in_dim`) or instruction names; one name can cover several values."""
+    best = {"peak_bytes": 0, "values": []}
+    for path in Path(dump_dir).glob("*-live-range.txt"):
+        text = path.read_text()
+        head = re.search(r"Stack trace breakdown for peak usage: ([\d ]+) bytes", text)
+        if head is None or int(head.group(1).replace(" ", "")) <= best["peak_bytes"]:
+            continue
+        values = [{"name": name, "bytes": int(size.replace(" ", ""))} for name, size in
+                  re.findall(r"^      [├└]── (.+?) \([\d.]+%, total: ([\d ]+) bytes", text,
+                             flags=re.MULTILINE)]
+        best = {"peak_bytes": int(head.group(1).replace(" ", "")),
+                "values": sorted(values, key=lambda v: -v["bytes"])[:top]}
+    return best
+
+
 def _has_deepseek_v3_shape(cfg: Config) -> bool:
     """Width and experts of DeepSeek-V3 (the report's figures mean nothing for other models)."""
     return cfg.model.d_model == 7168 and cfg.moe.num_experts == 256 and cfg.moe.top_k == 8
@@ -383,6 +404,12 @@ def format_plan(result: dict) -> str:
                          "  compiled HLO (XLA:CPU: bf16 widened to f32)")
         lines.append(f"  lower {result['compiled']['lower_seconds']:.1f} s, "
                      f"compile {result['compiled']['compile_seconds']:.1f} s")
+    if result.get("peak"):
+        lines.append("")
+        lines.append(f"at the memory peak ({_gb(result['peak']['peak_bytes'])}, XLA:CPU buffer "
+                     "assignment), largest values:")
+        lines += [f"  {_gb(value['bytes']):>13}  {value['name']}"
+                  for value in result["peak"]["values"]]
     if result.get("stages"):
         lines.append("")
         lines.append("stage  layers  head/MTP microbatches  block inputs")
