@@ -420,16 +420,18 @@ def _one_f_one_b_loop(stack, per_layer, micro, tail_weights, tail_rows, loss_inp
 
     def placed(stack_, micro_, tail_weights_):
         """What the ticks read, cast to varying once here (so the transposes of these casts
-        sum each gradient once per step, over the axes it is summed over)."""
-        blocks, _ = _stage_blocks((stack_, per_layer), schedule, slots, pipe_dims, stage)
+        sum each gradient once per step, over the axes it is summed over); and, not
+        differentiated, this stage's per-layer inputs."""
+        blocks, layer_inputs_ = _stage_blocks((stack_, per_layer), schedule, slots, pipe_dims,
+                                              stage)
         blocks = jax.tree.map(lambda leaf: _varying_over_batch_axes(leaf[0]), blocks)
         micro_ = jax.lax.pcast(micro_, (PIPE,), to="varying")
         tail_weights_ = jax.tree.map(lambda w: _varying_over(w, (*sharding.BATCH_AXES, PIPE)),
                                      tail_weights_)
-        return blocks, micro_, tail_weights_
+        return (blocks, micro_, tail_weights_), layer_inputs_
 
-    (block, micro, tail_weights), placed_vjp = jax.vjp(placed, stack, micro, tail_weights)
-    _, layer_inputs = _stage_blocks((stack, per_layer), schedule, slots, pipe_dims, stage)
+    (block, micro, tail_weights), placed_vjp, layer_inputs = jax.vjp(
+        placed, stack, micro, tail_weights, has_aux=True)
     active = jnp.asarray(slots.active)[stage][0]  # [c]
     inputs = (active, jax.tree.map(lambda leaf: leaf[0], layer_inputs))
     tail_rows = jax.lax.pcast(tail_rows, (PIPE,), to="varying")
