@@ -41,11 +41,20 @@ def parse_args(argv=None):
     s.add_argument("--corpus-dir")
     s.add_argument("--run-root", help="where the runs' directories go (default: a temp dir); "
                    "keep it when resuming: the tolerance rows restore final parameters")
+    t = sub.add_parser("table", help="the study's summary as a markdown table")
+    t.add_argument("study_json")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.command == "table":  # no jax needed
+        if importlib.util.find_spec("moejax") is None:
+            sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        from moejax.tools.grad_compression import study_table
+
+        print(study_table(json.loads(Path(args.study_json).read_text())))
+        return 0
     devices = args.devices if args.command == "bytes" else 8
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + f" --xla_force_host_platform_device_count={devices}").strip()

@@ -228,3 +228,19 @@ def test_implicit_state_has_no_gradient_state_and_restores_as_before(implicit_an
 def test_pipelined_mesh_is_refused_in_one_sentence():
     with pytest.raises(ConfigError, match="mesh.pipe"):
         tiny_config("mesh.pipe=2", "mesh.expert=4", "train.grad_compression=bf16")
+
+
+def test_study_table_reports_each_seed_and_the_verdict():
+    """The study's markdown table: one row per setting with every seed's held-out loss, and a
+    verdict only where every paired gap has one sign beyond the spread (summarise)."""
+    from moejax.tools.grad_compression import study_table, summarise
+
+    runs = {"none": {0: {"held_out": 2.0}, 1: {"held_out": 2.1}},
+            "worse one": {0: {"held_out": 2.5}, 1: {"held_out": 2.6}},
+            "mixed": {0: {"held_out": 1.9}, 1: {"held_out": 2.2}}}
+    tolerance = {"held_out_gap": 0.01}
+    table = study_table({"seeds": [0, 1], "summary": summarise(runs, [0, 1], tolerance)})
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines()[2:5]}
+    assert "2.5000 | 2.6000" in rows["worse one"] and rows["worse one"].endswith("| worse |")
+    assert rows["mixed"].endswith("| no resolved difference |")
+    assert "+0.5000" in rows["worse one"]

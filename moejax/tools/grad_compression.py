@@ -249,6 +249,26 @@ def summarise(runs: dict, seeds: list[int], tolerance: dict | None) -> dict:
     return {"by_setting": out, "none_seed_std": base_std, "tolerance": tolerance}
 
 
+def study_table(result: dict) -> str:
+    """The study's summary (`study`'s JSON) as a markdown table: per setting, the held-out
+    loss of each seed, their mean and std, the mean paired gap to none, and the verdict."""
+    summary = result["summary"]
+    seeds = result["seeds"]
+    lines = [(f"| setting | {' | '.join(f'seed {s}' for s in seeds)} | mean +- std | "
+              "paired gap to none (relative) | verdict |"),
+             "|---|" + "---|" * len(seeds) + "---|---|---|"]
+    for name, row in summary["by_setting"].items():
+        by_seed = dict(zip(row["seeds"], row["held_out"]["values"]))
+        cells = [f"{by_seed[s]:.4f}" if s in by_seed else "" for s in seeds]
+        gap = row.get("paired_gap")
+        gap_text = (f"{gap['mean']:+.4f} ({gap['relative']:+.2%})" if gap else "")
+        lines.append(f"| {name} | {' | '.join(cells)} | {row['held_out']['mean']:.4f} +- "
+                     f"{row['held_out']['std']:.4f} | {gap_text} | {row.get('verdict', '')} |")
+    lines.append(f"\nnone's seed-to-seed std {summary['none_seed_std']:.4f}; two-mesh float32 "
+                 f"tolerance {abs(summary['tolerance']['held_out_gap']):.4f} (seed 0).")
+    return "\n".join(lines)
+
+
 def study(out: Path, seeds=(0, 1, 2), steps: int = 300, settings=tuple(SETTINGS),
           corpus_dir=None, run_root: Path | None = None, log=print) -> dict:
     """Runs the study, writing `out` (JSON) after every run so a partial study keeps its
