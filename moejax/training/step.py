@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -145,7 +146,10 @@ def compiled_train_step(cfg: Config, mesh):
 
 
 def eval_step(params, batch: dict, cfg: Config, router: RouterState) -> jax.Array:
-    """Mean next-token cross-entropy (nats/token) of one batch."""
+    """Mean next-token cross-entropy (nats/token) of one batch. A 1f1b config evaluates with
+    the GPipe forward: the same loss, without the backward 1F1B computes with it."""
+    if cfg.train.pipeline_schedule == "1f1b":
+        cfg = cfg.replace(train=dataclasses.replace(cfg.train, pipeline_schedule="gpipe"))
     return loss_fn(params, batch, cfg, router)[1]["cross_entropy"]
 
 
