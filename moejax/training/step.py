@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -146,10 +145,7 @@ def compiled_train_step(cfg: Config, mesh):
 
 
 def eval_step(params, batch: dict, cfg: Config, router: RouterState) -> jax.Array:
-    """Mean next-token cross-entropy (nats/token) of one batch. A 1f1b config evaluates with
-    the GPipe forward: the same loss, without the backward 1F1B computes with it."""
-    if cfg.train.pipeline_schedule == "1f1b":
-        cfg = cfg.replace(train=dataclasses.replace(cfg.train, pipeline_schedule="gpipe"))
+    """Mean next-token cross-entropy (nats/token) of one batch."""
     return loss_fn(params, batch, cfg, router)[1]["cross_entropy"]
 
 
