@@ -78,3 +78,17 @@ def test_mesh_form_replica_groups_give_the_named_axes_group_size():
     block = 8 * 8 * 4
     assert traffic["all-reduce"]["bytes_sent"] == pytest.approx(2 * block * 3 / 4)  # group 4
     assert traffic["all-gather"]["bytes_sent"] == pytest.approx(block * 7 / 8)  # group 8
+
+
+def test_profile_summary_adds_up_each_op_per_step():
+    """tools.profile_ops.summarise_trace: complete events by name, per step, most time first;
+    the executor's own spans and the Python calls around the steps are not ops."""
+    from moejax.tools.profile_ops import summarise_trace
+
+    events = [{"ph": "X", "name": "dot.1", "dur": 3000}, {"ph": "X", "name": "dot.1", "dur": 1000},
+              {"ph": "X", "name": "sort.2", "dur": 6000}, {"ph": "B", "name": "dot.1"},
+              {"ph": "X", "name": "ThunkExecutor::Execute", "dur": 9000},
+              {"ph": "X", "name": "$api.py:1 block_until_ready", "dur": 9000}]
+    assert summarise_trace(events, steps=2) == [
+        {"name": "sort.2", "ms_per_step": 3.0, "calls_per_step": 0.5},
+        {"name": "dot.1", "ms_per_step": 2.0, "calls_per_step": 1.0}]
