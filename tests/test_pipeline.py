@@ -43,11 +43,17 @@ def _grad_fn(cfg, batch):
 
 
 @functools.cache
-def reference():
-    cfg = tiny_config(*PIPELINE_CONFIG)
+def single_device(overrides: tuple):
+    """(params, loss, metrics, grads) of tiny with `overrides` on one device: the reference a
+    pipelined mesh must equal."""
+    cfg = tiny_config(*overrides)
     params = moejax.init_params(cfg, jax.random.key(0))
     (loss, metrics), grads = jax.jit(_grad_fn(cfg, _batch(cfg)))(params)
     return params, loss, metrics, grads
+
+
+def reference():
+    return single_device(PIPELINE_CONFIG)
 
 
 @functools.cache
@@ -91,11 +97,9 @@ UNEVEN = {"tiny_pipe2_expert4": ((), MeshConfig(1, 1, 4, 2)),
 @pytest.mark.parametrize("case", UNEVEN)
 def test_uneven_stages_match_single_device(case):
     overrides, mesh_cfg = UNEVEN[case]
-    single = tiny_config(*overrides, "train.microbatches=2")
-    params = moejax.init_params(single, jax.random.key(0))
-    (expected_loss, expected_metrics), expected_grads = jax.jit(
-        _grad_fn(single, _batch(single)))(params)
-    cfg = single.replace(mesh=mesh_cfg)
+    params, expected_loss, expected_metrics, expected_grads = single_device(
+        (*overrides, "train.microbatches=2"))
+    cfg = tiny_config(*overrides, "train.microbatches=2").replace(mesh=mesh_cfg)
     mesh = moejax.make_mesh(cfg.mesh)
     with jax.set_mesh(mesh):
         stored = on_mesh(params, shardings(cfg, mesh))
@@ -119,17 +123,9 @@ ONE_F_ONE_B_MESHES = {"pipe2_data2_expert2": MeshConfig(2, 1, 2, 2),
                       "pipe4_expert2": MeshConfig(1, 1, 2, 4)}
 
 
-@functools.cache
-def one_f_one_b_reference():
-    cfg = tiny_config(*ONE_F_ONE_B_CONFIG)
-    params = moejax.init_params(cfg, jax.random.key(0))
-    (loss, metrics), grads = jax.jit(_grad_fn(cfg, _batch(cfg)))(params)
-    return params, loss, metrics, grads
-
-
 @pytest.mark.parametrize("mesh_name", ONE_F_ONE_B_MESHES)
 def test_one_f_one_b_matches_single_device(mesh_name):
-    params, expected_loss, expected_metrics, expected_grads = one_f_one_b_reference()
+    params, expected_loss, expected_metrics, expected_grads = single_device(ONE_F_ONE_B_CONFIG)
     cfg = tiny_config(*ONE_F_ONE_B_CONFIG, "train.pipeline_schedule=1f1b").replace(
         mesh=ONE_F_ONE_B_MESHES[mesh_name])
     mesh = moejax.make_mesh(cfg.mesh)
