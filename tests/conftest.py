@@ -8,7 +8,8 @@ import tempfile
 
 # Tests run tiny shapes, so compile time dominates: XLA's backend optimisation level 0 halves it.
 # jaxlib 0.10's XLA:CPU also compiles ~1.5x faster without its fusion emitters (the suite's
-# pipeline tests: 86 s against 134 s); newer XLA:CPU has no such flag and refuses unknown ones.
+# pipeline tests: 86 s against 134 s, both at load ~6, provisional); newer XLA:CPU has no such
+# flag and refuses unknown ones.
 _NO_FUSION_EMITTERS = importlib.metadata.version("jaxlib").startswith("0.10.")
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "")
