@@ -25,6 +25,7 @@ from moejax.model.dispatch.dropless import (
     compact_slots,
     max_destinations,
     pair_capacity,
+    pass_capacity,
     row_tile,
     static_rows,
 )
@@ -154,7 +155,14 @@ def test_bounded_dropless_sends_overflow_in_rounds_and_equals_the_dense_oracle(r
         (loss, stats), grads = loss_and_grads(cfg, params, x, bias)
     assert int(stats["expert_counts"][:2].sum()) == 2 * BATCH[0] * BATCH[1]  # all on shard 0
     # every shard queues all its tokens for shard 0: ceil(N_ / C) rounds
-    assert float(stats["overflow_rounds"]) == -(-tokens_per_shard // capacity) - 1 >= 1
+    rounds = -(-tokens_per_shard // capacity)
+    assert float(stats["overflow_rounds"]) == rounds - 1 >= 1
+    # shard 0 receives 4 x (rows of the round) rows of 2 assignments each round and sorts them
+    # A = 1.25 N_ k at a time: the passes beyond the first, as a mean over the 4 shards
+    per_pass = pass_capacity(cfg.moe, tokens_per_shard, 4, 4 * capacity * 2)
+    received = [4 * 2 * min(capacity, tokens_per_shard - r * capacity) for r in range(rounds)]
+    extra_passes = sum(-(-n // per_pass) - 1 for n in received)
+    assert float(stats["overflow_passes"]) == extra_passes / 4 > 0
     assert float(stats["dropped_fraction"]) == 0.0
     assert abs(float(loss) - float(expected_loss)) <= 1e-5 * abs(float(expected_loss))
     assert max_relative_error(grads, expected_grads) <= 1e-5
@@ -209,8 +217,9 @@ def traced_shapes(fn, *args, per_shard: bool) -> tuple[set, list]:
 def test_static_rows_are_the_traced_buffer_shapes(mesh_shape, overrides):
     """`static_rows` is what the layer's program allocates, forward and backward: exchange
     buffers of P C rows ([P C, D] and [P C, 2 s] metadata; C = N_ unless moe.receive_factor
-    bounds it, in every round), the combine's [A, D], the sorted buffer [R, D] with its
-    pre-activations [R, F], and no larger [*, F] buffer. F = 24 is a width no other array has."""
+    bounds it, in every round), the combine's [M, D], the sorted buffer [R, D] with its
+    pre-activations [R, F] (R from the assignments of one pass), no larger [*, F] buffer and
+    no [P C s, D] one. F = 24 is a width no other array has."""
     cfg = layer_config("deepseek", "moe.expert_ffn_dim=24", *overrides)
     params = P.init(moe_specs(cfg), jax.random.key(0))
     x = jax.random.normal(jax.random.key(1), (*BATCH, cfg.model.d_model))
@@ -219,16 +228,21 @@ def test_static_rows_are_the_traced_buffer_shapes(mesh_shape, overrides):
         cfg = cfg.replace(mesh=MeshConfig(*mesh_shape))
         shards, batch_shards = mesh_shape[2], int(np.prod(mesh_shape))
     tokens, e, width = BATCH[0] * BATCH[1] // batch_shards, cfg.moe, cfg.model.d_model
+    capacity = pair_capacity(e, tokens, shards)
     bound = static_rows(tokens, e.num_experts, e.top_k, shards,
-                        row_tile(tokens * shards * e.top_k, e), pair_capacity(e, tokens, shards))
+                        row_tile(tokens * shards * e.top_k, e), capacity,
+                        pass_capacity(e, tokens, shards,
+                                      shards * capacity * min(e.top_k, e.num_experts // shards)))
     step = jax.grad(lambda p, x: layer_loss(p, x, jnp.zeros(8), cfg)[0], argnums=(0, 1))
     with contextlib.ExitStack() as stack:
         if mesh_shape is not None:
             stack.enter_context(jax.set_mesh(moejax.make_mesh(cfg.mesh)))
         shapes, exchanged = traced_shapes(step, params, x, per_shard=mesh_shape is not None)
     assert {(bound.sorted_rows, width), (bound.sorted_rows, 24),
-            (bound.assignment_rows, width)} <= shapes
+            (bound.combine_rows, width)} <= shapes
     assert max(s[0] for s in shapes if len(s) == 2 and s[1] == 24) == bound.sorted_rows
+    if bound.pass_assignments < bound.assignment_rows:  # passes: no buffer of every assignment
+        assert (bound.assignment_rows, width) not in shapes
     if shards == 1:
         assert not exchanged and bound.exchange_rows == 0
     else:  # Exchange sends [P, N_, W]

@@ -450,7 +450,8 @@ def _aux_outputs(layer_stats, cfg: Config) -> dict:
     aux["dropped_fraction"] = jnp.mean(layer_stats["dropped_fraction"])
     aux["expert_counts"] = layer_stats["expert_counts"]  # [L_moe, E]
     # dropless dispatch, per layer [L_moe]
-    for name in ("padding_overhead", "exchange_fill", "overflow_rounds"):
+    for name in ("padding_overhead", "exchange_fill", "overflow_rounds",
+                 "overflow_passes"):
         if name in layer_stats:
             aux[name] = layer_stats[name]
     return aux

@@ -382,17 +382,17 @@ def torch_matmul(size: int, threads: int | None = None) -> tuple[Callable, float
 def dropless_buffer_bytes(tokens_per_device: int, d_model: int, ffn_dim: int, num_experts: int,
                           top_k: int, expert_shards: int, tile: int, bytes_per_value: int) -> dict:
     """Bytes of the dropless layer's main activation buffers on one device, from its static
-    row bounds (`dropless.static_rows`: exchange rows P N_, assignments A, sorted rows R):
+    row bounds (`dropless.static_rows`: exchange rows P N_, sorted rows R, combine rows M):
     the exchange's send and receive buffers [P N_, D], out and back; the grouped SwiGLU's input
     and output [R, D] and its two pre-activations [R, F], kept for the backward; the combine's
-    [A, D]. `useful` is the mean case: N_ k assignments of [D] in, [F] x 2 and [D] out."""
+    [M, D]. `useful` is the mean case: N_ k assignments of [D] in, [F] x 2 and [D] out."""
     n = tokens_per_device
     rows = static_rows(n, num_experts, top_k, expert_shards, tile)
     values = {
         "exchange (send + receive, out and back)": 4 * rows.exchange_rows * d_model,
         "sorted buffer in + out [R, D] x 2": 2 * rows.sorted_rows * d_model,
         "pre-activations [R, F] x 2": 2 * rows.sorted_rows * ffn_dim,
-        "combine [A, D]": rows.assignment_rows * d_model,
+        "combine [M, D]": rows.combine_rows * d_model,
     }
     useful = n * top_k * (2 * d_model + 2 * ffn_dim)
     out = {name: v * bytes_per_value for name, v in values.items()}

@@ -372,7 +372,7 @@ def buffers_table(buffers: dict) -> str:
              "EP64) x data, batch over every device:"),
              "", ("| devices | tokens per device N_ | row tile | exchange rows P N_ "
              "| sorted rows R | exchange GiB | sorted + pre-activations GiB "
-             "| combine [P N_ min(k, E_), D] GiB | total GiB "
+             "| combine [M, D] GiB | total GiB "
              "| mean case (N_ k rows) GiB | total over mean case |"),
              "|" + "---|" * 11]
     for c in buffers["cases"]:
@@ -381,7 +381,7 @@ def buffers_table(buffers: dict) -> str:
         grouped = b["sorted buffer in + out [R, D] x 2"] + b["pre-activations [R, F] x 2"]
         lines.append(f"| {c['devices']:,} | {c['tokens_per_device']:,} | {c['tile']} "
                      f"| {c['exchange_rows']:,} | {c['sorted_rows']:,} | {exchange / gib:,.1f} "
-                     f"| {grouped / gib:,.1f} | {b['combine [A, D]'] / gib:,.1f} "
+                     f"| {grouped / gib:,.1f} | {b['combine [M, D]'] / gib:,.1f} "
                      f"| {c['total_bytes'] / gib:,.1f} | {c['useful_bytes'] / gib:,.1f} "
                      f"| {c['total_bytes'] / c['useful_bytes']:.1f}x |")
     return "\n".join(lines)

@@ -160,7 +160,7 @@ def dispatch_all_to_all_bytes(cfg: Config, shape: StepShape, payload_bytes: int,
         backs = 3 + extra_forward  # the forward "back", the two transposes, another "back"
         outs, meta_exchanges = outs + extra_forward, meta_exchanges + extra_forward
         bound = static_rows(tokens, e.num_experts, e.top_k, p, row_tile(tokens * p * e.top_k, e),
-                            pair_capacity(e, tokens, p))
+                            pair_capacity(e, tokens, p))  # the passes do not change the exchange
         slots = bound.slots
         # per row: the forward "out" (again under remat), "back" and the two transposes
         row_bytes = outs * out_bytes + backs * width * payload_bytes

@@ -70,31 +70,36 @@ class StaticRows:
 
     exchange_rows: int  # P C: each exchange buffer, [P C, D] out and back (0 on one shard)
     slots: int  # s: (id, weight) slots a row carries, min(k, E_) (k on one shard)
-    assignment_rows: int  # A: P C s (N k on one shard), the combine's [A, D] rows
+    assignment_rows: int  # P C s (N k on one shard): the assignments one round can deliver
+    pass_assignments: int  # A: the assignments one grouped-GEMM pass sorts (`pass_capacity`)
     sorted_rows: int  # R: A + E_ (tile - 1) padding rows, in whole tiles; [R, D] and [R, F]
+    combine_rows: int  # M: the combine's [M, D] (P C, or N on one shard)
 
 
 def static_rows(tokens_per_shard: int, num_experts: int, top_k: int, expert_shards: int,
-                tile: int, pair_rows: int | None = None) -> StaticRows:
+                tile: int, pair_rows: int | None = None,
+                pass_assignments: int | None = None) -> StaticRows:
     """The buffer bounds of one exchange round of `dropless_moe_local` (tests/test_dropless.py
     checks them against its traced program), for N_ tokens on a shard, E experts over P
-    expert shards (E_ = E / P each), the row tile (`row_tile` of N_ P k) and C = `pair_rows`
-    rows per (source, destination) pair and round (`pair_capacity`; N_ when None).
+    expert shards (E_ = E / P each), the row tile (`row_tile` of N_ P k), C = `pair_rows`
+    rows per (source, destination) pair and round (`pair_capacity`; N_ when None) and A =
+    `pass_assignments` per grouped-GEMM pass (`pass_capacity`; all a round delivers when None).
     One shard: no exchange, N k assignments. P shards: each of the P pair buffers holds C rows
     (N_, the worst case, when receive_factor is null: a token is sent at most once to each
-    shard); a row carries s = min(k, E_) local expert slots, so the receiving shard sorts at
-    most P C s assignments. The sorted buffer adds at most tile - 1 padding rows per local
-    expert."""
+    shard); a row carries s = min(k, E_) local expert slots, so a round delivers at most
+    P C s assignments, sorted A at a time. The sorted buffer adds at most tile - 1 padding
+    rows per local expert."""
     local_experts = num_experts // expert_shards
     if expert_shards == 1:
-        exchange_rows, slots = 0, top_k
+        exchange_rows, slots, combine_rows = 0, top_k, tokens_per_shard
         assignments = tokens_per_shard * top_k
     else:
         pair_rows = tokens_per_shard if pair_rows is None else pair_rows
         exchange_rows, slots = expert_shards * pair_rows, min(top_k, local_experts)
-        assignments = exchange_rows * slots
-    return StaticRows(exchange_rows, slots, assignments,
-                      grouped.padded_rows(assignments, local_experts, tile))
+        assignments, combine_rows = exchange_rows * slots, exchange_rows
+    per_pass = assignments if pass_assignments is None else min(assignments, pass_assignments)
+    return StaticRows(exchange_rows, slots, assignments, per_pass,
+                      grouped.padded_rows(per_pass, local_experts, tile), combine_rows)
 
 
 def grouped_experts(rows, local_ids, weights, experts: FFN, matmul: Matmul, tile: int,
@@ -128,11 +133,23 @@ def grouped_experts(rows, local_ids, weights, experts: FFN, matmul: Matmul, tile
             computed = grouped.tiled_swiglu(sorted_rows, weights_, layout.tile_expert,
                                             layout.used_tiles, tile)
     with jax.named_scope("combine"):
-        per_assignment = grouped.take_rows(computed, layout.row_of_assignment,
-                                           layout.assignment_of_row[:, None])
-        y = jnp.einsum("mkd,mk->md", per_assignment.reshape(num_rows, top_k, -1),
-                       weights.astype(dtype))
+        y = _combine(computed, layout, weights.astype(dtype))
     return y, layout.used_tiles * tile, layout.useful_rows, layout.unplaced
+
+
+def _combine(computed, layout: grouped.TileLayout, weights):
+    """y [M, D] = sum_j weights[:, j] * computed[row of assignment (m, j)], one [M, D] gather
+    per slot j (not one [M k, D] gather: with bounded passes the sorted buffer is smaller than
+    M k rows, and the combine should be too)."""
+    num_rows, top_k = weights.shape
+    row_of_assignment = layout.row_of_assignment.reshape(num_rows, top_k)
+    slot_of_row = layout.assignment_of_row % top_k
+    token_of_row = layout.assignment_of_row // top_k  # M for padding rows
+    y = 0
+    for j in range(top_k):
+        reader = jnp.where(slot_of_row == j, token_of_row, num_rows)[:, None]
+        y = y + weights[:, j:j + 1] * grouped.take_rows(computed, row_of_assignment[:, j], reader)
+    return y
 
 
 def pair_capacity(cfg: MoEConfig, tokens_per_shard: int, shards: int) -> int:
@@ -146,6 +163,52 @@ def pair_capacity(cfg: MoEConfig, tokens_per_shard: int, shards: int) -> int:
     experts, local = cfg.num_experts, cfg.num_experts // shards
     visits = 1 - math.comb(experts - local, cfg.top_k) / math.comb(experts, cfg.top_k)
     return max(1, min(tokens_per_shard, math.ceil(cfg.receive_factor * tokens_per_shard * visits)))
+
+
+def pass_capacity(cfg: MoEConfig, tokens_per_shard: int, shards: int,
+                  max_assignments: int) -> int:
+    """A, the assignments one grouped-GEMM pass sorts on a receiving shard. moe.receive_factor
+    null, or one shard: every assignment the round can deliver (`max_assignments`, P C s: one
+    pass). Otherwise receive_factor x N_ k, the assignments a shard receives per exchange under
+    balanced routing (its E_ / E share of the P N_ k), at most `max_assignments`: the sorted
+    buffer [R, D], its [R, F] pre-activations and the backward's copies then follow the
+    expected load, not P C s (4.8x it for DeepSeek-V3 on EP64, docs/plan.md)."""
+    if cfg.receive_factor is None or shards == 1:
+        return max_assignments
+    return max(1, min(max_assignments,
+                      math.ceil(cfg.receive_factor * tokens_per_shard * cfg.top_k)))
+
+
+def passes_of_grouped_experts(rows, local_ids, weights, experts: FFN, matmul: Matmul, tile: int,
+                              capacity: int, use_ragged: bool):
+    """`grouped_experts` on the rows that arrived, in passes of at most `capacity` assignments
+    (in row order): (y [M, D], DispatchStats: padded, useful and unplaced rows summed over the
+    passes, overflow_passes the passes beyond the first). Pass 0 always runs; pass i > 0 runs
+    (lax.cond, on this shard alone: a pass has no collective) only when more than i capacity
+    assignments arrived, and is rematerialised in the backward, so buffers and saved
+    activations are those of one pass. Exact whatever the routing: every assignment is in
+    exactly one pass."""
+    num_rows, slots = local_ids.shape
+    most = num_rows * slots
+    valid = local_ids >= 0
+    order = (jnp.cumsum(valid.reshape(-1)) - 1).reshape(num_rows, slots)  # among the valid
+
+    def one_pass(index, rows_, weights_, experts_):
+        ids = local_ids if capacity >= most else jnp.where(order // capacity == index,
+                                                           local_ids, -1)
+        y, padded, useful, unplaced = grouped_experts(rows_, ids, weights_, experts_, matmul,
+                                                      tile, capacity, use_ragged)
+        return y, _row_stats(padded, useful, unplaced, 0, 0)
+
+    needed = jnp.maximum(1, -(-jnp.sum(valid) // capacity))
+    y, stats = one_pass(0, rows, weights, experts)
+    nothing = jax.tree.map(jnp.zeros_like, (y, stats))  # what a pass that does not run adds
+    for index in range(1, -(-most // capacity)):
+        later = jax.checkpoint(functools.partial(one_pass, index))
+        y_i, stats_i = jax.lax.cond(index < needed, later, lambda *_: nothing,
+                                    rows, weights, experts)
+        y, stats = y + y_i, stats + stats_i
+    return y, stats.replace(overflow_passes=(needed - 1).astype(jnp.float32))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,13 +333,14 @@ def _exchange_round(x, expert_ids, weights, experts: FFN, queues: _Queues, round
         received_meta = exchange.out(
             jnp.concatenate([(send_ids + 1).astype(jnp.float32), send_weights], 1))
         received_ids = received_meta[:, :slots].astype(jnp.int32) - 1
-    computed, padded, useful, unplaced = grouped_experts(
+    computed, stats = passes_of_grouped_experts(
         received_rows, received_ids, received_meta[:, slots:], experts, matmul, tile,
-        rows * slots, use_ragged)
+        pass_capacity(cfg, num_tokens, shards, rows * slots), use_ragged)
     with jax.named_scope("combine"):
         returned = exchange.back(computed)  # [P C, D]: row p C + c computed on shard p
         y = _sum_destinations(returned, slot, token, cfg, capacity)
-    return y, _row_stats(padded, useful, unplaced, jnp.sum(token < num_tokens), rows)
+    return y, stats.replace(rows_sent=jnp.sum(token < num_tokens).astype(jnp.float32),
+                            send_buffer_rows=jnp.asarray(rows, jnp.float32))
 
 
 def _sum_destinations(returned, slot, token, cfg: MoEConfig, capacity: int):
@@ -305,7 +369,8 @@ def _row_stats(padded, useful, unplaced, sent, send_buffer) -> DispatchStats:
     return DispatchStats(dropped=jnp.asarray(unplaced, f32), padded_rows=jnp.asarray(padded, f32),
                          useful_rows=jnp.asarray(useful, f32), rows_sent=jnp.asarray(sent, f32),
                          send_buffer_rows=jnp.asarray(send_buffer, f32),
-                         overflow_rounds=jnp.zeros((), f32), exchanges=jnp.ones((), f32))
+                         overflow_rounds=jnp.zeros((), f32), overflow_passes=jnp.zeros((), f32),
+                         exchanges=jnp.ones((), f32))
 
 
 def compact_slots(ids, weights, slots: int):

@@ -37,8 +37,10 @@ class DispatchStats:
     useful_rows: the assignments among them;
     rows_sent: rows the exchange sent out (one per token and destination shard; N on one shard);
     send_buffer_rows: rows of the send buffers (P C per round and shard; N on one shard);
-    overflow_rounds: exchange rounds beyond the first (the same on every shard), and
-    exchanges: 1 per shard's exchange, so that their ratio is the mean over shards."""
+    overflow_rounds: exchange rounds beyond the first (the same on every shard);
+    overflow_passes: grouped-GEMM passes beyond the first on the receiving shard, summed over
+    the rounds (moe.receive_factor bounds a pass's assignments); and
+    exchanges: 1 per shard's exchange, so that their ratios are means over shards."""
 
     dropped: jax.Array
     padded_rows: jax.Array | None = None
@@ -46,6 +48,7 @@ class DispatchStats:
     rows_sent: jax.Array | None = None
     send_buffer_rows: jax.Array | None = None
     overflow_rounds: jax.Array | None = None
+    overflow_passes: jax.Array | None = None
     exchanges: jax.Array | None = None
 
     def __add__(self, other: DispatchStats) -> DispatchStats:
@@ -54,13 +57,15 @@ class DispatchStats:
     def metrics(self, num_assignments: int) -> dict:
         """The layer statistics (their names are the metrics.jsonl keys): dropped_fraction, and
         with row counts padding_overhead (padded / useful rows - 1), exchange_fill (rows
-        sent / send-buffer rows) and overflow_rounds (exchange rounds beyond the first)."""
+        sent / send-buffer rows), overflow_rounds (exchange rounds beyond the first) and
+        overflow_passes (grouped-GEMM passes beyond the first)."""
         out = {}
         if self.padded_rows is not None:
             out["padding_overhead"] = ((self.padded_rows - self.useful_rows)
                                        / jnp.maximum(self.useful_rows, 1.0))
             out["exchange_fill"] = self.rows_sent / self.send_buffer_rows
             out["overflow_rounds"] = self.overflow_rounds / self.exchanges
+            out["overflow_passes"] = self.overflow_passes / self.exchanges
         out["dropped_fraction"] = self.dropped / num_assignments
         return out
 
