@@ -13,12 +13,14 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from helpers import max_relative_error, tiny_config
 from test_mesh_equivalence import CONFIGS, _batch, _router_state, on_mesh, shardings
 
 import moejax
 from moejax.config import ConfigError, MeshConfig
+from moejax.model import pipeline
 from moejax.model.pipeline import Schedule
 from moejax.sharding import batch_sharding
 from moejax.tools.hlo_stats import shape_bytes
@@ -114,11 +116,12 @@ def test_uneven_stages_match_single_device(case):
 
 
 # 1F1B: DeepSeek-V3 in small (MLA with YaRN, MTP, a dense first layer, dropless, group-limited
-# routing) without the switch loss, which 1f1b refuses; m = 4 microbatches, more than the
-# 2p - 1 = 3 inputs pipe2 keeps, so its slots are reused. pipe4 x expert2 has uneven stages
-# (5 MoE layers: 2, 1, 1, 1).
+# routing) without the switch loss, which 1f1b refuses; m = 5 microbatches, more than the
+# 2p - 1 = 3 inputs pipe2 keeps, so its slots are reused, and not a multiple of p, so the
+# stream split over the stages is padded (pipe2: k = 3 per stage; pipe4: k = 2, the last stage
+# holds none). pipe4 x expert2 has uneven stages (5 MoE layers: 2, 1, 1, 1).
 ONE_F_ONE_B_CONFIG = (*CONFIGS["deepseek_v3"], "moe.switch_loss_coef=0", "model.num_layers=6",
-                      "train.global_batch_size=16", "train.microbatches=4")
+                      "train.global_batch_size=40", "train.microbatches=5")
 ONE_F_ONE_B_MESHES = {"pipe2_data2_expert2": MeshConfig(2, 1, 2, 2),
                       "pipe4_expert2": MeshConfig(1, 1, 2, 4)}
 
@@ -284,3 +287,38 @@ def test_the_dense_first_layers_run_per_microbatch_not_on_the_whole_shard():
     shapes = {m.group(1) for line in silu if (m := re.search(rf"= f32\[([\d,]+,{hidden})\]", line))}
     assert f"{rows // 2},{seq},{hidden}" in shapes, shapes
     assert not shapes & {f"{rows},{seq},{hidden}", f"{rows * seq},{hidden}"}, shapes
+
+
+@pytest.mark.parametrize("microbatches", [4, 5, 6, 7, 9])
+def test_conveyors_bring_each_microbatch_in_time_and_its_gradient_home(microbatches):
+    """1F1B's stream stays split over the stages (stage s holds microbatches s k .. s k + k - 1,
+    k = ceil(m / p)): the input conveyor hands stage 0 microbatch t at tick t, and the gradient
+    conveyor, fed microbatch u's gradient at stage 0 at tick u + 2p - 2, leaves every gradient
+    on the stage and slot its microbatch came from, for m a multiple of p = 4 or not."""
+    p = 4
+    k = -(-microbatches // p)
+    mesh = jax.make_mesh((p,), ("pipe",), devices=jax.devices()[:p])
+    ids = jnp.arange(p * k, dtype=jnp.float32)  # padding ids >= m: never read, never returned
+    ticks = microbatches + 2 * p - 2
+
+    def run(queue):
+        def tick(carry, t):
+            queue_, gradients = carry
+            fresh, queue_ = pipeline._input_conveyor(queue_, t)
+            u = t - (2 * p - 2)
+            gradient = jnp.where((u >= 0) & (u < microbatches), u + 100.0, 0.0)
+            gradients = pipeline._gradient_conveyor(gradients, gradient, t, microbatches)
+            return (queue_, gradients), fresh
+
+        (_, gradients), fresh = jax.lax.scan(tick, (queue, jnp.zeros_like(queue)),
+                                             jnp.arange(ticks))
+        return fresh[None], pipeline._delivered_gradients(gradients, ticks, microbatches)
+
+    spec = jax.sharding.PartitionSpec("pipe")
+    ids = jax.device_put(ids, jax.sharding.NamedSharding(mesh, spec))
+    fresh, delivered = jax.jit(jax.shard_map(run, mesh=mesh, in_specs=spec,
+                                             out_specs=(spec, spec)))(ids)
+    fresh, delivered, ids = (np.asarray(a) for a in (fresh, delivered, ids))
+    assert fresh[0, :microbatches].tolist() == list(range(microbatches))  # stage 0's row
+    real = np.arange(p * k) < microbatches
+    assert delivered.tolist() == np.where(real, ids + 100.0, 0.0).tolist()

@@ -350,7 +350,9 @@ def one_f_one_b(stack, stack_specs, x, per_layer, block_fn, block_loss, schedule
                 tail: Tail):
     """The stack and its tail trained with the 1F1B schedule: loss and gradients in one pass.
 
-    Same arguments as `pipelined_stack`, plus `block_loss(outputs with leaves [c, ...]) -> [c]`,
+    Same arguments as `pipelined_stack`, except x: the stream in the `over_stages` layout
+    [p k, B / m, T, D] (stage s holds microbatches s k ..), plus
+    `block_loss(outputs with leaves [c, ...]) -> [c]`,
     each layer's loss term from its outputs (the router losses), and `tail.loss(tail outputs,
     tail.loss_inputs) -> []`, one microbatch shard's loss from the tail's outputs. The step's
     loss is their mean over microbatches and batch shards (so it must be linear in the
@@ -365,22 +367,23 @@ def one_f_one_b(stack, stack_specs, x, per_layer, block_fn, block_loss, schedule
     (stored_stack, stored_per_layer), (stack_in_specs, per_layer_specs) = _stored(
         sg(stack), stack_specs, per_layer, schedule, slots)
     by_stage_and_shard = PartitionSpec(PIPE, sharding.BATCH_AXES)
+    assert x.shape[0] == schedule.stages * -(-m // schedule.stages), "x: over_stages layout"
     loop = functools.partial(_one_f_one_b_loop, block_fn=block_fn, block_loss=block_loss,
                              tail=tail, schedule=schedule, slots=slots,
                              pipe_dims=_pipe_dims(stack_specs))
     by_microbatch = functools.partial(split_microbatches, microbatches=m)
     run = jax.shard_map(
-        loop, in_specs=(stack_in_specs, per_layer_specs, rows, tail.weight_specs, rows,
-                        PartitionSpec()),
-        out_specs=(PartitionSpec(), (stack_in_specs, rows, tail.weight_specs),
+        loop, in_specs=(stack_in_specs, per_layer_specs, by_stage_and_shard, tail.weight_specs,
+                        rows, PartitionSpec()),
+        out_specs=(PartitionSpec(), (stack_in_specs, by_stage_and_shard, tail.weight_specs),
                    by_stage_and_shard, by_stage_and_shard))
     loss, grads, outputs, tail_outputs = run(
-        stored_stack, stored_per_layer, by_microbatch(sg(x)), sg(tail.weights),
+        stored_stack, stored_per_layer, sg(x), sg(tail.weights),
         jax.tree.map(by_microbatch, tail.rows), tail.loss_inputs)
     grad_stack, grad_micro, grad_tail = grads
     grad_stack = jax.tree.map(lambda g, w: g.reshape(w.shape), grad_stack, stack)
     loss = _with_gradients(loss, (stack, x, tail.weights),
-                           (grad_stack, joined_microbatches(grad_micro), grad_tail))
+                           (grad_stack, grad_micro, grad_tail))
     outputs = jax.tree.map(lambda leaf: _by_layer(leaf, schedule, slots), outputs)
     last = jax.tree.map(lambda leaf: leaf[-1].swapaxes(0, 1).reshape(-1, *leaf.shape[3:]),
                         tail_outputs)  # the last stage's [S, m, ...] -> [m S, ...]
@@ -406,7 +409,11 @@ def _one_f_one_b_loop(stack, per_layer, micro, tail_weights, tail_rows, loss_inp
     of microbatch t - (2p - 2 - s) at tick t (m + 2p - 2 ticks); the last stage runs the tail
     and its backward on the microbatch it has just finished, so its backward follows at once.
     A stage keeps the inputs of at most 2p - 1 microbatches (those between its forward and
-    backward) and recomputes its block's forward in the backward. Every stage runs every part
+    backward) and recomputes its block's forward in the backward. The stream and its gradient
+    stay split over the stages (micro [k, B_/m, T, D]: microbatches s k .. s k + k - 1): two
+    conveyors move one microbatch per tick, the inputs towards stage 0 just in time
+    (`_input_conveyor`), the input gradients from stage 0 up to the stage that holds the
+    microbatch (`_gradient_conveyor`), so no stage holds all m of either. Every stage runs every part
     of a tick, the idle ones on masked values (a `lax.cond` on the stage would skip them, but
     XLA:CPU deadlocks when a branch holds a collective, docs/pipeline.md). Returns (the loss
     summed over every microbatch shard, the gradients of (stack, micro, tail_weights) in their
@@ -425,7 +432,6 @@ def _one_f_one_b_loop(stack, per_layer, micro, tail_weights, tail_rows, loss_inp
         blocks, layer_inputs_ = _stage_blocks((stack_, per_layer), schedule, slots, pipe_dims,
                                               stage)
         blocks = jax.tree.map(lambda leaf: _varying_over_batch_axes(leaf[0]), blocks)
-        micro_ = jax.lax.pcast(micro_, (PIPE,), to="varying")
         tail_weights_ = jax.tree.map(lambda w: _varying_over(w, (*sharding.BATCH_AXES, PIPE)),
                                      tail_weights_)
         return (blocks, micro_, tail_weights_), layer_inputs_
@@ -451,11 +457,12 @@ def _one_f_one_b_loop(stack, per_layer, micro, tail_weights, tail_rows, loss_inp
     is_last = stage == p - 1
 
     def tick(carry, t):
-        received, cotangent, kept, grads, loss = carry
+        received, cotangent, queue, kept, grads, loss = carry
         forward = t - stage
         f_ok = (forward >= 0) & (forward < m)
         forward = jnp.clip(forward, 0, m - 1)
-        x_in = jnp.where(stage == 0, micro[forward], received)
+        fresh, queue = _input_conveyor(queue, t)
+        x_in = jnp.where(stage == 0, fresh, received)
         (y, block_aux), outputs = block_with_loss(block, x_in)
         slot = forward % slots_kept
         kept = kept.at[slot].set(jnp.where(f_ok, x_in, kept[slot]))
@@ -474,26 +481,74 @@ def _one_f_one_b_loop(stack, per_layer, micro, tail_weights, tail_rows, loss_inp
         d_out = jnp.where(b_ok, jnp.where(is_last, d_y, cotangent), 0.0)
         d_block, d_x = block_vjp((_typed_like(d_out, y),
                                   _typed_like(jnp.where(b_ok, scale, 0.0), block_aux)))
-        d_micro = grads[1].at[backward].add(jnp.where(b_ok & (stage == 0), d_x, 0.0))
+        d_micro = _gradient_conveyor(grads[1], jnp.where(b_ok, d_x, 0.0), t, m)
         grads = (_add(grads[0], d_block), d_micro, _add(grads[2], d_tail))
         loss = (loss + jnp.where(tail_ok, scale * tail_loss, 0.0)
                 + jnp.where(f_ok, scale * block_aux, 0.0))
         carry = (jax.lax.ppermute(y, PIPE, forward_ring),
-                 jax.lax.ppermute(d_x, PIPE, backward_ring), kept, grads, loss)
+                 jax.lax.ppermute(d_x, PIPE, backward_ring), queue, kept, grads, loss)
         return carry, (outputs, tail_outputs)
 
     zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)
-    first = (zeros(micro[0]), zeros(micro[0]), zeros(micro[:slots_kept]),
+    kept = jnp.repeat(zeros(micro[:1]), slots_kept, axis=0)  # micro holds k, maybe < 2p - 1
+    first = (zeros(micro[0]), zeros(micro[0]), micro, kept,
              (zeros(block), zeros(micro), zeros(tail_weights)),
              _varying_over(jnp.zeros((), jnp.float32), every_axis))
-    (_, _, _, grads, loss), (outputs, tail_outputs) = jax.lax.scan(
+    (_, _, _, _, grads, loss), (outputs, tail_outputs) = jax.lax.scan(
         tick, first, jnp.arange(schedule.ticks))
-    grads = placed_vjp(grads)
+    grads = placed_vjp((grads[0], _delivered_gradients(grads[1], schedule.ticks, m),
+                         grads[2]))
     # ticks stage .. stage + m - 1 ran this stage's forwards in microbatch order
     mine = jax.tree.map(
         lambda leaf: jax.lax.dynamic_slice_in_dim(leaf, stage, m)[None, None],
         (outputs, tail_outputs))
     return jax.lax.psum(loss, every_axis), grads, *mine
+
+
+def _input_conveyor(queue, t):
+    """Tick t of the input conveyor: queue [k, ...] on each stage (stage s starts with
+    microbatches s k + i in slot i) -> (the microbatch stage 0 runs at tick t, the queue after
+    the tick). Read as one register of p k positions, everything moves one position towards
+    stage 0 per tick, so position t (microbatch t) reaches stage 0's position 0 at tick t. The
+    values stay in their slots: position j of a stage sits in slot (j + t) mod k, so at tick t
+    slot t mod k holds the stage's position 0, which leaves for stage s - 1 (stage 0 runs it)
+    and is refilled by stage s + 1's: one microbatch per link and tick."""
+    k, p = queue.shape[0], jax.lax.axis_size(PIPE)
+    head = t % k
+    leaving = queue[head]
+    arriving = jax.lax.ppermute(leaving, PIPE, [(s + 1, s) for s in range(p - 1)])
+    return leaving, queue.at[head].set(arriving)
+
+
+def _gradient_conveyor(queue, gradient, t, microbatches: int):
+    """Tick t of the gradient conveyor: stage 0 puts the input gradient of the microbatch it
+    has just run backward (`gradient`, zeros on other stages and idle ticks) into the register
+    at position (p k - m) mod k, on stage 0, and everything moves one position away from
+    stage 0 per tick. Position j of a stage sits in slot (j - t) mod k, so slot
+    (k - 1 - t) mod k holds the stage's top position, which leaves for stage s + 1 and is
+    refilled from stage s - 1. Positions below the insertion point stay empty, so inserting
+    there overwrites nothing. Microbatch u, inserted at tick u + 2p - 2, ends at position
+    p k - 1 - u - q k with q = (p k - m) // k (`_delivered_gradients` turns that into the
+    input layout)."""
+    k, p = queue.shape[0], jax.lax.axis_size(PIPE)
+    top = (k - 1 - t) % k
+    arriving = jax.lax.ppermute(queue[top], PIPE, [(s, s + 1) for s in range(p - 1)])
+    queue = queue.at[top].set(arriving)
+    insert = ((p * k - microbatches) % k - 1 - t) % k
+    stage_zero = jax.lax.axis_index(PIPE) == 0
+    return queue.at[insert].set(jnp.where(stage_zero, gradient, queue[insert]))
+
+
+def _delivered_gradients(queue, ticks: int, microbatches: int):
+    """The gradient conveyor after `ticks` ticks -> each stage's microbatches' gradients in the
+    input layout [k, ...]. Stage s's position j (slot (j - ticks) mod k) holds microbatch
+    (p - 1 - q - s) k + k - 1 - j (q as in `_gradient_conveyor`), which belongs to stage
+    p - 1 - q - s at slot k - 1 - j: one permutation of the stages and a reversal."""
+    k, p = queue.shape[0], jax.lax.axis_size(PIPE)
+    spare_stages = (p * k - microbatches) // k  # q: the last q stages hold no microbatch
+    by_position = queue[(np.arange(k) - ticks) % k]
+    owners = [(s, p - 1 - spare_stages - s) for s in range(p - spare_stages)]
+    return jax.lax.ppermute(by_position[::-1], PIPE, owners)
 
 
 def _typed_like(cotangent, value):
@@ -516,32 +571,44 @@ def joined_microbatches(micro):
     return micro.swapaxes(0, 1).reshape(-1, *micro.shape[2:])
 
 
-def microbatched(fn, x, weights, microbatches: int):
-    """fn(weights, x_ [B_ / m, ...]) -> [B_ / m, ...] on the m microbatches of x [B, ...] (rows
-    j, j + m, ... of each batch shard form microbatch j, as `pipelined_stack` splits them),
-    split over the pipeline stages: stage s runs microbatches s, s + p, ..., one at a time, and
-    one psum over `pipe` gives every stage all of them. Inside one shard_map, so the working
-    set is one microbatch's and the gradient of `weights` (entering whole) accumulates locally
-    and is summed over the batch axes and `pipe` once (a loop under GSPMD all-reduced it at
-    every microbatch). Used for the first-k dense layers before the pipeline: each stage
-    computes and keeps 1 / p of their work."""
-    rows = PartitionSpec(sharding.BATCH_AXES)
-    stages = pipe_stages()
-    rounds = -(-microbatches // stages)
+def over_stages(leaf, microbatches: int, stages: int):
+    """[B, ...] -> [p k, B / m, ...] with k = ceil(m / p): the microbatches of
+    `split_microbatches` in order, zero-padded to p k and split over `pipe`, so that stage s
+    holds microbatches s k .. s k + k - 1 (and the rows over the batch axes as before). The
+    layout the 1f1b schedule takes its input in (`one_f_one_b`): no stage holds the whole
+    stream."""
+    micro = split_microbatches(leaf, microbatches)
+    pad = stages * -(-microbatches // stages) - microbatches
+    if pad:
+        micro = jnp.concatenate([micro, jnp.zeros((pad, *micro.shape[1:]), micro.dtype)])
+    if sharding.current_mesh() is None or sharding.manual_axes():
+        return micro
+    return jax.lax.with_sharding_constraint(micro, PartitionSpec(PIPE, sharding.BATCH_AXES))
 
-    def local(x_, weights_):
+
+def from_stages(micro, microbatches: int):
+    """The inverse of `over_stages`: [p k, B / m, ...] -> [B, ...] (gathered over `pipe`)."""
+    return joined_microbatches(micro[:microbatches])
+
+
+def microbatched(fn, micro, weights):
+    """fn(weights, x_ [B_ / m, ...]) -> [B_ / m, ...] on every microbatch of micro
+    [p k, B / m, ...] (`over_stages`): stage s runs its k microbatches s k .. s k + k - 1, one
+    at a time, and keeps the results where they are (same layout out). Inside one shard_map, so
+    the working set is one microbatch's and the gradient of `weights` (entering whole)
+    accumulates locally and is summed over the batch axes and `pipe` once (a loop under GSPMD
+    all-reduced it at every microbatch). Used for the first-k dense layers before the
+    pipeline: each stage computes and keeps 1 / p of their work (padding microbatches past
+    the last one run on zeros, and nothing reads them)."""
+    by_stage = PartitionSpec(PIPE, sharding.BATCH_AXES)
+
+    def local(micro_, weights_):
         weights_ = jax.tree.map(lambda w: _varying_over(w, (*sharding.BATCH_AXES, PIPE)),
                                 weights_)
-        micro = split_microbatches(x_, microbatches)
-        mine = jax.lax.axis_index(PIPE) + stages * jnp.arange(rounds)
-        valid = (mine < microbatches).reshape(-1, *(1,) * (micro.ndim - 1))
-        mine = jnp.minimum(mine, microbatches - 1)  # a stage past the last one repeats it
-        done = jnp.where(valid, jax.lax.map(lambda xm: fn(weights_, xm), micro[mine]), 0.0)
-        placed = jnp.zeros_like(micro).at[mine].add(done.astype(micro.dtype))
-        return joined_microbatches(jax.lax.psum(placed, PIPE))
+        return jax.lax.map(lambda xm: fn(weights_, xm).astype(micro_.dtype), micro_)
 
     whole = jax.tree.map(lambda _: PartitionSpec(), weights)
-    return jax.shard_map(local, in_specs=(rows, whole), out_specs=rows)(x, weights)
+    return jax.shard_map(local, in_specs=(by_stage, whole), out_specs=by_stage)(micro, weights)
 
 
 def _varying_over_batch_axes(weight):

@@ -286,6 +286,9 @@ def moe_stack(blocks: Block, x, cfg: Config, router_state: RouterState,
         return x_, (stats, None)
 
     bias = router_state.bias[:cfg.num_moe_layers]
+    schedule = schedule or pipeline.schedule_for(cfg)
+    if tail is not None and tail.loss is not None and schedule.stages > 1:
+        x = pipeline.over_stages(x, schedule.microbatches, schedule.stages)  # 1f1b's layout
     y, (stats, _), *tail_outputs = _run_staged_stack(
         blocks, x, (bias, None), moe_layer, cfg, cached=False, schedule=schedule, tail=tail)
     return (y, stats, *tail_outputs)
@@ -313,15 +316,26 @@ def _decoder(params: Transformer, tokens, positions, cfg: Config, router_state, 
         return x, (stats, entries if cached else None)
 
     embed = _whole_over_pipe(params.embed, specs.embed)
-    x = constrain(embed[tokens].astype(cfg.precision.residual_dtype), ACTIVATION_AXES)
+    staged = not cached and pipeline.pipe_stages() > 1
+    dense_then_moe = params.dense_blocks is not None and params.moe_blocks is not None
+    one_f_one_b = staged and tail is not None and tail.loss is not None
+    if staged and (dense_then_moe or one_f_one_b):
+        # the stream split over the stages by microbatch (pipeline.over_stages): no stage
+        # embeds, runs the dense layers on, or holds the whole batch shard's stream
+        m = cfg.train.microbatches
+        x = embed[pipeline.over_stages(tokens, m, pipeline.pipe_stages())].astype(
+            cfg.precision.residual_dtype)
+    else:
+        x = constrain(embed[tokens].astype(cfg.precision.residual_dtype), ACTIVATION_AXES)
     new_cache = {"dense": None, "moe": None}
-    if (params.dense_blocks is not None and params.moe_blocks is not None and not cached
-            and pipeline.pipe_stages() > 1):
+    if staged and dense_then_moe:
         # one microbatch at a time rather than on the device's whole batch shard: their
         # backward's working set was 713 of the 785 GB of temporaries of the 671B PP16 plan
         x = pipeline.microbatched(
             lambda blocks, x_: _run_stack(blocks, x_, None, dense_layer, cfg)[0], x,
-            params.dense_blocks, cfg.train.microbatches)
+            params.dense_blocks)
+        if not one_f_one_b:  # GPipe takes the whole stream
+            x = pipeline.from_stages(x, m)
     elif params.dense_blocks is not None:
         run = _run_stack if params.moe_blocks is not None else functools.partial(
             _run_staged_stack, cached=cached)
