@@ -141,9 +141,13 @@ def test_one_f_one_b_matches_single_device(mesh_name):
     # expert shard's whole stack of routed weights (jnp.vdot there flattened, and gathered, it)
     routed = stored.moe_blocks.ffn.w_gate
     shard_stack_bytes = routed.size * routed.dtype.itemsize // cfg.mesh.expert
-    for line in compiled.as_text().splitlines():
+    hlo = compiled.as_text()
+    for line in hlo.splitlines():
         gathered = re.search(r"= (\S+) all-gather(-start)?\(", line)
         assert gathered is None or shape_bytes(gathered.group(1)) < shard_stack_bytes, line
+    # the output head stays split over the stages by vocabulary: no device holds it whole
+    width, vocab = cfg.model.d_model, cfg.model.vocab_size
+    assert f"f32[{width},{vocab // cfg.mesh.pipe}]" in hlo and f"f32[{width},{vocab}]" not in hlo
     assert abs(float(loss) - float(expected_loss)) <= 1e-5 * abs(float(expected_loss))
     assert float(expected_metrics["seq_balance_loss"]) > 0 and float(expected_metrics["mtp_aux_loss"]) > 0
     for name in ("cross_entropy", "seq_balance_loss", "z_loss", "aux_loss", "mtp_aux_loss",

@@ -170,6 +170,9 @@ class Tail:
     # the 1f1b schedule (one_f_one_b): loss(outputs, loss_inputs) -> [] of one microbatch shard
     loss: object = None
     loss_inputs: object = None
+    # 1f1b: `fn` splits its work by vocabulary over this axis (`pipe`; weight_specs split the
+    # tables over it): every stage runs it on the last stage's output, not the last alone
+    vocab_axis: str | None = None
 
 
 def pipelined_stack(stack, stack_specs, x, per_layer, block_fn, schedule: Schedule,
@@ -467,10 +470,17 @@ def _one_f_one_b_loop(stack, per_layer, micro, tail_weights, tail_rows, loss_inp
         slot = forward % slots_kept
         kept = kept.at[slot].set(jnp.where(f_ok, x_in, kept[slot]))
 
-        rows_ = jax.tree.map(lambda leaf: leaf[forward], tail_rows)
+        # the tail, on the microbatch the last stage has just finished: there alone, or (split
+        # by vocabulary) on every stage, the last stage's output sent to all. The loss is
+        # seeded on the last stage only: split by vocabulary, the psums inside the tail carry
+        # the seed to every stage's slice (seeding each stage would count the loss p times)
+        finished = t - (p - 1)
+        tail_ok = is_last & (finished >= 0) & (finished < m)
+        hidden = y if tail.vocab_axis is None else jax.lax.psum(
+            jnp.where(is_last, y, jnp.zeros_like(y)), PIPE)
+        rows_ = jax.tree.map(lambda leaf: leaf[jnp.clip(finished, 0, m - 1)], tail_rows)
         tail_loss, tail_vjp, tail_outputs = jax.vjp(
-            lambda w, h: tail_with_loss(w, h, rows_), tail_weights, y, has_aux=True)
-        tail_ok = is_last & f_ok
+            lambda w, h: tail_with_loss(w, h, rows_), tail_weights, hidden, has_aux=True)
         d_tail, d_y = tail_vjp(_typed_like(jnp.where(tail_ok, scale, 0.0), tail_loss))
 
         backward = t - (2 * p - 2 - stage)

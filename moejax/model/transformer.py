@@ -364,6 +364,35 @@ def output_logits(params: Transformer, hidden: jax.Array, final_norm: jax.Array,
                       preferred_element_type=jnp.float32)
 
 
+def _embedded(table, tokens, vocab_axis: str | None):
+    """table[tokens] for tokens [...]; with `vocab_axis` (inside a shard_map) table is this
+    device's rows of a table split over that axis by vocabulary: each device looks up the
+    tokens in its rows and one psum joins them."""
+    if vocab_axis is None:
+        return table[tokens]
+    rows = table.shape[0]
+    local = tokens - jax.lax.axis_index(vocab_axis) * rows
+    inside = (local >= 0) & (local < rows)
+    found = jnp.where(inside[..., None], table[jnp.clip(local, 0, rows - 1)], 0)
+    return jax.lax.psum(found, vocab_axis)
+
+
+def _cross_entropy(logits, targets, vocab_axis: str | None):
+    """Mean next-token cross-entropy of logits [..., V] float32 and targets [...]; with
+    `vocab_axis` the logits are this device's slice [..., V / n] of a vocabulary split over
+    that axis (the log-sum-exp and the target's logit are joined by psum, the max by pmax)."""
+    if vocab_axis is None:
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, targets))
+    width = logits.shape[-1]
+    local = targets - jax.lax.axis_index(vocab_axis) * width
+    inside = (local >= 0) & (local < width)
+    top = jax.lax.pmax(jax.lax.stop_gradient(jnp.max(logits, axis=-1)), vocab_axis)
+    total = jax.lax.psum(jnp.sum(jnp.exp(logits - top[..., None]), axis=-1), vocab_axis)
+    picked = jnp.take_along_axis(logits, jnp.clip(local, 0, width - 1)[..., None], -1)[..., 0]
+    target_logit = jax.lax.psum(jnp.where(inside, picked, 0.0), vocab_axis)
+    return jnp.mean(jnp.log(total) + top - target_logit)
+
+
 def forward(params: Transformer, tokens: jax.Array, cfg: Config, router_state=None):
     """tokens [B, T] int -> (logits [B, T, V] float32, aux dict of MoE statistics).
     `router_state` defaults to the one `params` carry, else the initial one
@@ -388,29 +417,32 @@ def forward_cached(params: Transformer, tokens: jax.Array, start: jax.Array, cac
     return (logits, cache, hidden) if return_hidden else (logits, cache)
 
 
-def _mtp_losses(params: Transformer, hidden, tokens, cfg: Config, router_state):
+def _mtp_losses(params: Transformer, hidden, tokens, cfg: Config, router_state,
+                vocab_axis: str | None = None):
     """Cross-entropy of each MTP depth k = 1..D and its MoE statistics.
 
     Depth k sees positions i < T - k: the previous depth's hidden state at i and the embedding
-    of token i + k, and predicts token i + k + 1 (tokens [B, T + 1] holds inputs and targets)."""
+    of token i + k, and predicts token i + k + 1 (tokens [B, T + 1] holds inputs and targets).
+    `vocab_axis`: embedding and head split by vocabulary over it (`_head_losses`)."""
     seq = tokens.shape[1] - 1
     losses, stats = [], []
     for depth in range(1, cfg.model.mtp_depth + 1):
         length = seq - depth
         layers = _Layers(cfg, jnp.arange(length), router_state)
         hidden, layer_stats, _ = _mtp_block(params, depth, hidden[:, :length],
-                                            tokens[:, depth:depth + length], layers)
+                                            tokens[:, depth:depth + length], layers,
+                                            vocab_axis=vocab_axis)
         if layer_stats is not None:
             stats.append(layer_stats)
         logits = output_logits(params, hidden, params.mtp.final_norm[depth - 1], cfg)
         targets = tokens[:, depth + 1:depth + 1 + length]
-        losses.append(jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, targets)))
+        losses.append(_cross_entropy(logits, targets, vocab_axis))
     stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *stats) if stats else None
     return losses, stacked
 
 
 def _mtp_block(params: Transformer, depth, hidden, next_tokens, layers: _Layers,
-               cache=None):
+               cache=None, vocab_axis: str | None = None):
     """MTP depth `depth` (1-based, an int or traced) at the positions of `layers`: the
     previous depth's hidden [B, T, D] and the tokens `depth` places ahead [B, T] -> (hidden
     [B, T, D] before the depth's final norm, MoE statistics or None, cache entries)."""
@@ -420,7 +452,8 @@ def _mtp_block(params: Transformer, depth, hidden, next_tokens, layers: _Layers,
     # constrained like the decoder's embedding: left to itself GSPMD keeps the lookup's
     # model-width sharding and all-gathers the whole global batch onto every device
     residual = cfg.precision.residual_dtype
-    next_embed = constrain(params.embed[next_tokens].astype(residual), ACTIVATION_AXES)
+    next_embed = constrain(_embedded(params.embed, next_tokens, vocab_axis).astype(residual),
+                           ACTIVATION_AXES)
     joined = jnp.concatenate([rms_norm(next_embed, module.embed_norm, m.norm_eps),
                               rms_norm(hidden.astype(residual), module.hidden_norm, m.norm_eps)],
                              axis=-1)
@@ -471,15 +504,17 @@ def _aux_outputs(layer_stats, cfg: Config) -> dict:
     return aux
 
 
-def _head_losses(params: Transformer, hidden, tokens, cfg: Config, router_state) -> dict:
+def _head_losses(params: Transformer, hidden, tokens, cfg: Config, router_state,
+                 vocab_axis: str | None = None) -> dict:
     """hidden [B, T, D] (before the final norm), tokens [B, T + 1] -> {"cross_entropy": mean
     next-token cross-entropy, and with MTP "mtp_cross_entropy" [D] and (MoE models)
-    "mtp_stats", the MTP layers' statistics with leaves [D, ...]}."""
+    "mtp_stats", the MTP layers' statistics with leaves [D, ...]}. `vocab_axis` (inside a
+    shard_map): params.lm_head [D, V / n] and params.embed [V / n, D] are this device's
+    vocabulary slices of tables split over that axis; the losses are joined over it."""
     logits = output_logits(params, hidden, params.final_norm, cfg)
-    out = {"cross_entropy": jnp.mean(
-        optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]))}
+    out = {"cross_entropy": _cross_entropy(logits, tokens[:, 1:], vocab_axis)}
     if cfg.model.mtp_depth:
-        losses, stats = _mtp_losses(params, hidden, tokens, cfg, router_state)
+        losses, stats = _mtp_losses(params, hidden, tokens, cfg, router_state, vocab_axis)
         out["mtp_cross_entropy"] = jnp.stack(losses)
         if stats is not None:
             out["mtp_stats"] = stats
@@ -489,18 +524,24 @@ def _head_losses(params: Transformer, hidden, tokens, cfg: Config, router_state)
 def _loss_tail(params: Transformer, tokens, cfg: Config, router_state,
                mtp_weight=None) -> pipeline.Tail:
     """_head_losses as the pipeline's tail: run per microbatch and batch shard on the stages
-    (inside its shard_map: the routed experts of the MTP layer stay split over `expert`, every
-    other weight whole), so no stage computes the whole batch's logits. With `mtp_weight` (the
-    1f1b schedule) it also gives the tail's loss of one microbatch shard."""
+    (inside its shard_map: the routed experts of the MTP layer stay split over `expert`), so
+    no stage computes the whole batch's logits. With `mtp_weight` (the 1f1b schedule) it also
+    gives the tail's loss of one microbatch shard, and when the stages divide the vocabulary
+    the embedding and output head stay split over `pipe` by vocabulary: every stage runs the
+    tail on its slice (pipeline.Tail.vocab_axis), so none holds, or accumulates the gradient
+    of, a whole [V, D] table. Every other weight enters whole."""
     head = params.replace(dense_blocks=None, moe_blocks=None, router_state=None)
-    manual = lambda s: PartitionSpec(*("expert" if n == "experts" else None
-                                       for n in s.logical_axes))
+    one_f_one_b = mtp_weight is not None
+    vocab_axis = "pipe" if one_f_one_b and cfg.model.vocab_size % pipeline.pipe_stages() == 0 \
+        else None
+    axis_of = {"experts": "expert", "vocab": vocab_axis}
+    manual = lambda s: PartitionSpec(*(axis_of.get(n) for n in s.logical_axes))
     head_specs = jax.tree.map(manual, model_specs(cfg).replace(dense_blocks=None, moe_blocks=None),
                               is_leaf=P.is_spec)
 
     def per_microbatch(weights, hidden, tokens_):
         head_, router_state_ = weights
-        return _head_losses(head_, hidden, tokens_, cfg, router_state_)
+        return _head_losses(head_, hidden, tokens_, cfg, router_state_, vocab_axis)
 
     def tail_loss(outputs, weight):
         mtp_stats = outputs.get("mtp_stats")
@@ -508,11 +549,11 @@ def _loss_tail(params: Transformer, tokens, cfg: Config, router_state,
         return _total_loss(outputs["cross_entropy"], 0.0, outputs.get("mtp_cross_entropy"),
                            mtp_router, weight, cfg)
 
-    one_f_one_b = mtp_weight is not None
     return pipeline.Tail(fn=per_microbatch, weights=(head, router_state),
                          weight_specs=(head_specs, PartitionSpec()), rows=tokens,
                          loss=tail_loss if one_f_one_b else None,
-                         loss_inputs=jnp.asarray(mtp_weight, jnp.float32) if one_f_one_b else None)
+                         loss_inputs=jnp.asarray(mtp_weight, jnp.float32) if one_f_one_b else None,
+                         vocab_axis=vocab_axis)
 
 
 def _total_loss(cross_entropy, router_loss, mtp_cross_entropy, mtp_router_loss, mtp_weight,
