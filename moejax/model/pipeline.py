@@ -349,12 +349,14 @@ def _stage_loop(stored, micro, block_fn, schedule: Schedule, slots: _Slots, pipe
     return finished, mine
 
 
-def one_f_one_b(stack, stack_specs, x, per_layer, block_fn, block_loss, schedule: Schedule,
-                tail: Tail):
+def one_f_one_b(stack, stack_specs, x, per_layer, block_fn, layer_fn, block_loss,
+                schedule: Schedule, tail: Tail):
     """The stack and its tail trained with the 1F1B schedule: loss and gradients in one pass.
 
     Same arguments as `pipelined_stack`, except x: the stream in the `over_stages` layout
-    [p k, B / m, T, D] (stage s holds microbatches s k ..), plus
+    [p k, B / m, T, D] (stage s holds microbatches s k ..), plus `layer_fn(layer, x_,
+    (active [], layer inputs)) -> (x_, outputs)`, one layer of `block_fn` (the backward runs
+    layer by layer, each layer's gradient added to the accumulator in place), and
     `block_loss(outputs with leaves [c, ...]) -> [c]`,
     each layer's loss term from its outputs (the router losses), and `tail.loss(tail outputs,
     tail.loss_inputs) -> []`, one microbatch shard's loss from the tail's outputs. The step's
@@ -371,7 +373,8 @@ def one_f_one_b(stack, stack_specs, x, per_layer, block_fn, block_loss, schedule
         sg(stack), stack_specs, per_layer, schedule, slots)
     by_stage_and_shard = PartitionSpec(PIPE, sharding.BATCH_AXES)
     assert x.shape[0] == schedule.stages * -(-m // schedule.stages), "x: over_stages layout"
-    loop = functools.partial(_one_f_one_b_loop, block_fn=block_fn, block_loss=block_loss,
+    loop = functools.partial(_one_f_one_b_loop, block_fn=block_fn, layer_fn=layer_fn,
+                             block_loss=block_loss,
                              tail=tail, schedule=schedule, slots=slots,
                              pipe_dims=_pipe_dims(stack_specs))
     by_microbatch = functools.partial(split_microbatches, microbatches=m)
@@ -406,7 +409,8 @@ def _with_gradients(value, primals, grads):
 
 
 def _one_f_one_b_loop(stack, per_layer, micro, tail_weights, tail_rows, loss_inputs, *,
-                      block_fn, block_loss, tail: Tail, schedule: Schedule, slots: _Slots,
+                      block_fn, layer_fn, block_loss, tail: Tail, schedule: Schedule,
+                      slots: _Slots,
                       pipe_dims):
     """One device's 1F1B ticks. Stage s runs the forward of microbatch t - s and the backward
     of microbatch t - (2p - 2 - s) at tick t (m + 2p - 2 ticks); the last stage runs the tail
@@ -450,6 +454,39 @@ def _one_f_one_b_loop(stack, per_layer, micro, tail_weights, tail_rows, loss_inp
         y, outputs = block_fn(block_, x_in, inputs)
         return (y, jnp.sum(jnp.where(active, block_loss(outputs), 0.0))), outputs
 
+    def block_backward(x_in, d_out, loss_seed, grad_block):
+        """The block's backward for input x_in, layer by layer: the forward again to get each
+        layer's input ([c, B_/m, T, D]), then from the last layer down one jax.vjp of that
+        layer (its output cotangent, and `loss_seed` for its router loss), its weight gradient
+        added to `grad_block` in place (a whole block's gradient per tick, then added, was
+        5 GB of the 671B plan's peak). -> (d x_in, grad_block)."""
+        def forward_layer(x_, layer_and_inputs):
+            layer, layer_inputs = layer_and_inputs
+            return layer_fn(layer, x_, layer_inputs)[0], x_
+
+        _, layer_x = jax.lax.scan(forward_layer, x_in, (block, inputs))
+
+        def backward_layer(carry, index):
+            d_y_, grad = carry
+            layer, layer_inputs = jax.tree.map(lambda leaf: leaf[index], (block, inputs))
+
+            def with_loss(layer_, x_):
+                y_, outputs = layer_fn(layer_, x_, layer_inputs)
+                one = jnp.sum(block_loss(jax.tree.map(lambda leaf: leaf[None], outputs)))
+                return y_, jnp.where(layer_inputs[0], one, 0.0)  # [0]: active
+
+            (y_, layer_loss), layer_vjp = jax.vjp(with_loss, layer, layer_x[index])
+            d_layer, d_x_ = layer_vjp((_typed_like(d_y_, y_), _typed_like(loss_seed, layer_loss)))
+            grad = jax.tree.map(
+                lambda g, d: jax.lax.dynamic_update_index_in_dim(g, g[index] + d, index, 0),
+                grad, d_layer)
+            return (d_x_, grad), None
+
+        layers = jax.tree.leaves(block)[0].shape[0]
+        (d_x_in, grad_block), _ = jax.lax.scan(backward_layer, (d_out, grad_block),
+                                               jnp.arange(layers - 1, -1, -1))
+        return d_x_in, grad_block
+
     def tail_with_loss(weights, hidden, rows_):
         outputs = tail.fn(weights, hidden, rows_)
         return tail.loss(outputs, loss_inputs), outputs
@@ -486,13 +523,11 @@ def _one_f_one_b_loop(stack, per_layer, micro, tail_weights, tail_rows, loss_inp
         backward = t - (2 * p - 2 - stage)
         b_ok = (backward >= 0) & (backward < m)
         backward = jnp.clip(backward, 0, m - 1)
-        _, block_vjp, _ = jax.vjp(block_with_loss, block, kept[backward % slots_kept],
-                                  has_aux=True)
         d_out = jnp.where(b_ok, jnp.where(is_last, d_y, cotangent), 0.0)
-        d_block, d_x = block_vjp((_typed_like(d_out, y),
-                                  _typed_like(jnp.where(b_ok, scale, 0.0), block_aux)))
+        d_x, grad_block = block_backward(kept[backward % slots_kept], d_out,
+                                         jnp.where(b_ok, scale, 0.0), grads[0])
         d_micro = _gradient_conveyor(grads[1], jnp.where(b_ok, d_x, 0.0), t, m)
-        grads = (_add(grads[0], d_block), d_micro, _add(grads[2], d_tail))
+        grads = (grad_block, d_micro, _add(grads[2], d_tail))
         loss = (loss + jnp.where(tail_ok, scale * tail_loss, 0.0)
                 + jnp.where(f_ok, scale * block_aux, 0.0))
         carry = (jax.lax.ppermute(y, PIPE, forward_ring),

@@ -208,6 +208,7 @@ def _run_staged_stack(blocks: Block, x, per_layer, layer_fn, cfg: Config, cached
                                is_leaf=P.is_spec)
     if tail is not None and tail.loss is not None:  # 1f1b: returns the loss in place of x
         return pipeline.one_f_one_b(blocks, stack_specs, x, per_layer, run_block,
+                                    layer_or_padding,
                                     functools.partial(_block_router_loss, cfg=cfg), schedule,
                                     tail)
     return pipeline.pipelined_stack(blocks, stack_specs, x, per_layer, run_block, schedule, tail)
