@@ -37,9 +37,14 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     dump = tempfile.TemporaryDirectory(prefix="moejax-plan-") if args.peak else None
     if not args.no_compile:  # before jax starts: one fake host device per planned device;
-        # the program never runs, so LLVM need not optimise it
+        # the program never runs, so LLVM need not optimise it; and XLA:CPU orders it with its
+        # memory-minimising (DFS) scheduler, not the default BFS one, which trades memory for
+        # CPU-thread concurrency by starting independent work early (it kept the dense layers'
+        # and the embedding's buffers alive through the 671B pipeline loop: 89.5 GB of
+        # temporaries against 61.0, docs/plan.md)
         os.environ["XLA_FLAGS"] = (
             os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+            " --xla_cpu_enable_concurrency_optimized_scheduler=false"
             f" --xla_force_host_platform_device_count={args.devices}"
             + (f" --xla_dump_to={dump.name} --xla_dump_hlo_as_text" if dump else "")).strip()
     if importlib.util.find_spec("moejax") is None:  # a checkout without `pip install -e .`
