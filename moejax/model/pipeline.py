@@ -410,21 +410,21 @@ def _with_gradients(value, primals, grads):
 
 def _one_f_one_b_loop(stack, per_layer, micro, tail_weights, tail_rows, loss_inputs, *,
                       block_fn, layer_fn, block_loss, tail: Tail, schedule: Schedule,
-                      slots: _Slots,
-                      pipe_dims):
+                      slots: _Slots, pipe_dims):
     """One device's 1F1B ticks. Stage s runs the forward of microbatch t - s and the backward
     of microbatch t - (2p - 2 - s) at tick t (m + 2p - 2 ticks); the last stage runs the tail
     and its backward on the microbatch it has just finished, so its backward follows at once.
     A stage keeps the inputs of at most 2p - 1 microbatches (those between its forward and
-    backward) and recomputes its block's forward in the backward. The stream and its gradient
-    stay split over the stages (micro [k, B_/m, T, D]: microbatches s k .. s k + k - 1): two
-    conveyors move one microbatch per tick, the inputs towards stage 0 just in time
-    (`_input_conveyor`), the input gradients from stage 0 up to the stage that holds the
-    microbatch (`_gradient_conveyor`), so no stage holds all m of either. Every stage runs every part
-    of a tick, the idle ones on masked values (a `lax.cond` on the stage would skip them, but
-    XLA:CPU deadlocks when a branch holds a collective, docs/pipeline.md). Returns (the loss
-    summed over every microbatch shard, the gradients of (stack, micro, tail_weights) in their
-    input layouts, per-tick block outputs [1, 1, m, c, ...], tail outputs [1, 1, m, ...])."""
+    backward) and recomputes its block's forward in the backward, layer by layer. The stream
+    and its gradient stay split over the stages (micro [k, B_/m, T, D]: microbatches
+    s k .. s k + k - 1): two conveyors move one microbatch per tick, the inputs towards
+    stage 0 just in time (`_input_conveyor`), the input gradients from stage 0 up to the stage
+    that holds the microbatch (`_gradient_conveyor`), so no stage holds all m of either. Every
+    stage runs every part of a tick, the idle ones on masked values (a `lax.cond` on the stage
+    would skip them, but XLA:CPU deadlocks when a branch holds a collective, docs/pipeline.md).
+    Returns (the loss summed over every microbatch shard, the gradients of (stack, micro,
+    tail_weights) in their input layouts, per-tick block outputs [1, 1, m, c, ...], tail
+    outputs [1, 1, m, ...])."""
     p, m = schedule.stages, schedule.microbatches
     stage = jax.lax.axis_index(PIPE)
     shards = 1
