@@ -201,14 +201,22 @@ def passes_of_grouped_experts(rows, local_ids, weights, experts: FFN, matmul: Ma
         return y, _row_stats(padded, useful, unplaced, 0, 0)
 
     needed = jnp.maximum(1, -(-jnp.sum(valid) // capacity))
-    y, stats = one_pass(0, rows, weights, experts)
-    nothing = jax.tree.map(jnp.zeros_like, (y, stats))  # what a pass that does not run adds
-    for index in range(1, -(-most // capacity)):
-        later = jax.checkpoint(functools.partial(one_pass, index))
-        y_i, stats_i = jax.lax.cond(index < needed, later, lambda *_: nothing,
-                                    rows, weights, experts)
-        y, stats = y + y_i, stats + stats_i
+    y, stats = _summed_repeats(one_pass, -(-most // capacity), needed, rows, weights, experts)
     return y, stats.replace(overflow_passes=(needed - 1).astype(jnp.float32))
+
+
+def _summed_repeats(run, most: int, needed, *args):
+    """sum over i < `needed` of run(i, *args) -> (y, DispatchStats), for a traced `needed` of
+    at most `most`: run 0 always; run i > 0 under lax.cond(i < needed), rematerialised in the
+    backward, so buffers and saved activations are those of one run (the exchange rounds and
+    the grouped-GEMM passes)."""
+    y, stats = run(0, *args)
+    nothing = jax.tree.map(jnp.zeros_like, (y, stats))  # what a run that does not happen adds
+    for index in range(1, most):
+        later = jax.checkpoint(functools.partial(run, index))
+        y_i, stats_i = jax.lax.cond(index < needed, later, lambda *_: nothing, *args)
+        y, stats = y + y_i, stats + stats_i
+    return y, stats
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,13 +300,8 @@ def dropless_moe_local(x, expert_ids, weights, experts: FFN, cfg: MoEConfig, mat
                                capacity, cfg, matmul, use_ragged, expert_axis, fp8_dispatch,
                                tile)
 
-    y, stats = exchange_round(0, x, weights, experts)
-    nothing = jax.tree.map(jnp.zeros_like, (y, stats))  # what a round that does not run adds
-    for round_index in range(1, -(-num_tokens // capacity)):
-        later = jax.checkpoint(functools.partial(exchange_round, round_index))
-        y_r, stats_r = jax.lax.cond(round_index < queues.rounds, later, lambda *_: nothing,
-                                    x, weights, experts)
-        y, stats = y + y_r, stats + stats_r
+    y, stats = _summed_repeats(exchange_round, -(-num_tokens // capacity), queues.rounds,
+                               x, weights, experts)
     undelivered = queues.undelivered(expert_ids, local_experts, capacity, queues.rounds)
     return y, stats.replace(dropped=stats.dropped + undelivered.astype(jnp.float32),
                             overflow_rounds=(queues.rounds - 1).astype(jnp.float32),
