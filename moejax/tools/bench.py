@@ -10,7 +10,9 @@ taken per round, against the same round, then summarised by its median and sprea
   forward + backward, compiled once, with its XLA memory analysis.
 - `moe_layer_overlap`: that layer on a mesh, compiled with moe.overlap_halves off and on: the
   GEMMs independent of each all-to-all and where the schedule put them, and the step time.
-- `hf_moe_step`: the same layer as Hugging Face's `DeepseekV3MoE` (torch), same weights.
+- `hf_moe_step`: the same layer as Hugging Face's `DeepseekV3MoE` (torch), same weights, at
+  torch's default threads (`torch_default_threads`) or pinned to a thread count.
+- `load_average`: the machine's 1-minute load average, recorded at the start and end of a run.
 - `dropless_buffer_bytes`: the bytes of the dropless layer's static buffer bounds
   (`moejax.model.dispatch.dropless.static_rows`), as arithmetic.
 - `prepare_train_run`, `interleaved_training`, `held_out_loss`: whole-model train steps of
@@ -52,6 +54,7 @@ __all__ = [
     "interleaved_rounds",
     "interleaved_training",
     "layer_config",
+    "load_average",
     "matmul_peak",
     "memory_stats",
     "mib",
@@ -63,6 +66,7 @@ __all__ = [
     "seconds",
     "timed",
     "torch_available",
+    "torch_default_threads",
     "torch_matmul",
     "train_block",
     "useful_flops",
@@ -138,17 +142,25 @@ class LayerShape:
     num_experts: int
     top_k: int
     tokens: int  # T, as BATCH sequences of tokens / BATCH
+    num_groups: int = 1  # group-limited routing: G expert groups (moe.num_groups)
+    topk_groups: int = 1  # groups kept per token (moe.topk_groups)
 
     def label(self) -> str:
+        groups = (f", top-{self.topk_groups} of {self.num_groups} groups"
+                  if self.num_groups > 1 else "")
         return (f"{self.name} (D {self.d_model}, F {self.ffn_dim}, E {self.num_experts}, "
-                f"k {self.top_k}, T {self.tokens})")
+                f"k {self.top_k}{groups}, T {self.tokens})")
 
 
 BATCH = 8  # sequences; T / BATCH tokens each
-# scripts/bench_moe.py's layer shapes (also scripts/check_gpu.py's coarse and fine-grained)
+# scripts/bench_moe.py's layer shapes (also scripts/check_gpu.py's coarse and fine-grained).
+# DeepSeek-shaped: DeepSeek-V3's proportions (E 256, k 8, F = D / 3.5: 2048 / 7168) and its
+# group-limited routing (n_group 8, topk_group 4), at a width this CPU can time.
 LAYER_SHAPES = (LayerShape("coarse", 512, 1024, 16, 2, 8192),
                 LayerShape("fine-grained", 512, 256, 64, 8, 8192),
-                LayerShape("E=128", 256, 128, 128, 8, 4096))
+                LayerShape("E=128", 256, 128, 128, 8, 4096),
+                LayerShape("DeepSeek-shaped", 448, 128, 256, 8, 4096, num_groups=8,
+                           topk_groups=4))
 FLOP_FORMULA = ("useful FLOPs = 3 (fwd+bwd) x [2 T k x 3 D F (the k active experts' matmuls) "
                 "+ 2 T D E (router)]")
 
@@ -160,12 +172,15 @@ def useful_flops(shape: LayerShape) -> float:
 
 
 def layer_config(shape: LayerShape, dispatch: str, capacity_factor: float | None = None,
-                 tile_rows: int | None = None, devices: int = 1) -> Config:
-    """The default config with this layer shape, no shared experts, float32 compute, every one
-    of `devices` devices on the expert axis; dispatch dropless | capacity | dense."""
+                 tile_rows: int | None = None, devices: int = 1,
+                 kernels: str | None = None) -> Config:
+    """The default config (deepseek router) with this layer shape and its expert groups, no
+    shared experts, float32 compute, every one of `devices` devices on the expert axis;
+    dispatch dropless | capacity | dense; `kernels`: moe.kernels (None: the config's auto)."""
     overrides = [
         f"model.d_model={shape.d_model}", f"moe.expert_ffn_dim={shape.ffn_dim}",
         f"moe.num_experts={shape.num_experts}", f"moe.top_k={shape.top_k}",
+        f"moe.num_groups={shape.num_groups}", f"moe.topk_groups={shape.topk_groups}",
         "moe.num_shared_experts=0", f"moe.dispatch={dispatch}",
         f"moe.capacity_factor={'null' if capacity_factor is None else capacity_factor}",
         "precision.compute_dtype=float32", f"train.seq_len={shape.tokens // BATCH}",
@@ -173,6 +188,8 @@ def layer_config(shape: LayerShape, dispatch: str, capacity_factor: float | None
     ]
     if tile_rows is not None:
         overrides.append(f"moe.tile_rows={tile_rows}")
+    if kernels is not None:
+        overrides.append(f"moe.kernels={kernels}")
     return load_config(None, overrides, num_devices=devices)
 
 
@@ -309,28 +326,50 @@ def cpu_threads() -> int:
         return os.cpu_count() or 1
 
 
+@functools.cache
+def torch_default_threads() -> int:
+    """torch's intra-op thread count as torch chose it (OMP_NUM_THREADS, else the physical
+    cores), read once and kept: the first call must come before any torch.set_num_threads in
+    this process (moejax.tools.bench_moe.run calls it first)."""
+    import torch
+
+    return torch.get_num_threads()
+
+
+def load_average() -> float | None:
+    """The machine's 1-minute load average (None where the OS has none)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
 def hf_moe_step(shape: LayerShape, implementation: str, layer: LayerStep,
                 threads: int | None = None) -> Callable:
     """A zero-argument fwd+bwd step (sum(y^2), gradients w.r.t. every weight and the input) of
-    transformers' `DeepseekV3MoE` with this shape, float32, no shared experts, one expert group,
-    `experts_implementation` = implementation ("grouped_mm" or "eager"), carrying the weights of
-    the moejax layer (so both route every token alike).
+    transformers' `DeepseekV3MoE` with this shape, float32, no shared experts, the shape's
+    expert groups (n_group, topk_group), `experts_implementation` = implementation
+    ("grouped_mm" or "eager"), carrying the weights of the moejax layer (so both route every
+    token alike; zero e_score_correction_bias, as moejax's zero bias).
 
     The experts module dispatches on `config._experts_implementation` at each call
     (transformers.integrations.moe.use_experts_implementation); a PreTrainedModel resolves
     None to "grouped_mm" (`get_correct_experts_implementation`), so grouped_mm is what
     `DeepseekV3ForCausalLM` runs by default. On CPU with torch >= 2.10 grouped_mm is
     torch.nn.functional.grouped_mm; "eager" is the per-expert loop with index_add_.
-    Each call sets torch's intra-op threads to `threads` (default: this process's cores)."""
+    Each call sets torch's intra-op threads to `threads`, or with None back to torch's default
+    (`torch_default_threads`), so a pinned step timed before it leaves no trace. The step
+    carries `.module` and `.x` (the torch input) for checks."""
     import torch
     from transformers import DeepseekV3Config
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
 
-    threads = threads or cpu_threads()
+    threads = threads or torch_default_threads()
     config = DeepseekV3Config(
         hidden_size=shape.d_model, moe_intermediate_size=shape.ffn_dim,
         n_routed_experts=shape.num_experts, num_experts_per_tok=shape.top_k,
-        n_shared_experts=0, n_group=1, topk_group=1, norm_topk_prob=True,
+        n_shared_experts=0, n_group=shape.num_groups, topk_group=shape.topk_groups,
+        norm_topk_prob=True,
         routed_scaling_factor=1.0, hidden_act="silu", experts_implementation=implementation)
     if config._experts_implementation != implementation:
         raise RuntimeError(f"transformers did not take experts_implementation={implementation!r}")
@@ -357,14 +396,16 @@ def hf_moe_step(shape: LayerShape, implementation: str, layer: LayerStep,
         loss.backward()
 
     step()  # warm-up
+    step.module, step.x = module, x
     return step
 
 
 def torch_matmul(size: int, threads: int | None = None) -> tuple[Callable, float]:
-    """A zero-argument size^3 float32 torch matmul (torch's own peak) and its FLOPs."""
+    """A zero-argument size^3 float32 torch matmul (torch's own peak) and its FLOPs, at
+    `threads` or (None) torch's default threads."""
     import torch
 
-    threads = threads or cpu_threads()
+    threads = threads or torch_default_threads()
     a, b = torch.randn(size, size), torch.randn(size, size)
 
     def run():

@@ -1,34 +1,53 @@
 """Forward+backward speed and memory of one MoE layer on CPU: moejax's dispatch modes against
-each other and against Hugging Face transformers' DeepseekV3MoE, in one process.
+each other and against Hugging Face transformers' DeepseekV3MoE, in one process, by a protocol
+meant to stay honest on a shared, noisy machine.
 
-    python scripts/bench_moe.py [--rounds 9] [--quick] [--json PATH] [--devices 8]
+    python scripts/bench_moe.py [--rounds 5] [--json PATH] [--busy-ok] [--hf-threads 1 ...]
+                                [--slow-rounds 3] [--tile-sweep] [--devices 8] [--quick]
 
 One step is a jitted `jax.value_and_grad` of sum(y^2) w.r.t. the layer's params and its input
 x [8, T / 8, D], float32, router included, no shared experts; the torch rows run the same loss
-through `DeepseekV3MoE` (same weights, so the same routing) and `loss.backward()`.
+through `DeepseekV3MoE` (same weights and expert groups, so the same routing: `routing_check`
+compares both layers' expert choices and outputs at every shape) and `loss.backward()`.
 
-Systems, at each shape: moejax dropless (moe.tile_rows = the config default, plus the other
-tiles of the sweep), capacity 1.0 (drops), capacity null (worst-case buffers, E x N rows: the
-old dropless; slow, so timed in --slow-rounds rounds of its own, with dropless again as the
-reference), HF grouped_mm and eager (eager is slow too: timed with capacity null), each at 2
-threads (this machine's cores) and at 1 thread (under load from other work, torch's OpenMP
-threads lose far more to a shared CPU than XLA's thread pool, so the targets compare with HF's
-faster thread count per round), and a plain torch matmul (torch's own peak).
+Shapes (moejax.tools.bench.LAYER_SHAPES): coarse, fine-grained, E=128 and DeepSeek-shaped
+(DeepSeek-V3's proportions: E 256, k 8, F = D / 3.5, group-limited routing over the top 4 of 8
+expert groups, its n_group and topk_group).
 
-Protocol (the machine is shared and noisy): each round times every system once, in an order
-rotated per round, each call just after a float32 XLA matmul (the peak) measured seconds
-earlier; a ratio between two systems is taken per round, then its median and range over rounds
-are reported. useful/peak = median over rounds of (useful FLOP/s) / (that call's peak FLOP/s).
+Systems at each shape, every peer at its own default settings: moejax dropless (moe.tile_rows =
+the config default) and capacity 1.0 (drops), XLA at its own thread pool; HF grouped_mm at
+torch's default threads (torch.get_num_threads() as torch set it: the headline peer) and a
+plain torch matmul at the same threads (torch's own peak). Optional rows, information only:
+HF grouped_mm pinned to other thread counts (--hf-threads 1 ...); capacity null (worst-case
+buffers, E x N rows) and HF eager, both slow, timed in --slow-rounds rounds of their own with
+dropless again as the reference (default 0: off); the tile sweep (--tile-sweep: dropless at
+each moe.tile_rows of TILE_SWEEP).
 
-Also: the tile sweep, sparse scaling (one dropless layer at E = 8 vs E = 128 at equal active
-compute: same k and F, and fine-grained k x 4, F / 4), XLA's memory analysis of every compiled
-moejax step, the 671B preset's dropless buffers per device (arithmetic from the bounds in
-moejax/model/dispatch/dropless.py), and rows on a (data 1, fsdp 1, expert N) mesh of fake CPU
-devices in a child process (information only: the N devices share the same cores).
+Protocol:
+- the machine's 1-minute load average is recorded at the start and the end of the run (the end
+  includes this run's own threads). Above BUSY_LOAD at the start, a run with --json refuses
+  before measuring anything (exit 2) unless --busy-ok, which runs it and marks the record
+  "provisional"; without --json the run warns and is provisional. A provisional report says so
+  on its first line.
+- each round times every system once, in an order rotated per round, each call just after a
+  float32 XLA matmul (the peak) measured seconds earlier; a ratio between two systems is taken
+  per round, then its median and range [min-max] over the rounds are reported. A --json record
+  needs --rounds >= MIN_ROUNDS; --quick (2 rounds) never writes into docs/.
+- useful/peak = median over rounds of (useful FLOP/s) / (that call's peak FLOP/s).
+
+Targets (`check_targets`, TARGETS): dropless over HF grouped_mm (default threads) and dropless
+useful/peak at each of the four shapes; sparse scaling, one dropless layer at E = 8 vs E = 128
+at equal active compute (same k and F, and fine-grained k x 4, F / 4): step time, and XLA's
+temp bytes where tokens x k is equal. Also reported: dropless against capacity 1.0 (speed and
+compiled bytes), XLA's memory analysis of every compiled moejax step, the 671B preset's
+dropless buffers per device (arithmetic from the bounds in moejax/model/dispatch/dropless.py),
+and with --devices N, rows on a (data 1, fsdp 1, expert N) mesh of fake CPU devices in a child
+process (information only: the N devices share the same cores).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -40,6 +59,8 @@ import tempfile
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 import moejax
 from moejax.config import MeshConfig
@@ -48,6 +69,7 @@ from moejax.tools import bench
 from moejax.tools.bench import LayerShape
 
 SHAPES = bench.LAYER_SHAPES
+QUICK_SHAPES = ("fine-grained", "DeepSeek-shaped")
 # equal active compute: same T and D, k x F = 1024
 SCALING = (LayerShape("E=8 k=2", 256, 512, 8, 2, 8192),
            LayerShape("E=128 k=2", 256, 512, 128, 2, 8192),
@@ -56,20 +78,35 @@ TILE_SWEEP = (64, 128, 256)
 QUICK_TOKENS = 1024
 PEAK_SIZE, QUICK_PEAK_SIZE = 3072, 1024
 BUFFERS_EXPERT, BUFFERS_DEVICES = 64, (1024, 15360)  # DeepSeek-V3's EP64; see buffers_671b
+BUSY_LOAD = 1.0  # 1-minute load average at the start above which the figures are provisional
+MIN_ROUNDS = 5  # rounds a --json record needs (--quick aside)
+ROUTING_TOLERANCE = 1e-4  # routing_check: largest relative difference of y moejax vs HF
 
+TARGET_SHAPES = ("coarse", "fine-grained", "E=128", "DeepSeek-shaped")
 TARGETS = {
-    "capacity": 0.9,  # dropless tokens/s over capacity 1.0's, fine-grained and E=128
-    "hf": {"coarse": 1.0, "fine-grained": 1.25, "E=128": 1.25},  # over HF grouped_mm
-    "useful_peak": ("fine-grained", 0.60),
+    "hf": 1.25,  # dropless tokens/s over HF grouped_mm's (torch default threads), TARGET_SHAPES
+    "useful_peak": 0.60,  # dropless useful FLOP/s over the same-run XLA matmul's, TARGET_SHAPES
     "scaling": 1.15,  # E=128 step time over E=8's, equal active compute
+    "scaling_temp": 1.1,  # E=128 temp bytes over E=8's, equal tokens x k
+}
+ALSO = {  # earlier issues' figures, reported beside the targets
+    "capacity": 0.9,  # dropless tokens/s over capacity 1.0's
     "memory": 1.2,  # dropless compiled bytes over capacity 1.0's
 }
 DROPLESS, CAPACITY, NULL = "moejax dropless", "moejax capacity 1.0", "moejax capacity null"
+BLOCKS = "moejax dropless blocks"  # moe.kernels=blocks (the default dropless row: tiles on CPU)
+HF_HEADLINE = "HF grouped_mm (torch default threads)"  # the comparisons key of the headline
 
 
 def quick_shape(shape: LayerShape, quick: bool) -> LayerShape:
-    return LayerShape(shape.name, shape.d_model, shape.ffn_dim, shape.num_experts, shape.top_k,
-                      QUICK_TOKENS) if quick else shape
+    return dataclasses.replace(shape, tokens=QUICK_TOKENS) if quick else shape
+
+
+def run_shapes(quick: bool) -> list[LayerShape]:
+    """The shapes of a run: every one of SHAPES, or with --quick QUICK_SHAPES at QUICK_TOKENS."""
+    if not quick:
+        return list(SHAPES)
+    return [quick_shape(s, True) for s in SHAPES if s.name in QUICK_SHAPES]
 
 
 def default_tile() -> int:
@@ -77,26 +114,35 @@ def default_tile() -> int:
 
 
 def moejax_systems(shape: LayerShape, sweep: bool) -> dict[str, tuple]:
-    """label -> layer_config arguments (dispatch, capacity_factor, tile_rows)."""
+    """label -> layer_config arguments (dispatch, capacity_factor, tile_rows, kernels)."""
     tile = default_tile()
-    systems = {DROPLESS: ("dropless", None, None), CAPACITY: ("capacity", 1.0, None),
-               NULL: ("capacity", None, None)}
+    systems = {DROPLESS: ("dropless", None, None, None),
+               BLOCKS: ("dropless", None, None, "blocks"),
+               CAPACITY: ("capacity", 1.0, None, None), NULL: ("capacity", None, None, None)}
     if sweep:
         for t in TILE_SWEEP:
             if t != tile:
-                systems[f"{DROPLESS} tile {t}"] = ("dropless", None, t)
+                systems[f"{DROPLESS} tile {t}"] = ("dropless", None, t, None)
     return systems
 
 
-def prepare_group(shape: LayerShape, args, sweep: bool, with_torch: bool):
-    """Compile and warm up every system of one shape: (runs, slow labels, info per label)."""
-    runs, slow, info = {}, [], {}
+def hf_label(implementation: str, threads: int | None = None) -> str:
+    """A torch row's label: at torch's default threads (None) or pinned to `threads`."""
+    if threads is None:
+        n = bench.torch_default_threads()
+        return f"HF {implementation} (torch default, {n} thread{'s' if n > 1 else ''})"
+    return f"HF {implementation} ({threads} thread{'s' if threads > 1 else ''}, pinned)"
+
+
+def prepare_moejax(shape: LayerShape, args, runs, slow, info):
+    """Compile and warm up the moejax systems of one shape; returns dropless's LayerStep."""
     tile = default_tile()
-    for label, (dispatch, factor, tiles) in moejax_systems(shape, sweep).items():
+    systems = moejax_systems(shape, args.tile_sweep)
+    for label, (dispatch, factor, tiles, kernels) in systems.items():
         if label == NULL and args.slow_rounds == 0:
             continue
         print(f"  compiling + warm-up: {label}", flush=True)
-        cfg = bench.layer_config(shape, dispatch, factor, tiles)
+        cfg = bench.layer_config(shape, dispatch, factor, tiles, kernels=kernels)
         layer = bench.moe_layer_step(cfg)
         runs[label] = layer.run
         info[label] = {"memory": layer.memory, **layer.stats}
@@ -107,20 +153,72 @@ def prepare_group(shape: LayerShape, args, sweep: bool, with_torch: bool):
             slow.append(label)
         if label == DROPLESS:
             reference = layer
+    return reference
+
+
+def prepare_torch(shape: LayerShape, args, reference, runs, slow, info):
+    """Warm up the torch rows of one shape: HF grouped_mm at torch's default threads, pinned to
+    each of --hf-threads, HF eager (default threads) with --slow-rounds, the torch matmul."""
+    default = bench.torch_default_threads()
+    rows = [("grouped_mm", None)] + [("grouped_mm", n) for n in args.hf_threads if n != default]
+    if args.slow_rounds:
+        rows.append(("eager", None))
+    for impl, threads in rows:
+        label = hf_label(impl, threads)
+        print(f"  warm-up: {label}", flush=True)
+        runs[label] = bench.hf_moe_step(shape, impl, reference, threads=threads)
+        info[label] = {"torch_threads": threads or default, "torch_default": threads is None}
+        if impl == "eager":
+            slow.append(label)
+    label = f"torch matmul {args.peak_size}^3 (torch default, {default} threads)"
+    runs[label], torch_flops = bench.torch_matmul(args.peak_size)
+    info[label] = {"flops": torch_flops}
+
+
+def routing_check(layer: bench.LayerStep, hf_step, cfg) -> dict:
+    """moejax's layer and the HF module carrying its weights (`hf_moe_step`) on the same x:
+    the tokens whose k chosen experts differ, and the outputs' relative difference
+    (||y_moejax - y_hf|| / ||y_hf||, and the largest |difference| over max |y_hf|)."""
+    import torch
+
+    from moejax.model.moe import moe_ffn
+    from moejax.model.router import route
+
+    bias = jnp.zeros(cfg.moe.num_experts, jnp.float32)
+    y, _ = jax.jit(lambda p, x: moe_ffn(p, x, bias, 1.0, cfg))(layer.params, layer.x)
+    ids = route(layer.x, layer.params.router, bias, 1.0, cfg.moe).expert_ids
+    with torch.no_grad():
+        _, _, hf_ids = hf_step.module.gate(hf_step.x)
+        hf_y = hf_step.module(hf_step.x).numpy()
+    ours = np.sort(np.asarray(ids).reshape(-1, cfg.moe.top_k), axis=-1)
+    theirs = np.sort(hf_ids.numpy().reshape(-1, cfg.moe.top_k), axis=-1)
+    diff = np.asarray(y) - hf_y
+    return {"tokens": int(ours.shape[0]),
+            "tokens_with_other_experts": int(np.sum(np.any(ours != theirs, axis=-1))),
+            "y_relative_difference": float(np.linalg.norm(diff) / np.linalg.norm(hf_y)),
+            "y_max_difference_over_max": float(np.max(np.abs(diff)) / np.max(np.abs(hf_y)))}
+
+
+def routing_agrees(check: dict) -> bool:
+    """Same experts for every token, outputs within ROUTING_TOLERANCE."""
+    return (check["tokens_with_other_experts"] == 0
+            and check["y_relative_difference"] <= ROUTING_TOLERANCE)
+
+
+def prepare_group(shape: LayerShape, args, with_torch: bool):
+    """Compile and warm up every system of one shape: (runs, slow labels, info per label,
+    routing check or None)."""
+    runs, slow, info = {}, [], {}
+    reference = prepare_moejax(shape, args, runs, slow, info)
+    check = None
     if with_torch:
-        threads = bench.cpu_threads()
-        for impl in ("grouped_mm", "eager") if args.slow_rounds else ("grouped_mm",):
-            for n in sorted({threads, 1}, reverse=True):
-                label = f"HF {impl} ({n} thread{'s' if n > 1 else ''})"
-                print(f"  warm-up: {label}", flush=True)
-                runs[label] = bench.hf_moe_step(shape, impl, reference, threads=n)
-                info[label] = {}
-                if impl == "eager":
-                    slow.append(label)
-        label = f"torch matmul {args.peak_size}^3 ({threads} threads)"
-        runs[label], torch_flops = bench.torch_matmul(args.peak_size, threads)
-        info[label] = {"flops": torch_flops}
-    return runs, slow, info
+        prepare_torch(shape, args, reference, runs, slow, info)
+        cfg = bench.layer_config(shape, "dropless")
+        check = routing_check(reference, runs[hf_label("grouped_mm")], cfg)
+        print(f"  routing check against HF: {fmt_check(check)}", flush=True)
+        if args.quick and not routing_agrees(check):  # the smoke test's assertion
+            raise AssertionError(f"{shape.name}: moejax and HF route differently: {check}")
+    return runs, slow, info, check
 
 
 def rows_of_group(shape: LayerShape, times, peaks, info, peak_flops) -> list[dict]:
@@ -134,6 +232,7 @@ def rows_of_group(shape: LayerShape, times, peaks, info, peak_flops) -> list[dic
         own = info[label].get("flops", flops)
         row = {"shape": shape.name, "D": shape.d_model, "F": shape.ffn_dim,
                "E": shape.num_experts, "k": shape.top_k, "tokens": shape.tokens,
+               "groups": shape.num_groups, "topk_groups": shape.topk_groups,
                "system": label, "rounds": len(done), "ms_per_step": 1e3 * statistics.median(done),
                "ms_all": [None if t is None else 1e3 * t for t in ts],
                "peak_ms_all": [None if p is None else 1e3 * p for p in peaks[label]],
@@ -141,37 +240,33 @@ def rows_of_group(shape: LayerShape, times, peaks, info, peak_flops) -> list[dic
                "useful_gflops": own / statistics.median(done) / 1e9,
                "useful_over_peak": bench.per_round_summary(
                    [own / peak_flops / u for u in bench.in_peak_units(ts, peaks[label])]),
-               "dropless_speedup": bench.per_round_summary(bench.round_ratios(ts, times[DROPLESS])),
+               "dropless_speedup": bench.per_round_summary(
+                   bench.round_ratios(ts, times[DROPLESS])),
                **{k: v for k, v in info[label].items() if k != "flops"}}
         rows.append(row)
     return rows
 
 
-def best_of(times: dict, prefix: str) -> list:
-    """Per round, the faster of the systems whose label starts with `prefix` (None if none)."""
-    series = [ts for label, ts in times.items() if label.startswith(prefix)]
-    out = []
-    for values in zip(*series):
-        done = [v for v in values if v is not None]
-        out.append(min(done) if done else None)
-    return out
+def default_row_times(times: dict, implementation: str) -> list | None:
+    """The per-round times of HF `implementation` at torch's default threads (None if absent)."""
+    return times.get(hf_label(implementation))
 
 
-def run_group(shape: LayerShape, args, sweep: bool, with_torch: bool):
+def run_group(shape: LayerShape, args, with_torch: bool) -> dict:
     """The fast systems interleaved for --rounds rounds; the slow ones (capacity null, HF eager)
     interleaved with dropless again for --slow-rounds rounds, their ratios against that
     dropless (a slow system in the fast rounds would space the fast ones a minute apart)."""
     print(f"{shape.label()}:", flush=True)
-    runs, slow, info = prepare_group(shape, args, sweep, with_torch)
+    runs, slow, info, check = prepare_group(shape, args, with_torch)
     peak, peak_flops = bench.matmul_peak(args.peak_size)
     fast = {label: run for label, run in runs.items() if label not in slow}
     times, peaks = bench.interleaved_rounds(fast, args.rounds, peak, log=print)
     rows = rows_of_group(shape, times, peaks, info, peak_flops)
     comparisons = {}
-    for prefix in ("HF grouped_mm",):
-        if any(label.startswith(prefix) for label in times):
-            comparisons[f"{prefix} (faster thread count per round)"] = bench.per_round_summary(
-                bench.round_ratios(best_of(times, prefix), times[DROPLESS]))
+    hf = default_row_times(times, "grouped_mm")
+    if hf:
+        comparisons[HF_HEADLINE] = bench.per_round_summary(
+            bench.round_ratios(hf, times[DROPLESS]))
     if slow and args.slow_rounds:
         print("  slow systems, against dropless:", flush=True)
         slow_runs = {DROPLESS: runs[DROPLESS], **{label: runs[label] for label in slow}}
@@ -179,11 +274,12 @@ def run_group(shape: LayerShape, args, sweep: bool, with_torch: bool):
                                                           log=print)
         rows += [r for r in rows_of_group(shape, slow_times, slow_peaks, info, peak_flops)
                  if r["system"] != DROPLESS]
-        if any(label.startswith("HF eager") for label in slow):
-            comparisons["HF eager (faster thread count per round)"] = bench.per_round_summary(
-                bench.round_ratios(best_of(slow_times, "HF eager"), slow_times[DROPLESS]))
+        eager = default_row_times(slow_times, "eager")
+        if eager:
+            comparisons["HF eager (torch default threads)"] = bench.per_round_summary(
+                bench.round_ratios(eager, slow_times[DROPLESS]))
     return {"shape": shape.name, "label": shape.label(), "rows": rows,
-            "comparisons": comparisons}
+            "comparisons": comparisons, "routing_check": check}
 
 
 def run_scaling(args, quick: bool):
@@ -196,15 +292,16 @@ def run_scaling(args, quick: bool):
     for s in shapes:
         layer = bench.moe_layer_step(bench.layer_config(s, "dropless"))
         runs[s.name], info[s.name] = layer.run, {"memory": layer.memory, **layer.stats,
-                                                 "label": s.label()}
+                                                 "label": s.label(),
+                                                 "tokens_x_k": s.tokens * s.top_k}
     peak, _ = bench.matmul_peak(args.peak_size)
     times, _peaks = bench.interleaved_rounds(runs, args.rounds, peak, log=print)
     base = shapes[0].name
+    ratios = {s.name: bench.round_ratios(times[s.name], times[base]) for s in shapes[1:]}
     return {"base": base, "info": info,
             "ms_all": {k: [1e3 * t for t in v] for k, v in times.items()},
             "ms_per_step": {k: 1e3 * statistics.median(v) for k, v in times.items()},
-            "time_ratio": {s.name: bench.per_round_summary(bench.round_ratios(times[s.name], times[base]))
-                           for s in shapes[1:]}}
+            "time_ratio": {name: bench.per_round_summary(r) for name, r in ratios.items()}}
 
 
 def buffers_671b() -> dict:
@@ -313,16 +410,14 @@ def group_table(group: dict) -> str:
             f"| {r['useful_gflops']:.1f} | {upk:.0%} "
             f"| {'-' if plain else fmt_spread(r['dropless_speedup'])} "
             f"| {dropped} | {padding} | {mem} |")
-    for label, s in group["comparisons"].items():
-        lines.append(f"| {label} | | | | | {fmt_spread(s)} | | | |")
     return "\n".join(lines)
 
 
 def tile_table(groups: list[dict]) -> str:
-    """Each tile of the sweep against tile 128, capacity 1.0 and HF grouped_mm (its faster
-    thread count), per round of the same run."""
+    """Each tile of the sweep against tile 128, capacity 1.0 and HF grouped_mm (torch default
+    threads), per round of the same run."""
     lines = [("| shape | moe.tile_rows (row tile used) | ms/step | padding "
-              "| speed over tile 128 | over capacity 1.0 | over HF grouped_mm (faster threads) "
+              "| speed over tile 128 | over capacity 1.0 | over HF grouped_mm (default threads) "
               "| useful/peak |"), "|" + "---|" * 8]
     for g in groups:
         by_tile = {r["tile_rows"]: r for r in g["rows"] if "tile_rows" in r}
@@ -330,7 +425,8 @@ def tile_table(groups: list[dict]) -> str:
             continue
         rows = {r["system"]: r for r in g["rows"]}
         capacity = rows[CAPACITY]["ms_all"]
-        hf = best_of({label: r["ms_all"] for label, r in rows.items()}, "HF grouped_mm")
+        hf = next((r["ms_all"] for r in rows.values()
+                   if r["system"].startswith("HF grouped_mm") and r.get("torch_default")), [])
         for t in sorted(by_tile):
             r = by_tile[t]
             ratios = [fmt_spread(bench.per_round_summary(bench.round_ratios(other, r["ms_all"])))
@@ -414,49 +510,109 @@ def scaling_table(scaling: dict) -> str:
     return "\n".join(lines)
 
 
-def check_targets(groups: list[dict], scaling: dict | None) -> list[str]:
-    """One line per target: the figure, the target, met or MISSED."""
-    def verdict(ok):
-        return "met" if ok else "MISSED"
+def verdict(ok: bool) -> str:
+    return "met" if ok else "MISSED"
 
+
+def shape_targets(group: dict) -> list[str]:
+    """Dropless over HF grouped_mm (torch default threads) and dropless useful/peak."""
+    rows = {r["system"]: r for r in group["rows"]}
+    name, lines = group["shape"], []
+    check = group.get("routing_check")
+    if check and not routing_agrees(check):
+        lines.append(f"{name}: moejax and HF route differently ({fmt_check(check)}): the HF "
+                     "comparison is not like for like")
+    hf = group["comparisons"].get(HF_HEADLINE)
+    if hf and hf["median"] is not None:
+        lines.append(f"{name}: dropless over {HF_HEADLINE} {fmt_spread(hf)} "
+                     f"(target >= {TARGETS['hf']}x): {verdict(hf['median'] >= TARGETS['hf'])}")
+    if DROPLESS in rows:
+        u = rows[DROPLESS]["useful_over_peak"]
+        lines.append(f"{name}: dropless useful/peak {u['median']:.0%} "
+                     f"[{u['min']:.0%}-{u['max']:.0%}] (target >= {TARGETS['useful_peak']:.0%})"
+                     f": {verdict(u['median'] >= TARGETS['useful_peak'])}")
+    return lines
+
+
+def scaling_targets(scaling: dict) -> list[str]:
+    """Step time of each E=128 row over E=8's; temp bytes where tokens x k is equal."""
+    base = scaling["base"]
+    base_info = scaling["info"][base]
+    lines = []
+    for name, ratio in scaling["time_ratio"].items():
+        lines.append(f"sparse scaling: {name} step time over {base} {fmt_spread(ratio)} "
+                     f"(target <= {TARGETS['scaling']}x): "
+                     f"{verdict(ratio['median'] <= TARGETS['scaling'])}")
+    for name, info in scaling["info"].items():
+        if name == base:
+            continue
+        temp = info["memory"]["temp"] / base_info["memory"]["temp"]
+        line = f"sparse scaling: {name} XLA temp bytes over {base} {temp:.2f}x"
+        if info.get("tokens_x_k") and info["tokens_x_k"] == base_info.get("tokens_x_k"):
+            line += (f" (equal tokens x k; target <= {TARGETS['scaling_temp']}x): "
+                     f"{verdict(temp <= TARGETS['scaling_temp'])}")
+        else:
+            line += " (information: tokens x k differs)"
+        lines.append(line)
+    return lines
+
+
+def check_targets(groups: list[dict], scaling: dict | None) -> list[str]:
+    """One line per target of TARGETS: the figure, the target, met or MISSED (shapes outside
+    TARGET_SHAPES are reported too, without a target of their own)."""
+    lines = [line for g in groups for line in shape_targets(g)]
+    missing = [name for name in TARGET_SHAPES if name not in {g["shape"] for g in groups}]
+    if missing:
+        lines.append(f"not measured in this run: {', '.join(missing)}")
+    return lines + (scaling_targets(scaling) if scaling else [])
+
+
+def also_figures(groups: list[dict], scaling: dict | None) -> list[str]:
+    """Dropless against capacity 1.0 (earlier issues' figures, ALSO), and the scaling rows'
+    total compiled bytes."""
     lines = []
     for g in groups:
         rows = {r["system"]: r for r in g["rows"]}
-        capacity = rows.get(CAPACITY)
-        if capacity:
-            s = capacity["dropless_speedup"]
-            scope = "" if g["shape"] != "coarse" else " (the issue sets it for fine-grained and E=128)"
-            lines.append(f"{g['shape']}: dropless tokens/s over capacity 1.0 {fmt_spread(s)} "
-                         f"(target >= {TARGETS['capacity']}x{scope}): "
-                         f"{verdict(s['median'] >= TARGETS['capacity'])}")
-        hf = g["comparisons"].get("HF grouped_mm (faster thread count per round)")
-        if hf and hf["median"] is not None:
-            target = TARGETS["hf"][g["shape"]]
-            lines.append(f"{g['shape']}: dropless over HF grouped_mm (its faster thread count "
-                         f"per round) {fmt_spread(hf)} (target >= {target}x): "
-                         f"{verdict(hf['median'] >= target)}")
-        shape, target = TARGETS["useful_peak"]
-        if g["shape"] == shape and DROPLESS in rows:
-            u = rows[DROPLESS]["useful_over_peak"]["median"]
-            lines.append(f"{shape}: dropless useful/peak {u:.0%} (target >= {target:.0%}): "
-                         f"{verdict(u >= target)}")
-        if capacity and DROPLESS in rows:
-            ratio = rows[DROPLESS]["memory"]["total"] / capacity["memory"]["total"]
-            lines.append(f"{g['shape']}: dropless compiled bytes over capacity 1.0 {ratio:.2f}x "
-                         f"(target <= {TARGETS['memory']}x): {verdict(ratio <= TARGETS['memory'])}")
+        capacity, dropless = rows.get(CAPACITY), rows.get(DROPLESS)
+        if not (capacity and dropless):
+            continue
+        s = capacity["dropless_speedup"]
+        ratio = dropless["memory"]["total"] / capacity["memory"]["total"]
+        lines.append(f"{g['shape']}: dropless tokens/s over capacity 1.0 {fmt_spread(s)} "
+                     f"(earlier target >= {ALSO['capacity']}x); compiled bytes over capacity "
+                     f"1.0 {ratio:.2f}x (earlier target <= {ALSO['memory']}x)")
     if scaling:
         base = scaling["base"]
-        base_memory = scaling["info"][base]["memory"]
-        for name, ratio in scaling["time_ratio"].items():
-            lines.append(f"sparse scaling: {name} step time over {base} {fmt_spread(ratio)} "
-                         f"(target <= {TARGETS['scaling']}x): "
-                         f"{verdict(ratio['median'] <= TARGETS['scaling'])}")
-            m = scaling["info"][name]["memory"]
-            lines.append(f"sparse scaling memory: {name} over {base}: temp "
-                         f"{m['temp'] / base_memory['temp']:.2f}x, total "
-                         f"{m['total'] / base_memory['total']:.2f}x (arguments, the weights and "
-                         f"x, {bench.mib(base_memory['argument']):.0f} -> "
-                         f"{bench.mib(m['argument']):.0f} MiB: E F grows)")
+        b = scaling["info"][base]["memory"]
+        for name, info in scaling["info"].items():
+            m = info["memory"]
+            if name != base:
+                lines.append(f"sparse scaling memory: {name} over {base}: total "
+                             f"{m['total'] / b['total']:.2f}x (arguments, the weights and x, "
+                             f"{bench.mib(b['argument']):.0f} -> {bench.mib(m['argument']):.0f}"
+                             " MiB: E F grows)")
+    return lines
+
+
+def fmt_check(check: dict | None) -> str:
+    if not check:
+        return "-"
+    return (f"{check['tokens_with_other_experts']} of {check['tokens']} tokens with other "
+            f"experts, y relative difference {check['y_relative_difference']:.1e} (largest "
+            f"{check['y_max_difference_over_max']:.1e} of max |y|)")
+
+
+def load_lines(record: dict) -> list[str]:
+    """The load averages of the run, and PROVISIONAL first when the machine was busy."""
+    start, end = record.get("load_start"), record.get("load_end")
+    if start is None:
+        return ["load average: not recorded"]
+    lines = []
+    if record.get("provisional"):
+        lines.append(f"PROVISIONAL: load {start:.2f} at start (> {BUSY_LOAD})")
+    end_text = "-" if end is None else f"{end:.2f}"
+    lines.append(f"load average (1 min): {start:.2f} at start, {end_text} at end (the end "
+                 "includes this run's own threads)")
     return lines
 
 
@@ -468,6 +624,9 @@ def notes(peak_size: int) -> list[str]:
         "float32 XLA matmul run just before that call"),
         ("- dropless speed over it: per round, this system's step time over dropless's (tile = "
         "config default) in the same round; median [min-max] over rounds, n rounds"),
+        ("- HF rows: torch default = torch.get_num_threads() as torch chose it, the headline "
+        "peer; pinned rows (--hf-threads) are information only"),
+        "- routing check: moejax's and HF's chosen experts and outputs on the same x and weights",
         ("- compiled MiB: XLA memory analysis of the compiled fwd+bwd step, argument + output + "
         "temp (temp: activations, residuals, workspace); XLA:CPU reports no separate peak"),
         ("- dropped: token copies over capacity (untrained router); padding: padded rows / useful "
@@ -476,13 +635,19 @@ def notes(peak_size: int) -> list[str]:
 
 
 def report(record: dict) -> list[str]:
-    """Print every table of a run (from its JSON record); returns the target lines."""
+    """Print every table of a run (from its JSON record), the load lines first; returns the
+    target lines."""
     groups, scaling, mesh = record["groups"], record["scaling"], record["mesh_rows"]
+    print()
+    for line in load_lines(record):
+        print(line)
     print()
     for g in groups:
         print(group_table(g))
+        if g.get("routing_check"):
+            print(f"\nrouting check against HF: {fmt_check(g['routing_check'])}")
         print()
-    if any("tile_rows" in r and r["tile_rows"] != 128 for g in groups for r in g["rows"]):
+    if any(r["system"].startswith(f"{DROPLESS} tile ") for g in groups for r in g["rows"]):
         print("Tile sweep (dropless, moe.tile_rows; speeds per round, same run):\n")
         print(tile_table(groups))
         print()
@@ -500,15 +665,36 @@ def report(record: dict) -> list[str]:
         print()
     for line in notes(record["peak_size"]):
         print(line)
-    print("\nTargets:")
     targets = check_targets(groups, scaling)
-    for line in targets:
-        print("  " + line)
+    for title, lines in (("Targets", targets), ("Also", also_figures(groups, scaling))):
+        print(f"\n{title}{' (PROVISIONAL)' if record.get('provisional') else ''}:")
+        for line in lines:
+            print("  " + line)
     return targets
 
 
 # ---------------------------------------------------------------------------------------------
-# the three things scripts/bench_moe.py does; `args` is its parsed command line
+# what scripts/bench_moe.py does; `args` is its parsed command line
+
+
+def in_docs(path: Path) -> bool:
+    return "docs" in path.resolve().parts
+
+
+def refusal(args, load: float | None) -> str | None:
+    """Why this run must not start (one line), or None: a --json record from a busy machine
+    (load above BUSY_LOAD at the start) without --busy-ok, from fewer than MIN_ROUNDS rounds,
+    or from --quick into docs/."""
+    if not args.json:
+        return None
+    if args.quick and in_docs(args.json):
+        return f"--quick never writes into docs/ ({args.json}): drop --quick or --json"
+    if args.rounds < MIN_ROUNDS and not args.quick:
+        return f"--rounds {args.rounds}: a --json record needs --rounds >= {MIN_ROUNDS}"
+    if load is not None and load > BUSY_LOAD and not args.busy_ok:
+        return (f"machine busy: 1-minute load {load:.2f} > {BUSY_LOAD} at start; wait for it, "
+                "or pass --busy-ok to run anyway and mark the record provisional")
+    return None
 
 
 def print_saved(path: Path) -> None:
@@ -529,24 +715,33 @@ def child_rows(args, path: Path) -> None:
     path.write_text(json.dumps(mesh_rows(args)))
 
 
-def run(args, command: str, script: Path) -> dict:
-    """Measure everything `args` asks for and print every table; returns the JSON record.
-    `command`: the command line the record names; `script`: what the child process re-runs
-    for the expert-parallel rows."""
-    with_torch = not args.no_torch and bench.torch_available()
+def run_header(with_torch: bool) -> str:
     header = (f"{datetime.date.today()}, {platform.node() or 'host'}: {bench.cpu_threads()} cores "
               f"({jax.devices()[0].device_kind}), jax {jax.__version__}")
-    if with_torch:
-        import torch
-        import transformers
-        header += f", torch {torch.__version__}, transformers {transformers.__version__}"
-    else:
-        header += ", no torch/transformers: Hugging Face rows skipped"
+    if not with_torch:
+        return header + ", no torch/transformers: Hugging Face rows skipped"
+    import torch
+    import transformers
+
+    return (header + f", torch {torch.__version__} (default {bench.torch_default_threads()} "
+            f"threads), transformers {transformers.__version__}")
+
+
+def run(args, command: str, script: Path, load_start: float | None) -> dict:
+    """Measure everything `args` asks for and print every table; returns the JSON record.
+    `command`: the command line the record names; `script`: what the child process re-runs
+    for the expert-parallel rows; `load_start`: the 1-minute load average before anything ran
+    (above BUSY_LOAD the record is provisional)."""
+    with_torch = not args.no_torch and bench.torch_available()
+    header = run_header(with_torch)  # reads torch's default threads before any row sets them
+    provisional = load_start is not None and load_start > BUSY_LOAD
+    if provisional:
+        print(f"PROVISIONAL: load {load_start:.2f} at start (> {BUSY_LOAD})", flush=True)
     print(header, flush=True)
-    print(f"float32, fwd+bwd, {args.rounds} interleaved rounds "
-          f"(slow systems: {args.slow_rounds})", flush=True)
-    shapes = [quick_shape(SHAPES[1], True)] if args.quick else list(SHAPES)
-    groups = [run_group(s, args, sweep=not args.quick, with_torch=with_torch) for s in shapes]
+    load_text = "-" if load_start is None else f"{load_start:.2f}"
+    print(f"float32, fwd+bwd, {args.rounds} interleaved rounds (slow systems: "
+          f"{args.slow_rounds}), 1-minute load at start {load_text}", flush=True)
+    groups = [run_group(s, args, with_torch=with_torch) for s in run_shapes(args.quick)]
     scaling = run_scaling(args, args.quick)
     buffers = buffers_671b()
     mesh = []
@@ -556,9 +751,14 @@ def run(args, command: str, script: Path) -> dict:
             mesh = run_mesh_child(args, args.devices, script)
         except subprocess.CalledProcessError as err:  # keep the single-device results
             print(f"expert-parallel rows failed (exit {err.returncode}); skipped", flush=True)
-    record = {"header": header, "command": command,
+    record = {"header": header, "command": command, "quick": args.quick,
+              "load_start": load_start, "load_end": bench.load_average(),
+              "busy_load": BUSY_LOAD, "provisional": provisional,
               "rounds": args.rounds, "slow_rounds": args.slow_rounds,
+              "torch_default_threads": bench.torch_default_threads() if with_torch else None,
+              "hf_extra_threads": list(args.hf_threads), "tile_sweep": args.tile_sweep,
               "peak_size": args.peak_size, "groups": groups, "scaling": scaling,
               "buffers_671b": buffers, "mesh_rows": mesh}
     record["targets"] = report(record)
+    record["also"] = also_figures(groups, scaling)
     return record
