@@ -84,8 +84,10 @@ class MoEConfig:
     # dense: every expert on every token (a test oracle)
     dispatch: str = "dropless"
     tile_rows: int = 256  # dropless: the largest row tile (docs/bench_moe.md); see row_tile
-    # dropless: tiles (a tiled grouped GEMM, dense all_to_all: CPU) | ragged (ragged_dot and
-    # ragged_all_to_all: GPU/TPU) | auto (ragged off CPU)
+    # dropless: tiles (a tiled grouped GEMM, dense all_to_all: CPU) | blocks (each expert's
+    # first ~N k / E rows in one batched GEMM, the overflow in tiles: CPU, faster at many small
+    # experts, more memory; dispatch/dropless.py blocks_then_tiles) | ragged (ragged_dot and
+    # ragged_all_to_all: GPU/TPU) | auto (tiles on CPU, ragged elsewhere)
     kernels: str = "auto"
     # dropless under expert parallelism: each (source, destination) exchange buffer holds
     # receive_factor x the rows a pair expects under balanced routing; rows beyond it travel in
@@ -575,8 +577,8 @@ def _validate_moe(e: MoEConfig) -> None:
            f"moe.router={e.router!r} is unknown: use deepseek or softmax_topk.")
     _check(e.dispatch in ("dropless", "capacity", "dense"),
            f"moe.dispatch={e.dispatch!r} is unknown: use dropless, capacity or dense.")
-    _check(e.kernels in ("auto", "tiles", "ragged"),
-           f"moe.kernels={e.kernels!r} is unknown: use auto, tiles or ragged.")
+    _check(e.kernels in ("auto", "tiles", "blocks", "ragged"),
+           f"moe.kernels={e.kernels!r} is unknown: use auto, tiles, blocks or ragged.")
     _check(e.tile_rows >= 1, f"moe.tile_rows={e.tile_rows} must be positive.")
     _check(e.receive_factor is None or e.receive_factor > 0,
            f"moe.receive_factor={e.receive_factor} must be positive, or null for worst-case "

@@ -23,10 +23,11 @@ from moejax.model.dispatch import grouped
 from moejax.model.dispatch.dropless import (
     _Queues,
     compact_slots,
+    group_rows,
+    grouped_kernel,
     max_destinations,
     pair_capacity,
     pass_capacity,
-    row_tile,
     static_rows,
 )
 from moejax.model.moe import moe_ffn, moe_specs
@@ -74,17 +75,22 @@ def loss_and_grads(cfg, params, x, bias):
 
 
 @functools.cache
-def single_device(router: str, routing: str, dispatch: str = "dropless"):
-    cfg = layer_config(router, f"moe.dispatch={dispatch}")
+def single_device(router: str, routing: str, dispatch: str = "dropless", kernels: str = "auto"):
+    cfg = layer_config(router, f"moe.dispatch={dispatch}", f"moe.kernels={kernels}")
     params, x = layer_inputs(router)
     return loss_and_grads(cfg, params, x, adversarial_bias(cfg, routing))
 
 
 # the adversarial cases steer routing with the selection bias, which only the deepseek router has
-@pytest.mark.parametrize("router,routing", [("deepseek", "random"), ("deepseek", "one_expert"),
-                                            ("deepseek", "one_shard"), ("softmax_topk", "random")])
-def test_dropless_equals_dense_oracle(router, routing):
-    (loss, stats), grads = single_device(router, routing)
+@pytest.mark.parametrize("router,routing,kernels", [
+    ("deepseek", "random", "auto"), ("deepseek", "one_expert", "auto"),
+    ("deepseek", "one_shard", "auto"), ("softmax_topk", "random", "auto"),
+    ("deepseek", "random", "blocks"), ("deepseek", "one_expert", "blocks")])
+def test_dropless_equals_dense_oracle(router, routing, kernels):
+    """auto is tiles on CPU; blocks puts each expert's first ~N k / E rows in one batched GEMM
+    and the rest (under one_expert routing, nearly all of expert 0's) in a second pass of
+    tiles."""
+    (loss, stats), grads = single_device(router, routing, kernels=kernels)
     (expected_loss, _), expected_grads = single_device(router, routing, "dense")
     assert float(stats["dropped_fraction"]) == 0.0
     assert abs(float(loss) - float(expected_loss)) <= 1e-5 * abs(float(expected_loss))
@@ -213,13 +219,15 @@ def traced_shapes(fn, *args, per_shard: bool) -> tuple[set, list]:
 
 
 @pytest.mark.parametrize("mesh_shape, overrides", [(None, ()), ((2, 1, 4), ()), ((1, 1, 8), ()),
-                                                   ((2, 1, 4), (BOUNDED,))])
+                                                   ((2, 1, 4), (BOUNDED,)),
+                                                   (None, ("moe.kernels=blocks",))])
 def test_static_rows_are_the_traced_buffer_shapes(mesh_shape, overrides):
     """`static_rows` is what the layer's program allocates, forward and backward: exchange
     buffers of P C rows ([P C, D] and [P C, 2 s] metadata; C = N_ unless moe.receive_factor
-    bounds it, in every round), the combine's [M, D], the sorted buffer [R, D] with its
-    pre-activations [R, F] (R from the assignments of one pass), no larger [*, F] buffer and
-    no [P C s, D] one. F = 24 is a width no other array has."""
+    bounds it, in every round), the combine's [M, D], the sorted buffer [R, D] (R from the
+    assignments of one pass) with its pre-activations [R, F], no larger [*, F] buffer and no
+    [P C s, D] one; with moe.kernels=blocks also the blocks' [E_ C0, D] and [E_, C0, F].
+    F = 24 is a width no other array has."""
     cfg = layer_config("deepseek", "moe.expert_ffn_dim=24", *overrides)
     params = P.init(moe_specs(cfg), jax.random.key(0))
     x = jax.random.normal(jax.random.key(1), (*BATCH, cfg.model.d_model))
@@ -230,7 +238,7 @@ def test_static_rows_are_the_traced_buffer_shapes(mesh_shape, overrides):
     tokens, e, width = BATCH[0] * BATCH[1] // batch_shards, cfg.moe, cfg.model.d_model
     capacity = pair_capacity(e, tokens, shards)
     bound = static_rows(tokens, e.num_experts, e.top_k, shards,
-                        row_tile(tokens * shards * e.top_k, e), capacity,
+                        group_rows(e, tokens, shards, grouped_kernel(e, fp8=False)), capacity,
                         pass_capacity(e, tokens, shards,
                                       shards * capacity * min(e.top_k, e.num_experts // shards)))
     step = jax.grad(lambda p, x: layer_loss(p, x, jnp.zeros(8), cfg)[0], argnums=(0, 1))
@@ -241,6 +249,10 @@ def test_static_rows_are_the_traced_buffer_shapes(mesh_shape, overrides):
     assert {(bound.sorted_rows, width), (bound.sorted_rows, 24),
             (bound.combine_rows, width)} <= shapes
     assert max(s[0] for s in shapes if len(s) == 2 and s[1] == 24) == bound.sorted_rows
+    local_experts = e.num_experts // shards
+    if bound.block_rows:  # moe.kernels=blocks: [E_ C0, D] blocks, the overflow's tiles
+        assert {(local_experts * bound.block_rows, width),
+                (local_experts, bound.block_rows, 24)} <= shapes
     if bound.pass_assignments < bound.assignment_rows:  # passes: no buffer of every assignment
         assert (bound.assignment_rows, width) not in shapes
     if shards == 1:
@@ -351,7 +363,7 @@ def test_ragged_kernels_equal_the_cpu_path(monkeypatch):
         monkeypatch.setattr(jax.lax, "ragged_all_to_all", emulated_ragged_all_to_all)
         (loss, stats), grads = loss_and_grads(cfg, params, x, bias)
         (_, cpu_stats), _ = loss_and_grads(cfg.replace(moe=dataclasses.replace(
-            cfg.moe, kernels="auto")), params, x, bias)
+            cfg.moe, kernels="tiles")), params, x, bias)
     assert float(stats["dropped_fraction"]) == 0.0
     # the same work: rows the ragged exchange left empty are neither computed nor counted
     for work in ("padding_overhead", "exchange_fill"):

@@ -65,6 +65,43 @@ def row_tile(num_assignments: int, cfg: MoEConfig) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
+class GroupRows:
+    """How a shard's sorted buffer is cut for the grouped SwiGLU: `block_rows` C0 rows per local
+    expert in blocks that run as one batched GEMM (0: none) and the row `tile` of the rest."""
+
+    tile: int
+    block_rows: int = 0
+
+
+BLOCK_SPREAD = 2.0  # C0 = mean group + BLOCK_SPREAD x sqrt(mean group): see group_rows
+
+
+def group_rows(cfg: MoEConfig, tokens_per_shard: int, shards: int, kernel: str) -> GroupRows:
+    """kernel "tiles" or "ragged": tiles of `row_tile` rows only. "blocks": C0 = the mean group
+    under balanced routing, m = N_ k / E_ assignments per local expert, plus two standard
+    deviations of a Poisson count (2 sqrt(m)), rounded up to 8 rows: about 2% of experts
+    overflow when routing is balanced, at a padding of 2 / sqrt(m) (12% at m = 256); the
+    overflow in tiles of the largest power of two at or below sqrt(m), at least 8, at most
+    `row_tile` (docs/bench_moe.md)."""
+    tile = row_tile(tokens_per_shard * shards * cfg.top_k, cfg)
+    if kernel != "blocks":
+        return GroupRows(tile)
+    mean = tokens_per_shard * cfg.top_k / (cfg.num_experts // shards)
+    block = math.ceil((mean + BLOCK_SPREAD * math.sqrt(mean)) / 8) * 8
+    spread_tile = 1 << (max(1, math.isqrt(int(mean))).bit_length() - 1)
+    return GroupRows(max(8, min(tile, spread_tile)), block)
+
+
+def grouped_kernel(cfg: MoEConfig, fp8: bool) -> str:
+    """moe.kernels resolved: auto is tiles on CPU, ragged elsewhere; blocks with fp8 is tiles
+    (the fp8 grouped GEMMs are tiled, grouped_fp8.py)."""
+    kernel = cfg.kernels
+    if kernel == "auto":
+        kernel = "tiles" if jax.default_backend() == "cpu" else "ragged"
+    return "tiles" if kernel == "blocks" and fp8 else kernel
+
+
+@dataclasses.dataclass(frozen=True)
 class StaticRows:
     """The static row counts of one shard's dropless buffers (see `static_rows`)."""
 
@@ -74,10 +111,13 @@ class StaticRows:
     pass_assignments: int  # A: the assignments one grouped-GEMM pass sorts (`pass_capacity`)
     sorted_rows: int  # R: A + E_ (tile - 1) padding rows, in whole tiles; [R, D] and [R, F]
     combine_rows: int  # M: the combine's [M, D] (P C, or N on one shard)
+    # C0: each local expert's block rows (kernel "blocks": [E_ C0, D] and [E_, C0, F] beside
+    # the R rows the overflow's tiles may use); 0: tiles only
+    block_rows: int = 0
 
 
 def static_rows(tokens_per_shard: int, num_experts: int, top_k: int, expert_shards: int,
-                tile: int, pair_rows: int | None = None,
+                tile: int | GroupRows, pair_rows: int | None = None,
                 pass_assignments: int | None = None) -> StaticRows:
     """The buffer bounds of one exchange round of `dropless_moe_local` (tests/test_dropless.py
     checks them against its traced program), for N_ tokens on a shard, E experts over P
@@ -98,58 +138,91 @@ def static_rows(tokens_per_shard: int, num_experts: int, top_k: int, expert_shar
         exchange_rows, slots = expert_shards * pair_rows, min(top_k, local_experts)
         assignments, combine_rows = exchange_rows * slots, exchange_rows
     per_pass = assignments if pass_assignments is None else min(assignments, pass_assignments)
+    cut = tile if isinstance(tile, GroupRows) else GroupRows(tile)
     return StaticRows(exchange_rows, slots, assignments, per_pass,
-                      grouped.padded_rows(per_pass, local_experts, tile), combine_rows)
+                      grouped.padded_rows(per_pass, local_experts, cut.tile), combine_rows,
+                      cut.block_rows)
 
 
-def grouped_experts(rows, local_ids, weights, experts: FFN, matmul: Matmul, tile: int,
-                    max_assignments: int, use_ragged_dot: bool):
+def grouped_experts(rows, local_ids, weights, experts: FFN, matmul: Matmul, cut: GroupRows,
+                    max_assignments: int, use_ragged_dot: bool) -> tuple[jax.Array, DispatchStats]:
     """rows [M, D] with their local expert ids and weights [M, k] (id -1: an expert elsewhere,
-    weight 0) -> (sum_j weights[:, j] * expert_{ids[:, j]}(rows) [M, D], padded rows [],
-    useful rows [], routed assignments the buffer had no row for []: 0 while
-    `max_assignments` bounds the routed ids, as it must statically). With `matmul.fp8`
-    the three expert GEMMs run in fp8, forward and backward (grouped_fp8.py)."""
-    num_rows, top_k = local_ids.shape
+    weight 0) -> (sum_j weights[:, j] * expert_{ids[:, j]}(rows) [M, D], DispatchStats:
+    computed (padded) rows, useful rows, routed assignments the buffer had no row for (0 while
+    `max_assignments` bounds the routed ids, as it must statically), overflow passes). With
+    `matmul.fp8` the three expert GEMMs run in fp8, forward and backward (grouped_fp8.py).
+    With blocks (cut.block_rows > 0): `blocks_then_tiles`."""
+    if cut.block_rows:
+        return blocks_then_tiles(rows, local_ids, weights, experts, matmul, cut, max_assignments)
     num_experts = experts.w_gate.shape[0]
-    dtype = matmul.dtype
     expert_of_assignment = jnp.where(local_ids >= 0, local_ids, num_experts).reshape(-1)
-    buffer_rows = grouped.padded_rows(max_assignments, num_experts, tile)
-    layout = grouped.tile_layout(expert_of_assignment, num_experts, tile, buffer_rows)
+    buffer_rows = grouped.padded_rows(max_assignments, num_experts, cut.tile)
+    layout = grouped.tile_layout(expert_of_assignment, num_experts, cut.tile, buffer_rows)
+
+    def swiglu(sorted_rows, weights_):
+        if matmul.fp8:
+            return grouped_fp8.grouped_swiglu_fp8(
+                sorted_rows, weights_, grouped_fp8.group_rows(layout, num_experts),
+                recipe=matmul.fp8, kernel="ragged" if use_ragged_dot else "tiles",
+                block_size=matmul.fp8_block_size)
+        if use_ragged_dot:
+            return grouped.ragged_swiglu(sorted_rows, weights_, layout)
+        return grouped.tiled_swiglu(sorted_rows, weights_, layout.tile_expert,
+                                    layout.used_tiles, cut.tile)
+
+    y = _sorted_swiglu(rows, layout, weights, experts, matmul, swiglu)
+    return y, _row_stats(layout.used_tiles * cut.tile, layout.useful_rows, layout.unplaced, 0, 0)
+
+
+def _sorted_swiglu(rows, layout: grouped.TileLayout, weights, experts: FFN, matmul: Matmul,
+                   swiglu):
+    """rows [M, D] gathered into `layout`'s sorted buffer, `swiglu(sorted_rows, weights)` on it,
+    the results combined back per row with weights [M, k] -> y [M, D]."""
+    num_rows, top_k = weights.shape
+    dtype = matmul.dtype
     with jax.named_scope("permute"):
         token_of_row = jnp.minimum(layout.assignment_of_row // top_k, num_rows)
         sorted_rows = grouped.take_rows(rows.astype(dtype), token_of_row,
                                         layout.row_of_assignment.reshape(num_rows, top_k))
     with jax.named_scope("experts"):
         weights_ = FFN(*(w.astype(dtype) for w in (experts.w_gate, experts.w_up, experts.w_down)))
-        sorted_rows, weights_ = same_varying_axes(sorted_rows, weights_)
-        if matmul.fp8:
-            computed = grouped_fp8.grouped_swiglu_fp8(
-                sorted_rows, weights_, grouped_fp8.group_rows(layout, num_experts),
-                recipe=matmul.fp8, kernel="ragged" if use_ragged_dot else "tiles",
-                block_size=matmul.fp8_block_size)
-        elif use_ragged_dot:
-            computed = grouped.ragged_swiglu(sorted_rows, weights_, layout)
-        else:
-            computed = grouped.tiled_swiglu(sorted_rows, weights_, layout.tile_expert,
-                                            layout.used_tiles, tile)
+        computed = swiglu(*same_varying_axes(sorted_rows, weights_))
     with jax.named_scope("combine"):
-        y = _combine(computed, layout, weights.astype(dtype))
-    return y, layout.used_tiles * tile, layout.useful_rows, layout.unplaced
+        return grouped.combine_rows(computed, layout.row_of_assignment.reshape(num_rows, top_k),
+                                    layout.assignment_of_row, weights.astype(dtype))
 
 
-def _combine(computed, layout: grouped.TileLayout, weights):
-    """y [M, D] = sum_j weights[:, j] * computed[row of assignment (m, j)], one [M, D] gather
-    per slot j (not one [M k, D] gather: with bounded passes the sorted buffer is smaller than
-    M k rows, and the combine should be too)."""
-    num_rows, top_k = weights.shape
-    row_of_assignment = layout.row_of_assignment.reshape(num_rows, top_k)
-    slot_of_row = layout.assignment_of_row % top_k
-    token_of_row = layout.assignment_of_row // top_k  # M for padding rows
-    y = 0
-    for j in range(top_k):
-        reader = jnp.where(slot_of_row == j, token_of_row, num_rows)[:, None]
-        y = y + weights[:, j:j + 1] * grouped.take_rows(computed, row_of_assignment[:, j], reader)
-    return y
+def blocks_then_tiles(rows, local_ids, weights, experts: FFN, matmul: Matmul, cut: GroupRows,
+                      max_assignments: int) -> tuple[jax.Array, DispatchStats]:
+    """The "blocks" kernel: each local expert's first C0 = cut.block_rows assignments in its
+    block of an [E_ C0, D] buffer, all blocks in one batched SwiGLU (`blocked_swiglu`); the
+    assignments beyond an expert's C0 (its overflow) in a second pass, the tiles kernel on
+    those alone, which runs (lax.cond, rematerialised in the backward) only when some expert
+    has more than C0. Exact whatever the routing. Under balanced routing the speed is that of
+    the batched GEMM; the memory is the blocks' ([E_ C0, D], [E_, C0, F] x 2) plus the tiles
+    kernel's buffers, reserved for the second pass (written only when it runs), and the
+    compiled program holds both kernels."""
+    num_rows, top_k = local_ids.shape
+    num_experts = experts.w_gate.shape[0]
+    block_end = num_experts * cut.block_rows
+    routed = local_ids >= 0
+    expert_of_assignment = jnp.where(routed, local_ids, num_experts).reshape(-1)
+    # rows past the blocks are unplaced: those assignments are the overflow
+    layout = grouped.tile_layout(expert_of_assignment, num_experts, 1, block_end, cut.block_rows)
+    overflow = routed & (layout.row_of_assignment.reshape(num_rows, top_k) >= block_end)
+
+    def one_pass(index, rows_, weights_, experts_):
+        if index == 0:
+            y = _sorted_swiglu(rows_, layout, weights_, experts_, matmul, grouped.blocked_swiglu)
+            useful = jnp.sum(routed & ~overflow)
+            none = 0 * useful  # varying like the overflow pass's counts (a cond's branches agree)
+            stats = _row_stats(block_end + none, useful, none, 0, 0)
+            return y, stats.replace(overflow_passes=none.astype(jnp.float32))
+        return grouped_experts(rows_, jnp.where(overflow, local_ids, -1), weights_, experts_,
+                               matmul, GroupRows(cut.tile), max_assignments, False)
+
+    needed = 1 + jnp.any(overflow).astype(jnp.int32)
+    return _summed_repeats(one_pass, 2, needed, rows, weights, experts)
 
 
 def pair_capacity(cfg: MoEConfig, tokens_per_shard: int, shards: int) -> int:
@@ -179,8 +252,8 @@ def pass_capacity(cfg: MoEConfig, tokens_per_shard: int, shards: int,
                       math.ceil(cfg.receive_factor * tokens_per_shard * cfg.top_k)))
 
 
-def passes_of_grouped_experts(rows, local_ids, weights, experts: FFN, matmul: Matmul, tile: int,
-                              capacity: int, use_ragged: bool):
+def passes_of_grouped_experts(rows, local_ids, weights, experts: FFN, matmul: Matmul,
+                              cut: GroupRows, capacity: int, use_ragged: bool):
     """`grouped_experts` on the rows that arrived, in passes of at most `capacity` assignments
     (in row order): (y [M, D], DispatchStats: padded, useful and unplaced rows summed over the
     passes, overflow_passes the passes beyond the first). Pass 0 always runs; pass i > 0 runs
@@ -196,13 +269,12 @@ def passes_of_grouped_experts(rows, local_ids, weights, experts: FFN, matmul: Ma
     def one_pass(index, rows_, weights_, experts_):
         ids = local_ids if capacity >= most else jnp.where(order // capacity == index,
                                                            local_ids, -1)
-        y, padded, useful, unplaced = grouped_experts(rows_, ids, weights_, experts_, matmul,
-                                                      tile, capacity, use_ragged)
-        return y, _row_stats(padded, useful, unplaced, 0, 0)
+        return grouped_experts(rows_, ids, weights_, experts_, matmul, cut, capacity,
+                               use_ragged)
 
     needed = jnp.maximum(1, -(-jnp.sum(valid) // capacity))
     y, stats = _summed_repeats(one_pass, -(-most // capacity), needed, rows, weights, experts)
-    return y, stats.replace(overflow_passes=(needed - 1).astype(jnp.float32))
+    return y, stats.replace(overflow_passes=stats.overflow_passes + (needed - 1))
 
 
 def _summed_repeats(run, most: int, needed, *args):
@@ -280,14 +352,17 @@ def dropless_moe_local(x, expert_ids, weights, experts: FFN, cfg: MoEConfig, mat
     buffers and saved activations are those of one round."""
     num_tokens, top_k = expert_ids.shape
     shards = 1 if expert_axis is None else jax.lax.axis_size(expert_axis)
-    tile = row_tile(num_tokens * shards * top_k, cfg)
+    kernel = grouped_kernel(cfg, bool(matmul.fp8))
+    cut = group_rows(cfg, num_tokens, shards, kernel)
     send_tile = matmul.fp8_block_size
     if shards == 1:
         if fp8_dispatch:
             x = Exchange(None).out(x.astype(matmul.dtype), fp8=True, tile=send_tile)
-        y, padded, useful, unplaced = grouped_experts(
-            x, expert_ids, weights, experts, matmul, tile, num_tokens * top_k, use_ragged)
-        return y, _row_stats(padded, useful, unplaced, num_tokens, num_tokens)
+        y, stats = grouped_experts(x, expert_ids, weights, experts, matmul, cut,
+                                   num_tokens * top_k, use_ragged)
+        one = jnp.ones((), jnp.float32)
+        return y, stats.replace(rows_sent=num_tokens * one, send_buffer_rows=num_tokens * one,
+                                exchanges=one)
     local_experts = experts.w_gate.shape[0]
     capacity = pair_capacity(cfg, num_tokens, shards)
     queues = _Queues.of(expert_ids, local_experts, shards, capacity)
@@ -298,7 +373,7 @@ def dropless_moe_local(x, expert_ids, weights, experts: FFN, cfg: MoEConfig, mat
     def exchange_round(round_index, x_, weights_, experts_):
         return _exchange_round(x_, expert_ids, weights_, experts_, queues, round_index,
                                capacity, cfg, matmul, use_ragged, expert_axis, fp8_dispatch,
-                               tile)
+                               cut)
 
     y, stats = _summed_repeats(exchange_round, -(-num_tokens // capacity), queues.rounds,
                                x, weights, experts)
@@ -310,7 +385,7 @@ def dropless_moe_local(x, expert_ids, weights, experts: FFN, cfg: MoEConfig, mat
 
 def _exchange_round(x, expert_ids, weights, experts: FFN, queues: _Queues, round_index,
                     capacity: int, cfg: MoEConfig, matmul: Matmul, use_ragged: bool,
-                    expert_axis, fp8_dispatch: bool, tile: int):
+                    expert_axis, fp8_dispatch: bool, cut: GroupRows):
     """One round: this round's rows out, the local experts on what arrived, the results back
     -> (this round's share of y [N_, D], its DispatchStats)."""
     num_tokens, top_k = expert_ids.shape
@@ -337,7 +412,7 @@ def _exchange_round(x, expert_ids, weights, experts: FFN, queues: _Queues, round
             jnp.concatenate([(send_ids + 1).astype(jnp.float32), send_weights], 1))
         received_ids = received_meta[:, :slots].astype(jnp.int32) - 1
     computed, stats = passes_of_grouped_experts(
-        received_rows, received_ids, received_meta[:, slots:], experts, matmul, tile,
+        received_rows, received_ids, received_meta[:, slots:], experts, matmul, cut,
         pass_capacity(cfg, num_tokens, shards, rows * slots), use_ragged)
     with jax.named_scope("combine"):
         returned = exchange.back(computed)  # [P C, D]: row p C + c computed on shard p
@@ -394,8 +469,7 @@ def dropless_moe(x, expert_ids, weights, experts: FFN, cfg: MoEConfig, matmul: M
     """Routed-expert output for x [B, T, D] with nothing dropped; returns (y [B, T, D],
     DispatchStats summed over shards: padded rows, useful rows, rows sent, send-buffer rows).
     `fp8_dispatch`: the outgoing token rows in e4m3 (dropless_moe_local)."""
-    use_ragged = cfg.kernels == "ragged" or (
-        cfg.kernels == "auto" and jax.default_backend() != "cpu")
+    use_ragged = grouped_kernel(cfg, fp8=False) == "ragged"
 
     def local(x_, ids_, w_, experts_, expert_axis):
         return dropless_moe_local(x_, ids_, w_, experts_, cfg, matmul, use_ragged, expert_axis,
