@@ -57,6 +57,11 @@ class ModelConfig:
     norm_eps: float = 1e-6
     init_std: float = 0.02
     remat: str = "none"  # none | full | dots
+    # a layer stack of at most this many layers runs unrolled (straight-line code) rather than
+    # as a jax.lax.scan, outside a pipeline: on the 2-core CPU the scan's stacked per-layer
+    # buffers cost the tiny DeepSeek-shaped step ~10% of its time and unrolling 3 layers did
+    # not lengthen the compile (docs/bench_hf_model.md); 0: always a scan
+    unroll_layers: int = 4
     # Training attention in blocks of this many positions (moejax/model/blockwise.py: memory
     # linear in T) when the sequence is longer than one block, cuDNN's flash attention on NVIDIA
     # GPUs where it takes the shapes; 0 or null: the materialised [T, T] scores everywhere.
@@ -373,6 +378,8 @@ def _check(condition: bool, message: str) -> None:
 def validate(cfg: Config, num_devices: int | None = None) -> None:
     """Reject impossible combinations with one sentence each."""
     m, e = cfg.model, cfg.moe
+    _check(m.unroll_layers >= 0,
+           f"model.unroll_layers={m.unroll_layers} must be 0 (always scan) or positive.")
     _check(m.remat in ("none", "full", "dots"),
            f"model.remat={m.remat!r} is unknown: use none, full or dots.")
     _validate_sizes(cfg)

@@ -178,12 +178,16 @@ def init_cache(cfg: Config, batch_size: int, max_len: int, dtype=jnp.float32) ->
     return KVCache(dense=stack(cfg.num_dense_layers), moe=stack(cfg.num_moe_layers))
 
 
-def _run_stack(blocks: Block, x, per_layer, layer_fn, cfg: Config):
-    """Scan `layer_fn(block, x, per_layer_input) -> (x, outputs)` over the stacked blocks."""
+def _run_stack(blocks: Block, x, per_layer, layer_fn, cfg: Config, in_pipeline: bool = False):
+    """Scan `layer_fn(block, x, per_layer_input) -> (x, outputs)` over the stacked blocks,
+    unrolled (straight-line code) when the stack has at most model.unroll_layers layers and is
+    not a pipeline stage's block (whose program the planner's figures describe)."""
     body = lambda carry, inputs: layer_fn(inputs[0], carry, inputs[1])
     if cfg.model.remat != "none":
         body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.model.remat])
-    return jax.lax.scan(body, x, (blocks, per_layer))
+    layers = jax.tree.leaves(blocks)[0].shape[0]
+    unroll = not in_pipeline and layers <= cfg.model.unroll_layers
+    return jax.lax.scan(body, x, (blocks, per_layer), unroll=unroll)
 
 
 def _run_staged_stack(blocks: Block, x, per_layer, layer_fn, cfg: Config, cached: bool,
@@ -201,7 +205,8 @@ def _run_staged_stack(blocks: Block, x, per_layer, layer_fn, cfg: Config, cached
         y, outputs = layer_fn(block, x_, layer_inputs)
         return jnp.where(active, y, x_), outputs
 
-    run_block = lambda block, x_, inputs: _run_stack(block, x_, inputs, layer_or_padding, cfg)
+    run_block = lambda block, x_, inputs: _run_stack(block, x_, inputs, layer_or_padding, cfg,
+                                                     in_pipeline=True)
     specs = model_specs(cfg)
     stack_specs = specs.moe_blocks if cfg.num_moe_layers else specs.dense_blocks
     stack_specs = jax.tree.map(lambda s: stage_spec(s.logical_axes, s.shape), stack_specs,
@@ -333,7 +338,7 @@ def _decoder(params: Transformer, tokens, positions, cfg: Config, router_state, 
         # one microbatch at a time rather than on the device's whole batch shard: their
         # backward's working set was 713 of the 785 GB of temporaries of the 671B PP16 plan
         x = pipeline.microbatched(
-            lambda blocks, x_: _run_stack(blocks, x_, None, dense_layer, cfg)[0], x,
+            lambda blocks, x_: _run_stack(blocks, x_, None, dense_layer, cfg, True)[0], x,
             params.dense_blocks)
         if not one_f_one_b:  # GPipe takes the whole stream
             x = pipeline.from_stages(x, m)

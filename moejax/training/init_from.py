@@ -13,7 +13,8 @@ from moejax.config import Config, ConfigError, config_to_dict
 
 # Settings that shape training but not the model's function, so they may differ from the
 # checkpoint's config.
-TRAINING_ONLY = {"model.remat", "model.init_std", "moe.dispatch", "moe.tile_rows", "moe.kernels",
+TRAINING_ONLY = {"model.remat", "model.unroll_layers", "model.init_std", "moe.dispatch",
+                 "moe.tile_rows", "moe.kernels",
                  "moe.capacity_factor", "moe.drop_policy", "moe.switch_loss_coef",
                  "moe.seq_balance_loss_coef", "moe.z_loss_coef", "moe.bias_update_rate",
                  "moe.temperature", "model.attention_block"}
