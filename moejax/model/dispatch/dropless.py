@@ -214,10 +214,7 @@ def blocks_then_tiles(rows, local_ids, weights, experts: FFN, matmul: Matmul, cu
     def one_pass(index, rows_, weights_, experts_):
         if index == 0:
             y = _sorted_swiglu(rows_, layout, weights_, experts_, matmul, grouped.blocked_swiglu)
-            useful = jnp.sum(routed & ~overflow)
-            none = 0 * useful  # varying like the overflow pass's counts (a cond's branches agree)
-            stats = _row_stats(block_end + none, useful, none, 0, 0)
-            return y, stats.replace(overflow_passes=none.astype(jnp.float32))
+            return y, _row_stats(block_end, jnp.sum(routed & ~overflow), 0, 0, 0)
         return grouped_experts(rows_, jnp.where(overflow, local_ids, -1), weights_, experts_,
                                matmul, GroupRows(cut.tile), max_assignments, False)
 
@@ -282,10 +279,13 @@ def _summed_repeats(run, most: int, needed, *args):
     at most `most`: run 0 always; run i > 0 under lax.cond(i < needed), rematerialised in the
     backward, so buffers and saved activations are those of one run (the exchange rounds and
     the grouped-GEMM passes)."""
-    y, stats = run(0, *args)
+    def varying_alike(index, *args_):  # a cond's branches must vary over the same mesh axes
+        return same_varying_axes(*run(index, *args_))
+
+    y, stats = varying_alike(0, *args)
     nothing = jax.tree.map(jnp.zeros_like, (y, stats))  # what a run that does not happen adds
     for index in range(1, most):
-        later = jax.checkpoint(functools.partial(run, index))
+        later = jax.checkpoint(functools.partial(varying_alike, index))
         y_i, stats_i = jax.lax.cond(index < needed, later, lambda *_: nothing, *args)
         y, stats = y + y_i, stats + stats_i
     return y, stats
