@@ -248,11 +248,26 @@ class Checkpoints:
 
     def close(self) -> None:
         """Wait for pending saves to finish, then release the manager; raises
-        CheckpointSaveError when the last save failed."""
+        CheckpointSaveError when the last save failed, with its partial directory removed once
+        the manager's writer threads have stopped (one still writing into it could leave files
+        the first removal missed: a full disk at close left `<step>.orbax-checkpoint-tmp`)."""
+        failed_step = None
         try:
             self._wait()
+        except CheckpointSaveError as failure:
+            failed_step = failure.step
+            raise
         finally:
             self.manager.close()
+            if failed_step is not None:
+                self._remove_partial(failed_step)
+
+    def _remove_partial(self, step: int) -> None:
+        """Remove a failed save's `<step>.orbax-checkpoint-tmp*` directory (it only holds
+        space); with several processes others may still be writing it, so they keep it."""
+        if jax.process_count() == 1:
+            for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+                shutil.rmtree(partial, ignore_errors=True)
 
     def _failed(self, err: BaseException) -> CheckpointSaveError | None:
         """The one-line error for a failed save of the pending step (its partial directory
@@ -261,9 +276,7 @@ class Checkpoints:
         if code is None:
             return None
         step, self.pending_step = self.pending_step, None
-        if jax.process_count() == 1:  # with several processes others may still be writing it
-            for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
-                shutil.rmtree(partial, ignore_errors=True)
+        self._remove_partial(step)
         try:
             complete = [s for s in self.manager.all_steps() if s != step]
         except Exception:  # noqa: BLE001 (the same storage may fail again while listing)
