@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -38,6 +39,8 @@ STORAGE_FAULTS = {
     errno.EACCES: "make the checkpoint directory writable for this user",
     errno.EFBIG: "raise the file size limit (ulimit -f)",
 }
+# a failed save's partial directory must stay absent this long at close (at most the max)
+PARTIAL_SETTLE_S, PARTIAL_SETTLE_MAX_S = 0.2, 5.0
 # tensorstore reports the errno of a failed write as [os_error_code='28']
 _OS_ERROR_CODE = re.compile(r"os_error_code\W{0,3}(\d+)")
 
@@ -163,6 +166,7 @@ class Checkpoints:
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_handlers=handlers)
         self.pending_step = None  # the step of the save that may still be running
+        self.failed_steps: set[int] = set()  # saves that failed: their partials go at close
         _quiet_orbax_storage_faults()
 
     def latest_step(self) -> int | None:
@@ -248,26 +252,41 @@ class Checkpoints:
 
     def close(self) -> None:
         """Wait for pending saves to finish, then release the manager; raises
-        CheckpointSaveError when the last save failed, with its partial directory removed once
-        the manager's writer threads have stopped (one still writing into it could leave files
-        the first removal missed: a full disk at close left `<step>.orbax-checkpoint-tmp`)."""
-        failed_step = None
+        CheckpointSaveError when the last save failed. Every failed save's partial directory is
+        removed again once the manager's writer threads have stopped: a thread still writing
+        into it when the failure surfaced (at close, or in a save's synchronous part) could
+        leave files the first removal missed, and `<step>.orbax-checkpoint-tmp` behind."""
         try:
             self._wait()
-        except CheckpointSaveError as failure:
-            failed_step = failure.step
-            raise
         finally:
-            self.manager.close()
-            if failed_step is not None:
-                self._remove_partial(failed_step)
+            try:
+                self.manager.close()
+            finally:
+                for step in sorted(self.failed_steps):
+                    self._remove_partial(step, settle=True)
 
-    def _remove_partial(self, step: int) -> None:
+    def _remove_partial(self, step: int, settle: bool = False) -> None:
         """Remove a failed save's `<step>.orbax-checkpoint-tmp*` directory (it only holds
-        space); with several processes others may still be writing it, so they keep it."""
-        if jax.process_count() == 1:
-            for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+        space); with several processes others may still be writing it, so they keep it.
+        `settle`: remove again until none has reappeared for PARTIAL_SETTLE_S (at most
+        PARTIAL_SETTLE_MAX_S): tensorstore's writer threads can still create files in it after
+        orbax has reported the failure and closed (CI saw the directory left behind)."""
+        if jax.process_count() > 1:
+            return
+        deadline = time.monotonic() + PARTIAL_SETTLE_MAX_S
+        quiet_since = None
+        while True:
+            partials = list(self.directory.glob(f"{step}.orbax-checkpoint-tmp*"))
+            for partial in partials:
                 shutil.rmtree(partial, ignore_errors=True)
+            if not settle:
+                return
+            now = time.monotonic()
+            quiet_since = None if partials else (quiet_since or now)
+            if (quiet_since is not None and now - quiet_since >= PARTIAL_SETTLE_S) \
+                    or now >= deadline:
+                return
+            time.sleep(0.02)
 
     def _failed(self, err: BaseException) -> CheckpointSaveError | None:
         """The one-line error for a failed save of the pending step (its partial directory
@@ -276,6 +295,7 @@ class Checkpoints:
         if code is None:
             return None
         step, self.pending_step = self.pending_step, None
+        self.failed_steps.add(step)
         self._remove_partial(step)
         try:
             complete = [s for s in self.manager.all_steps() if s != step]
