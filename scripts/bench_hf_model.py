@@ -43,11 +43,8 @@ from pathlib import Path
 if importlib.util.find_spec("moejax") is None:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from moejax.tools import bench
 from moejax.tools import bench_hf_model as tool
-
-BUSY_LOAD = 1.0  # 1-minute load average above which a record is not trusted
-MIN_ROUNDS_FOR_JSON = 5
-DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
 def parse_args(argv):
@@ -70,35 +67,25 @@ def parse_args(argv):
         args.rounds, args.block, args.profile_steps = 2, 2, 2
     if min(args.rounds, args.block, args.profile_steps) < 1:
         parser.error("--rounds, --block and --profile-steps must be at least 1")
-    if args.json and not args.quick and args.rounds < MIN_ROUNDS_FOR_JSON:
-        parser.error(f"--json needs at least {MIN_ROUNDS_FOR_JSON} rounds (--rounds)")
-    if args.json and args.quick and args.json.resolve().is_relative_to(DOCS):
-        parser.error("a --quick record does not belong in docs/: give another --json path")
     return args
-
-
-def refusal(args, load: float | None) -> str | None:
-    """Why --json is refused on this machine now, or None."""
-    if args.json and load is not None and load > BUSY_LOAD and not args.busy_ok:
-        return (f"error: load average {load:.2f} > {BUSY_LOAD} at start: timings would not be "
-                "trusted; wait for a quiet machine or pass --busy-ok (provisional record)")
-    return None
 
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    load = tool.load_average()
-    reason = refusal(args, load)
+    load = bench.load_average()
+    reason = bench.record_refusal(args.json, args.rounds, args.quick, args.busy_ok, load)
     if reason:
-        print(reason, file=sys.stderr)
+        print(f"bench_hf_model: {reason}", file=sys.stderr)
         return 2
     options = tool.Options(rounds=args.rounds, block=args.block,
                            profile_steps=args.profile_steps, seed=args.seed, quick=args.quick)
     record = tool.run_benchmark(options)
     end = record["load_end"]
     record["provisional"] = [why for why, on in (
-        (f"load {load or 0:.2f} > {BUSY_LOAD} at start", load is not None and load > BUSY_LOAD),
-        (f"load {end or 0:.2f} > {BUSY_LOAD} at end", end is not None and end > BUSY_LOAD),
+        (f"load {load or 0:.2f} > {bench.BUSY_LOAD} at start",
+         load is not None and load > bench.BUSY_LOAD),
+        (f"load {end or 0:.2f} > {bench.BUSY_LOAD} at end",
+         end is not None and end > bench.BUSY_LOAD),
         ("--quick", args.quick)) if on]
     record["command"] = " ".join(["python", "scripts/bench_hf_model.py",
                                   *(sys.argv[1:] if argv is None else argv)])

@@ -12,7 +12,8 @@ taken per round, against the same round, then summarised by its median and sprea
   GEMMs independent of each all-to-all and where the schedule put them, and the step time.
 - `hf_moe_step`: the same layer as Hugging Face's `DeepseekV3MoE` (torch), same weights, at
   torch's default threads (`torch_default_threads`) or pinned to a thread count.
-- `load_average`: the machine's 1-minute load average, recorded at the start and end of a run.
+- `load_average`, `record_refusal`: the machine's 1-minute load average, recorded at the start
+  and end of a run, and when a benchmark refuses to write a record (busy, too few rounds).
 - `dropless_buffer_bytes`: the bytes of the dropless layer's static buffer bounds
   (`moejax.model.dispatch.dropless.static_rows`), as arithmetic.
 - `prepare_train_run`, `interleaved_training`, `held_out_loss`: whole-model train steps of
@@ -62,6 +63,7 @@ __all__ = [
     "moe_layer_step",
     "per_round_summary",
     "prepare_train_run",
+    "record_refusal",
     "round_ratios",
     "seconds",
     "timed",
@@ -342,6 +344,27 @@ def load_average() -> float | None:
         return os.getloadavg()[0]
     except (AttributeError, OSError):
         return None
+
+
+BUSY_LOAD = 1.0  # 1-minute load average at the start above which figures are provisional
+MIN_ROUNDS = 5  # interleaved rounds a --json record needs (--quick aside)
+
+
+def record_refusal(json_path, rounds: int, quick: bool, busy_ok: bool,
+                   load: float | None) -> str | None:
+    """Why a benchmark must not start (one line), or None: a --json record from a busy machine
+    (load above BUSY_LOAD at the start) without --busy-ok, from fewer than MIN_ROUNDS rounds,
+    or from --quick into docs/. Without --json nothing is refused."""
+    if not json_path:
+        return None
+    if quick and "docs" in json_path.resolve().parts:
+        return f"--quick never writes into docs/ ({json_path}): drop --quick or --json"
+    if rounds < MIN_ROUNDS and not quick:
+        return f"--rounds {rounds}: a --json record needs --rounds >= {MIN_ROUNDS}"
+    if load is not None and load > BUSY_LOAD and not busy_ok:
+        return (f"machine busy: 1-minute load {load:.2f} > {BUSY_LOAD} at start; wait for it, "
+                "or pass --busy-ok to run anyway and mark the record provisional")
+    return None
 
 
 def hf_moe_step(shape: LayerShape, implementation: str, layer: LayerStep,

@@ -616,7 +616,7 @@ def run_benchmark(options: Options, log: Callable = print) -> dict:
     config, each compiled fresh), the HF model from moejax's initial weights, the initial-loss
     check and one untimed step of each on the same batch, the interleaved rounds, then the
     breakdowns. Returns the record."""
-    record = {"load_start": load_average(), "environment": environment(),
+    record = {"load_start": bench.load_average(), "environment": environment(),
               "options": dataclasses.asdict(options)}
     record["backend_warmup_s"] = backend_warmup()
     log(f"first step of configs/{DEFAULT_PRESET}.yaml (fresh compile) ...")
@@ -654,16 +654,8 @@ def run_benchmark(options: Options, log: Callable = print) -> dict:
         bench_run, hlo_text, systems[MOEJAX].prepare(tokens))
     record["breakdown_hf"] = hf_breakdown(trainer, cfg.num_dense_layers,
                                           systems[HF].prepare(tokens))
-    record["load_end"] = load_average()
+    record["load_end"] = bench.load_average()
     return record
-
-
-def load_average() -> float | None:
-    """The machine's 1-minute load average (None where the OS has none)."""
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return None
 
 
 def _without_hlo(first: dict) -> dict:

@@ -78,8 +78,7 @@ TILE_SWEEP = (64, 128, 256)
 QUICK_TOKENS = 1024
 PEAK_SIZE, QUICK_PEAK_SIZE = 3072, 1024
 BUFFERS_EXPERT, BUFFERS_DEVICES = 64, (1024, 15360)  # DeepSeek-V3's EP64; see buffers_671b
-BUSY_LOAD = 1.0  # 1-minute load average at the start above which the figures are provisional
-MIN_ROUNDS = 5  # rounds a --json record needs (--quick aside)
+BUSY_LOAD, MIN_ROUNDS = bench.BUSY_LOAD, bench.MIN_ROUNDS  # the protocol's (bench.py)
 ROUTING_TOLERANCE = 1e-4  # routing_check: largest relative difference of y moejax vs HF
 
 TARGET_SHAPES = ("coarse", "fine-grained", "E=128", "DeepSeek-shaped")
@@ -677,24 +676,9 @@ def report(record: dict) -> list[str]:
 # what scripts/bench_moe.py does; `args` is its parsed command line
 
 
-def in_docs(path: Path) -> bool:
-    return "docs" in path.resolve().parts
-
-
 def refusal(args, load: float | None) -> str | None:
-    """Why this run must not start (one line), or None: a --json record from a busy machine
-    (load above BUSY_LOAD at the start) without --busy-ok, from fewer than MIN_ROUNDS rounds,
-    or from --quick into docs/."""
-    if not args.json:
-        return None
-    if args.quick and in_docs(args.json):
-        return f"--quick never writes into docs/ ({args.json}): drop --quick or --json"
-    if args.rounds < MIN_ROUNDS and not args.quick:
-        return f"--rounds {args.rounds}: a --json record needs --rounds >= {MIN_ROUNDS}"
-    if load is not None and load > BUSY_LOAD and not args.busy_ok:
-        return (f"machine busy: 1-minute load {load:.2f} > {BUSY_LOAD} at start; wait for it, "
-                "or pass --busy-ok to run anyway and mark the record provisional")
-    return None
+    """Why this run must not start (one line), or None: bench.record_refusal."""
+    return bench.record_refusal(args.json, args.rounds, args.quick, args.busy_ok, load)
 
 
 def print_saved(path: Path) -> None:
