@@ -130,9 +130,9 @@ def swiglu(p: FFN, x: jax.Array, matmul: Matmul) -> jax.Array:
     """down(silu(x @ gate) * (x @ up)); x [..., D] -> [..., D] in the compute dtype.
 
     Also the batched expert form: x [E, S, D] with weights [E, D, F] and [E, F, D]. Without
-    fp8 the backward is written out (`_swiglu`): autodiff's version leaves XLA:CPU fusing
-    silu's derivative with a transpose for the weight gradient, 2.3x slower for the tiny
-    presets' dense layer."""
+    fp8 the backward is written out (`_swiglu`): autodiff's version left XLA:CPU fusing silu's
+    derivative with a transpose for the weight gradient (the tiny DeepSeek-shaped step's dense
+    layer took 36 ms per step, 15 ms with this: docs/bench_hf_model.md)."""
     if matmul.fp8:
         hidden = jax.nn.silu(matmul(x, p.w_gate)) * matmul(x, p.w_up)
         return matmul(hidden, p.w_down)
