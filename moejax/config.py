@@ -90,9 +90,11 @@ class MoEConfig:
     dispatch: str = "dropless"
     tile_rows: int = 256  # dropless: the largest row tile (docs/bench_moe.md); see row_tile
     # dropless: tiles (a tiled grouped GEMM, dense all_to_all: CPU) | blocks (each expert's
-    # first ~N k / E rows in one batched GEMM, the overflow in tiles: CPU, faster at many small
-    # experts, more memory; dispatch/dropless.py blocks_then_tiles) | ragged (ragged_dot and
-    # ragged_all_to_all: GPU/TPU) | auto (tiles on CPU, ragged elsewhere)
+    # first ~N k / E rows in one batched GEMM, the overflow in tiles: CPU, more memory;
+    # dispatch/dropless.py blocks_then_tiles) | blas (each expert's rows as one OpenBLAS GEMM
+    # through an XLA FFI call, no padding: CPU, float32; dispatch/cpu_gemm.py) | ragged
+    # (ragged_dot and ragged_all_to_all: GPU/TPU) | auto (ragged off CPU; on CPU blas for
+    # float32 compute where its library builds, else tiles)
     kernels: str = "auto"
     # dropless under expert parallelism: each (source, destination) exchange buffer holds
     # receive_factor x the rows a pair expects under balanced routing; rows beyond it travel in
@@ -397,6 +399,10 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
     _validate_precision(cfg.precision)
     if e.num_experts:
         _validate_moe(e)
+        _check(e.kernels != "blas" or cfg.precision.compute_dtype == "float32",
+               f"moe.kernels=blas runs float32 GEMMs only (precision.compute_dtype="
+               f"{cfg.precision.compute_dtype}): set precision.compute_dtype=float32 or "
+               "moe.kernels=auto.")
     if num_devices is None:
         import jax
 
@@ -584,8 +590,8 @@ def _validate_moe(e: MoEConfig) -> None:
            f"moe.router={e.router!r} is unknown: use deepseek or softmax_topk.")
     _check(e.dispatch in ("dropless", "capacity", "dense"),
            f"moe.dispatch={e.dispatch!r} is unknown: use dropless, capacity or dense.")
-    _check(e.kernels in ("auto", "tiles", "blocks", "ragged"),
-           f"moe.kernels={e.kernels!r} is unknown: use auto, tiles, blocks or ragged.")
+    _check(e.kernels in ("auto", "tiles", "blocks", "blas", "ragged"),
+           f"moe.kernels={e.kernels!r} is unknown: use auto, tiles, blocks, blas or ragged.")
     _check(e.tile_rows >= 1, f"moe.tile_rows={e.tile_rows} must be positive.")
     _check(e.receive_factor is None or e.receive_factor > 0,
            f"moe.receive_factor={e.receive_factor} must be positive, or null for worst-case "

@@ -151,12 +151,13 @@ def _swiglu_fwd(p: FFN, x):
     return (jax.nn.silu(gate) * up) @ p.w_down, (p, x, gate, up)
 
 
-def swiglu_grads(gate, up, d_out, w_down_t):
+def swiglu_grads(gate, up, d_out, w_down_t=None):
     """SwiGLU's backward through its activation, from the pre-activations gate, up [..., F],
-    the output gradient d_out and w_down transposed: (d_gate, d_up, the hidden silu(gate) up)."""
+    the output gradient d_out and w_down transposed (None: d_out is already the hidden's
+    gradient [..., F]): (d_gate, d_up, the hidden silu(gate) up)."""
     sig = jax.nn.sigmoid(gate)
     silu = gate * sig
-    d_hidden = d_out @ w_down_t
+    d_hidden = d_out if w_down_t is None else d_out @ w_down_t
     return d_hidden * up * (sig * (1 + gate * (1 - sig))), d_hidden * silu, silu * up
 
 

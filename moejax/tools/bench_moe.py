@@ -14,14 +14,15 @@ Shapes (moejax.tools.bench.LAYER_SHAPES): coarse, fine-grained, E=128 and DeepSe
 (DeepSeek-V3's proportions: E 256, k 8, F = D / 3.5, group-limited routing over the top 4 of 8
 expert groups, its n_group and topk_group).
 
-Systems at each shape, every peer at its own default settings: moejax dropless (moe.tile_rows =
-the config default) and capacity 1.0 (drops), XLA at its own thread pool; HF grouped_mm at
+Systems at each shape, every peer at its own default settings: moejax dropless (moe.kernels =
+auto: the BLAS grouped GEMMs on CPU in float32), dropless with moe.kernels=tiles (moe.tile_rows
+= the config default) and blocks, and capacity 1.0 (drops), XLA at its own thread pool; HF grouped_mm at
 torch's default threads (torch.get_num_threads() as torch set it: the headline peer) and a
 plain torch matmul at the same threads (torch's own peak). Optional rows, information only:
 HF grouped_mm pinned to other thread counts (--hf-threads 1 ...); capacity null (worst-case
 buffers, E x N rows) and HF eager, both slow, timed in --slow-rounds rounds of their own with
-dropless again as the reference (default 0: off); the tile sweep (--tile-sweep: dropless at
-each moe.tile_rows of TILE_SWEEP).
+dropless again as the reference (default 0: off); the tile sweep (--tile-sweep: dropless tiles
+at each moe.tile_rows of TILE_SWEEP).
 
 Protocol:
 - the machine's 1-minute load average is recorded at the start and the end of the run (the end
@@ -65,6 +66,7 @@ import numpy as np
 import moejax
 from moejax.config import MeshConfig
 from moejax.model.dispatch import row_tile
+from moejax.model.dispatch.dropless import grouped_kernel
 from moejax.tools import bench
 from moejax.tools.bench import LayerShape
 
@@ -93,7 +95,8 @@ ALSO = {  # earlier issues' figures, reported beside the targets
     "memory": 1.2,  # dropless compiled bytes over capacity 1.0's
 }
 DROPLESS, CAPACITY, NULL = "moejax dropless", "moejax capacity 1.0", "moejax capacity null"
-BLOCKS = "moejax dropless blocks"  # moe.kernels=blocks (the default dropless row: tiles on CPU)
+# moe.kernels=tiles and blocks beside the default dropless row (auto: blas on CPU in float32)
+TILES, BLOCKS = "moejax dropless tiles", "moejax dropless blocks"
 HF_HEADLINE = "HF grouped_mm (torch default threads)"  # the comparisons key of the headline
 
 
@@ -116,12 +119,13 @@ def moejax_systems(shape: LayerShape, sweep: bool) -> dict[str, tuple]:
     """label -> layer_config arguments (dispatch, capacity_factor, tile_rows, kernels)."""
     tile = default_tile()
     systems = {DROPLESS: ("dropless", None, None, None),
+               TILES: ("dropless", None, None, "tiles"),
                BLOCKS: ("dropless", None, None, "blocks"),
                CAPACITY: ("capacity", 1.0, None, None), NULL: ("capacity", None, None, None)}
     if sweep:
         for t in TILE_SWEEP:
             if t != tile:
-                systems[f"{DROPLESS} tile {t}"] = ("dropless", None, t, None)
+                systems[f"{TILES} {t}"] = ("dropless", None, t, "tiles")
     return systems
 
 
@@ -146,8 +150,11 @@ def prepare_moejax(shape: LayerShape, args, runs, slow, info):
         runs[label] = layer.run
         info[label] = {"memory": layer.memory, **layer.stats}
         if dispatch == "dropless":
-            info[label]["tile"] = row_tile(shape.tokens * shape.top_k, cfg.moe)
-            info[label]["tile_rows"] = tiles or tile
+            kernel = grouped_kernel(cfg.moe, False, cfg.precision.compute_dtype)
+            info[label]["kernel"] = kernel
+            if kernel == "tiles":
+                info[label]["tile"] = row_tile(shape.tokens * shape.top_k, cfg.moe)
+                info[label]["tile_rows"] = tiles or tile
         if label == NULL:
             slow.append(label)
         if label == DROPLESS:
@@ -401,7 +408,8 @@ def group_table(group: dict) -> str:
         mem = f"{mib(memory['total'])} ({mib(memory['temp'])})" if memory else "-"
         padding = f"{r['padding_overhead']:.1%}" if "padding_overhead" in r else "-"
         dropped = f"{r['dropped_fraction']:.1%}" if "dropped_fraction" in r else "-"
-        system = r["system"] + (f" (tile {r['tile']})" if r["system"] == DROPLESS else "")
+        system = r["system"] + (f" (tile {r['tile']})" if "tile" in r else
+                                f" ({r['kernel']})" if r["system"] == DROPLESS else "")
         upk = r["useful_over_peak"]["median"]
         plain = r["system"] == DROPLESS or "matmul" in r["system"]
         lines.append(
@@ -646,7 +654,7 @@ def report(record: dict) -> list[str]:
         if g.get("routing_check"):
             print(f"\nrouting check against HF: {fmt_check(g['routing_check'])}")
         print()
-    if any(r["system"].startswith(f"{DROPLESS} tile ") for g in groups for r in g["rows"]):
+    if any(r["system"].startswith(f"{TILES} ") for g in groups for r in g["rows"]):
         print("Tile sweep (dropless, moe.tile_rows; speeds per round, same run):\n")
         print(tile_table(groups))
         print()

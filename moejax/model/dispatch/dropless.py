@@ -40,7 +40,7 @@ import jax.numpy as jnp
 
 from moejax import sharding
 from moejax.config import MoEConfig
-from moejax.model.dispatch import grouped, grouped_fp8
+from moejax.model.dispatch import cpu_gemm, grouped, grouped_fp8
 from moejax.model.dispatch.shards import DispatchStats, Exchange, on_expert_shards
 from moejax.model.layers import FFN, Matmul
 from moejax.sharding import same_varying_axes
@@ -82,7 +82,10 @@ def group_rows(cfg: MoEConfig, tokens_per_shard: int, shards: int, kernel: str) 
     deviations of a Poisson count (2 sqrt(m)), rounded up to 8 rows: about 2% of experts
     overflow when routing is balanced, at a padding of 2 / sqrt(m) (12% at m = 256); the
     overflow in tiles of the largest power of two at or below sqrt(m), at least 8, at most
-    `row_tile` (docs/bench_moe.md)."""
+    `row_tile` (docs/bench_moe.md). "blas": tiles of one row (each group exactly its rows, no
+    padding: the BLAS GEMMs take any row count)."""
+    if kernel == "blas":
+        return GroupRows(1)
     tile = row_tile(tokens_per_shard * shards * cfg.top_k, cfg)
     if kernel != "blocks":
         return GroupRows(tile)
@@ -92,13 +95,17 @@ def group_rows(cfg: MoEConfig, tokens_per_shard: int, shards: int, kernel: str) 
     return GroupRows(max(8, min(tile, spread_tile)), block)
 
 
-def grouped_kernel(cfg: MoEConfig, fp8: bool) -> str:
-    """moe.kernels resolved: auto is tiles on CPU, ragged elsewhere; blocks with fp8 is tiles
-    (the fp8 grouped GEMMs are tiled, grouped_fp8.py)."""
+def grouped_kernel(cfg: MoEConfig, fp8: bool, dtype=jnp.float32) -> str:
+    """moe.kernels resolved for expert GEMMs in `dtype`: auto is ragged off CPU; on CPU blas
+    for float32 where its library builds (cpu_gemm.py), else tiles. blocks or blas with fp8 is
+    tiles (the fp8 grouped GEMMs are tiled, grouped_fp8.py)."""
     kernel = cfg.kernels
-    if kernel == "auto":
-        kernel = "tiles" if jax.default_backend() == "cpu" else "ragged"
-    return "tiles" if kernel == "blocks" and fp8 else kernel
+    if kernel == "auto" and jax.default_backend() != "cpu":
+        kernel = "ragged"
+    elif kernel == "auto":
+        blas = jnp.dtype(dtype) == jnp.float32 and not fp8
+        kernel = "blas" if blas and cpu_gemm.unavailable_reason() is None else "tiles"
+    return "tiles" if kernel in ("blocks", "blas") and fp8 else kernel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,13 +152,14 @@ def static_rows(tokens_per_shard: int, num_experts: int, top_k: int, expert_shar
 
 
 def grouped_experts(rows, local_ids, weights, experts: FFN, matmul: Matmul, cut: GroupRows,
-                    max_assignments: int, use_ragged_dot: bool) -> tuple[jax.Array, DispatchStats]:
+                    max_assignments: int, kernel: str) -> tuple[jax.Array, DispatchStats]:
     """rows [M, D] with their local expert ids and weights [M, k] (id -1: an expert elsewhere,
     weight 0) -> (sum_j weights[:, j] * expert_{ids[:, j]}(rows) [M, D], DispatchStats:
     computed (padded) rows, useful rows, routed assignments the buffer had no row for (0 while
     `max_assignments` bounds the routed ids, as it must statically), overflow passes). With
     `matmul.fp8` the three expert GEMMs run in fp8, forward and backward (grouped_fp8.py).
-    With blocks (cut.block_rows > 0): `blocks_then_tiles`."""
+    `kernel` (`grouped_kernel`): tiles, blas or ragged; with blocks (cut.block_rows > 0)
+    `blocks_then_tiles`."""
     if cut.block_rows:
         return blocks_then_tiles(rows, local_ids, weights, experts, matmul, cut, max_assignments)
     num_experts = experts.w_gate.shape[0]
@@ -163,10 +171,12 @@ def grouped_experts(rows, local_ids, weights, experts: FFN, matmul: Matmul, cut:
         if matmul.fp8:
             return grouped_fp8.grouped_swiglu_fp8(
                 sorted_rows, weights_, grouped_fp8.group_rows(layout, num_experts),
-                recipe=matmul.fp8, kernel="ragged" if use_ragged_dot else "tiles",
+                recipe=matmul.fp8, kernel="ragged" if kernel == "ragged" else "tiles",
                 block_size=matmul.fp8_block_size)
-        if use_ragged_dot:
+        if kernel == "ragged":
             return grouped.ragged_swiglu(sorted_rows, weights_, layout)
+        if kernel == "blas":
+            return grouped.blas_swiglu(sorted_rows, weights_, layout.group_rows)
         return grouped.tiled_swiglu(sorted_rows, weights_, layout.tile_expert,
                                     layout.used_tiles, cut.tile)
 
@@ -216,7 +226,7 @@ def blocks_then_tiles(rows, local_ids, weights, experts: FFN, matmul: Matmul, cu
             y = _sorted_swiglu(rows_, layout, weights_, experts_, matmul, grouped.blocked_swiglu)
             return y, _row_stats(block_end, jnp.sum(routed & ~overflow), 0, 0, 0)
         return grouped_experts(rows_, jnp.where(overflow, local_ids, -1), weights_, experts_,
-                               matmul, GroupRows(cut.tile), max_assignments, False)
+                               matmul, GroupRows(cut.tile), max_assignments, "tiles")
 
     needed = 1 + jnp.any(overflow).astype(jnp.int32)
     return _summed_repeats(one_pass, 2, needed, rows, weights, experts)
@@ -250,7 +260,7 @@ def pass_capacity(cfg: MoEConfig, tokens_per_shard: int, shards: int,
 
 
 def passes_of_grouped_experts(rows, local_ids, weights, experts: FFN, matmul: Matmul,
-                              cut: GroupRows, capacity: int, use_ragged: bool):
+                              cut: GroupRows, capacity: int, kernel: str):
     """`grouped_experts` on the rows that arrived, in passes of at most `capacity` assignments
     (in row order): (y [M, D], DispatchStats: padded, useful and unplaced rows summed over the
     passes, overflow_passes the passes beyond the first). Pass 0 always runs; pass i > 0 runs
@@ -266,8 +276,7 @@ def passes_of_grouped_experts(rows, local_ids, weights, experts: FFN, matmul: Ma
     def one_pass(index, rows_, weights_, experts_):
         ids = local_ids if capacity >= most else jnp.where(order // capacity == index,
                                                            local_ids, -1)
-        return grouped_experts(rows_, ids, weights_, experts_, matmul, cut, capacity,
-                               use_ragged)
+        return grouped_experts(rows_, ids, weights_, experts_, matmul, cut, capacity, kernel)
 
     needed = jnp.maximum(1, -(-jnp.sum(valid) // capacity))
     y, stats = _summed_repeats(one_pass, -(-most // capacity), needed, rows, weights, experts)
@@ -335,11 +344,12 @@ def _send_layout(queues: _Queues, round_index, capacity: int):
 
 
 def dropless_moe_local(x, expert_ids, weights, experts: FFN, cfg: MoEConfig, matmul: Matmul,
-                       use_ragged: bool, expert_axis=None, fp8_dispatch: bool = False):
+                       kernel: str, expert_axis=None, fp8_dispatch: bool = False):
     """One shard's routed-expert output: x [N_, D], expert_ids and weights [N_, k] ->
     (y [N_, D], the shard's DispatchStats: padded and useful rows, rows sent, send-buffer rows,
     exchange rounds, undelivered assignments).
-    `use_ragged`: ragged_dot and ragged_all_to_all (GPU/TPU) instead of the CPU paths.
+    `kernel` (`grouped_kernel`): ragged (ragged_dot and ragged_all_to_all: GPU/TPU), tiles,
+    blocks or blas (CPU).
     `fp8_dispatch`: the token rows travel as e4m3 with one power-of-two scale per 1 x B slice
     (B = precision.fp8_block_size, DeepSeek's 1 x 128), the results come back in the compute
     dtype; on one shard the rows get the same rounding, so one device computes what a mesh
@@ -352,14 +362,13 @@ def dropless_moe_local(x, expert_ids, weights, experts: FFN, cfg: MoEConfig, mat
     buffers and saved activations are those of one round."""
     num_tokens, top_k = expert_ids.shape
     shards = 1 if expert_axis is None else jax.lax.axis_size(expert_axis)
-    kernel = grouped_kernel(cfg, bool(matmul.fp8))
     cut = group_rows(cfg, num_tokens, shards, kernel)
     send_tile = matmul.fp8_block_size
     if shards == 1:
         if fp8_dispatch:
             x = Exchange(None).out(x.astype(matmul.dtype), fp8=True, tile=send_tile)
         y, stats = grouped_experts(x, expert_ids, weights, experts, matmul, cut,
-                                   num_tokens * top_k, use_ragged)
+                                   num_tokens * top_k, kernel)
         one = jnp.ones((), jnp.float32)
         return y, stats.replace(rows_sent=num_tokens * one, send_buffer_rows=num_tokens * one,
                                 exchanges=one)
@@ -372,7 +381,7 @@ def dropless_moe_local(x, expert_ids, weights, experts: FFN, cfg: MoEConfig, mat
 
     def exchange_round(round_index, x_, weights_, experts_):
         return _exchange_round(x_, expert_ids, weights_, experts_, queues, round_index,
-                               capacity, cfg, matmul, use_ragged, expert_axis, fp8_dispatch,
+                               capacity, cfg, matmul, kernel, expert_axis, fp8_dispatch,
                                cut)
 
     y, stats = _summed_repeats(exchange_round, -(-num_tokens // capacity), queues.rounds,
@@ -384,7 +393,7 @@ def dropless_moe_local(x, expert_ids, weights, experts: FFN, cfg: MoEConfig, mat
 
 
 def _exchange_round(x, expert_ids, weights, experts: FFN, queues: _Queues, round_index,
-                    capacity: int, cfg: MoEConfig, matmul: Matmul, use_ragged: bool,
+                    capacity: int, cfg: MoEConfig, matmul: Matmul, kernel: str,
                     expert_axis, fp8_dispatch: bool, cut: GroupRows):
     """One round: this round's rows out, the local experts on what arrived, the results back
     -> (this round's share of y [N_, D], its DispatchStats)."""
@@ -403,7 +412,7 @@ def _exchange_round(x, expert_ids, weights, experts: FFN, queues: _Queues, round
         slots = min(top_k, local_experts)  # a row reaches at most this many local experts
         send_ids, send_weights = compact_slots(send_ids, send_weights, slots)
         sent_per_shard = jnp.sum(token.reshape(shards, capacity) < num_tokens, axis=1)
-        exchange = Exchange(expert_axis, sent_per_shard if use_ragged else None)
+        exchange = Exchange(expert_axis, sent_per_shard if kernel == "ragged" else None)
         # ids travel as float32 beside the weights (exact below 2^24): one message, not two;
         # shifted by one, so that a row nobody wrote (the ragged exchange leaves zeros) reads
         # as id -1: an empty row is neither computed nor counted as useful
@@ -413,7 +422,7 @@ def _exchange_round(x, expert_ids, weights, experts: FFN, queues: _Queues, round
         received_ids = received_meta[:, :slots].astype(jnp.int32) - 1
     computed, stats = passes_of_grouped_experts(
         received_rows, received_ids, received_meta[:, slots:], experts, matmul, cut,
-        pass_capacity(cfg, num_tokens, shards, rows * slots), use_ragged)
+        pass_capacity(cfg, num_tokens, shards, rows * slots), kernel)
     with jax.named_scope("combine"):
         returned = exchange.back(computed)  # [P C, D]: row p C + c computed on shard p
         y = _sum_destinations(returned, slot, token, cfg, capacity)
@@ -469,10 +478,10 @@ def dropless_moe(x, expert_ids, weights, experts: FFN, cfg: MoEConfig, matmul: M
     """Routed-expert output for x [B, T, D] with nothing dropped; returns (y [B, T, D],
     DispatchStats summed over shards: padded rows, useful rows, rows sent, send-buffer rows).
     `fp8_dispatch`: the outgoing token rows in e4m3 (dropless_moe_local)."""
-    use_ragged = grouped_kernel(cfg, fp8=False) == "ragged"
+    kernel = grouped_kernel(cfg, bool(matmul.fp8), matmul.dtype)
 
     def local(x_, ids_, w_, experts_, expert_axis):
-        return dropless_moe_local(x_, ids_, w_, experts_, cfg, matmul, use_ragged, expert_axis,
+        return dropless_moe_local(x_, ids_, w_, experts_, cfg, matmul, kernel, expert_axis,
                                   fp8_dispatch)
 
     return on_expert_shards(local, x, expert_ids, weights, experts)

@@ -11,6 +11,8 @@ dispatch (dropless.py beside it).
   Off CPU `ragged_swiglu` runs `ragged_dot`, a native grouped GEMM there.
 - `blocked_swiglu`: with `moe.kernels=blocks`, each expert's first C0 rows as one batched
   GEMM over [E, C0, D] (the overflow goes to tiles in a second pass, dropless.py).
+- `blas_swiglu`: with `moe.kernels=blas` (auto on CPU where it builds), each expert's group,
+  unpadded, as one BLAS GEMM per weight through an XLA FFI call (cpu_gemm.py).
 - `combine_rows`: each row's weighted sum of its k results, whose backward is one gather.
 
 Shapes: M rows of input, A assignments (M k), R rows of the sorted buffer (a multiple of tile),
@@ -26,8 +28,9 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from moejax.model.dispatch import cpu_gemm
 from moejax.model.layers import FFN, swiglu_grads
-from moejax.sharding import varying_axes
+from moejax.sharding import same_varying_axes, varying_axes
 
 
 def _with_zero_row(x: jax.Array) -> jax.Array:
@@ -105,6 +108,9 @@ class TileLayout:
     row_of_assignment: jax.Array  # [A] int32: buffer row of each assignment (R: not routed here)
     assignment_of_row: jax.Array  # [R] int32: assignment in each buffer row (A: padding)
     tile_expert: jax.Array  # [(R - E C0) / tile] int32: the expert whose weights each tile uses
+    # [E] int32: each expert's rows in the tiles part of the buffer (its group, or overflow,
+    # padded to whole tiles); in expert order from row E C0 on
+    group_rows: jax.Array
     used_tiles: jax.Array  # [] int32: tiles holding at least one assignment's group
     useful_rows: jax.Array  # [] int32: assignments routed here
     # [] int32: routed assignments whose row fell beyond the buffer (lost): 0 when `num_rows`
@@ -147,6 +153,7 @@ def tile_layout(expert_of_assignment: jax.Array, num_experts: int, tile: int,
     tile_expert = jnp.searchsorted(jnp.cumsum(padded), tile_starts, side="right")
     return TileLayout(row_of_assignment, assignment_of_row,
                       jnp.minimum(tile_expert, num_experts - 1).astype(jnp.int32),
+                      padded.astype(jnp.int32),
                       (jnp.sum(padded) // tile).astype(jnp.int32),
                       jnp.sum(counts).astype(jnp.int32), unplaced.astype(jnp.int32), tile,
                       block_rows)
@@ -274,13 +281,47 @@ blocked_swiglu.defvjp(_blocked_swiglu_fwd, _blocked_swiglu_bwd)
 def ragged_swiglu(rows: jax.Array, experts: FFN, layout: TileLayout) -> jax.Array:
     """The same result with `jax.lax.ragged_dot` over the padded groups (a native grouped GEMM
     on GPU/TPU; rows past the used tiles belong to no group and stay zero)."""
-    num_experts = experts.w_gate.shape[0]
-    tiles_per_expert = jnp.zeros(num_experts, jnp.int32).at[layout.tile_expert].add(
-        (jnp.arange(layout.tile_expert.shape[0]) < layout.used_tiles).astype(jnp.int32))
-    group_sizes = tiles_per_expert * layout.tile
-
     def grouped(x, w):
-        return jax.lax.ragged_dot(x, w, group_sizes)
+        return jax.lax.ragged_dot(x, w, layout.group_rows)
 
     hidden = jax.nn.silu(grouped(rows, experts.w_gate)) * grouped(rows, experts.w_up)
     return grouped(hidden, experts.w_down)
+
+
+def blas_swiglu(rows: jax.Array, experts: FFN, group_rows: jax.Array) -> jax.Array:
+    """rows [R, D] float32 sorted by expert, expert e's group_rows[e] rows after those of the
+    experts before it -> [R, D] (rows past the groups zero): SwiGLU with each expert's weights,
+    one BLAS GEMM per group and weight (cpu_gemm.py). The backward is the same grouped GEMMs
+    from the saved pre-activations: d_rows through the transposed weights, the weight
+    gradients as each group's rows^T d_pre-activation."""
+    # under shard_map the rows and weights vary like the group sizes (which vary with the
+    # routing), so that the FFI calls' results, and the gradients, have the inputs' type
+    rows, (experts, group_rows) = same_varying_axes(rows, (experts, group_rows))
+    return _blas_swiglu(rows, experts, group_rows)
+
+
+@jax.custom_vjp
+def _blas_swiglu(rows: jax.Array, experts: FFN, group_rows: jax.Array) -> jax.Array:
+    return _blas_swiglu_fwd(rows, experts, group_rows)[0]
+
+
+def _blas_swiglu_fwd(rows, experts, group_rows):
+    gate = cpu_gemm.grouped_matmul(rows, experts.w_gate, group_rows)
+    up = cpu_gemm.grouped_matmul(rows, experts.w_up, group_rows)
+    y = cpu_gemm.grouped_matmul(jax.nn.silu(gate) * up, experts.w_down, group_rows)
+    return y, (rows, experts, group_rows, gate, up)
+
+
+def _blas_swiglu_bwd(residuals, d_out):
+    rows, experts, group_rows, gate, up = residuals
+    d_hidden = cpu_gemm.grouped_matmul(d_out, experts.w_down, group_rows, transpose_w=True)
+    d_gate, d_up, hidden = swiglu_grads(gate, up, d_hidden)
+    d_rows = (cpu_gemm.grouped_matmul(d_gate, experts.w_gate, group_rows, transpose_w=True)
+              + cpu_gemm.grouped_matmul(d_up, experts.w_up, group_rows, transpose_w=True))
+    d_experts = FFN(cpu_gemm.grouped_outer(rows, d_gate, group_rows),
+                    cpu_gemm.grouped_outer(rows, d_up, group_rows),
+                    cpu_gemm.grouped_outer(hidden, d_out, group_rows))
+    return d_rows, d_experts, None
+
+
+_blas_swiglu.defvjp(_blas_swiglu_fwd, _blas_swiglu_bwd)

@@ -1,0 +1,152 @@
+"""The BLAS grouped GEMMs of moe.kernels=blas (moejax/model/dispatch/cpu_gemm.py): each group's
+rows against numpy, the SwiGLU and its gradients against the tiles kernel, the default on CPU,
+and the clear refusals where the kernel cannot run."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import max_relative_error, tiny_config
+
+from moejax import params as P
+from moejax.config import ConfigError
+from moejax.model.dispatch import cpu_gemm, grouped
+from moejax.model.dispatch.dropless import grouped_kernel
+from moejax.model.layers import FFN
+from moejax.model.moe import moe_ffn, moe_specs
+
+# 4 groups over 12 of 14 rows: an empty group, and 2 padding rows past the groups
+SIZES = np.array([5, 0, 3, 4], np.int32)
+ROWS, K, N = 14, 6, 5
+
+
+def reference_groups():
+    """(start, stop, group) of each group's rows."""
+    stops = np.cumsum(SIZES)
+    return [(stop - size, stop, g) for g, (size, stop) in enumerate(zip(SIZES, stops))]
+
+
+def test_grouped_matmul_multiplies_each_groups_rows_by_its_weight():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((ROWS, K), np.float32)
+    w = rng.standard_normal((len(SIZES), K, N), np.float32)
+    out = np.asarray(jax.jit(cpu_gemm.grouped_matmul)(x, w, SIZES))
+    expected = np.zeros((ROWS, N), np.float32)
+    for start, stop, g in reference_groups():
+        expected[start:stop] = x[start:stop] @ w[g]
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    assert not out[SIZES.sum():].any()  # padding rows are written, as zeros
+    w_t = np.ascontiguousarray(w.swapaxes(1, 2))  # [G, N, K]
+    out_t = jax.jit(cpu_gemm.grouped_matmul, static_argnums=3)(x, w_t, SIZES, True)
+    np.testing.assert_allclose(out_t, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_outer_sums_each_groups_rows_and_zeroes_empty_groups():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((ROWS, K), np.float32)
+    dy = rng.standard_normal((ROWS, N), np.float32)
+    out = np.asarray(jax.jit(cpu_gemm.grouped_outer)(x, dy, SIZES))
+    for start, stop, g in reference_groups():
+        np.testing.assert_allclose(out[g], x[start:stop].T @ dy[start:stop], rtol=1e-5,
+                                   atol=1e-5)
+    assert not out[1].any()  # group 1 has no rows
+
+
+def test_grouped_matmul_refuses_other_dtypes_in_one_line():
+    x = jnp.ones((ROWS, K), jnp.bfloat16)
+    with pytest.raises(TypeError, match="float32, not bfloat16.*moe.kernels=tiles"):
+        cpu_gemm.grouped_matmul(x, jnp.ones((4, K, N), jnp.bfloat16), jnp.asarray(SIZES))
+
+
+def test_blas_swiglu_and_its_gradients_equal_the_tiles_kernel():
+    """The same assignments through the unpadded BLAS groups and through tiles of 4 rows."""
+    experts_count, width, hidden, assignments = 5, 16, 8, 60
+    keys = jax.random.split(jax.random.key(0), 5)
+    ids = jax.random.randint(keys[0], (assignments,), 0, experts_count + 1)  # 5: not local
+    rows = jax.random.normal(keys[1], (assignments, width))
+    experts = FFN(*(0.3 * jax.random.normal(k, s) for k, s in zip(
+        keys[2:], [(experts_count, width, hidden)] * 2 + [(experts_count, hidden, width)])))
+
+    def through(tile):
+        layout = grouped.tile_layout(ids, experts_count, tile,
+                                     grouped.padded_rows(assignments, experts_count, tile))
+        sorted_rows = jnp.concatenate([rows, jnp.zeros((1, width))])[
+            jnp.minimum(layout.assignment_of_row, assignments)]
+
+        def loss(sorted_rows_, experts_):
+            if tile == 1:
+                y = grouped.blas_swiglu(sorted_rows_, experts_, layout.group_rows)
+            else:
+                y = grouped.tiled_swiglu(sorted_rows_, experts_, layout.tile_expert,
+                                         layout.used_tiles, tile)
+            per_assignment = jnp.concatenate([y, jnp.zeros((1, width))])[
+                layout.row_of_assignment]
+            return jnp.sum(jnp.sin(per_assignment)), per_assignment
+
+        (value, per_assignment), grads = jax.value_and_grad(loss, has_aux=True)(
+            sorted_rows, experts)
+        return value, per_assignment, grads[1]
+
+    blas, tiles = through(1), through(4)
+    np.testing.assert_allclose(blas[1], tiles[1], rtol=1e-5, atol=1e-5)
+    assert abs(float(blas[0]) - float(tiles[0])) <= 1e-5 * abs(float(tiles[0]))
+    assert max_relative_error(blas[2], tiles[2]) <= 1e-5
+
+
+def test_auto_is_blas_on_cpu_for_float32_and_tiles_otherwise():
+    """What users get by default on CPU: the BLAS kernel for float32 compute, which the
+    compiled layer calls (and whose sorted buffer has no padding rows); tiles for bfloat16."""
+    assert cpu_gemm.unavailable_reason() is None
+    cfg = tiny_config()
+    assert cfg.moe.kernels == "auto" and cfg.precision.compute_dtype == "float32"
+    assert grouped_kernel(cfg.moe, fp8=False, dtype=jnp.float32) == "blas"
+    assert grouped_kernel(cfg.moe, fp8=False, dtype=jnp.bfloat16) == "tiles"
+    assert grouped_kernel(cfg.moe, fp8=True, dtype=jnp.float32) == "tiles"
+    params = P.init(moe_specs(cfg), jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (2, 16, cfg.model.d_model))
+    bias = jnp.zeros(cfg.moe.num_experts)
+
+    def loss(p, x_):
+        y, stats = moe_ffn(p, x_, bias, 1.0, cfg)
+        return jnp.sum(jnp.square(y)), stats
+
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True)).lower(params, x).as_text()
+    assert hlo.count(cpu_gemm.MATMUL_TARGET) == 3 + 3  # 3 forward; d_hidden, 2 for d_rows
+    assert hlo.count(cpu_gemm.OUTER_TARGET) == 3  # the three weight gradients
+    _, stats = jax.jit(loss)(params, x)
+    assert float(stats["padding_overhead"]) == 0.0
+
+
+def test_explicit_blas_with_bfloat16_compute_is_refused_in_one_line():
+    with pytest.raises(ConfigError, match="moe.kernels=blas runs float32 GEMMs only"):
+        tiny_config("moe.kernels=blas", "precision.compute_dtype=bfloat16")
+
+
+def test_without_a_compiler_auto_falls_back_to_tiles_and_blas_says_why(tmp_path):
+    """A fresh process with no C++ compiler and an empty cache: auto keeps the tiles kernel;
+    the BLAS GEMM itself stops with one line naming the reason and the fix."""
+    program = """
+import jax.numpy as jnp
+from moejax.config import MoEConfig
+from moejax.model.dispatch import cpu_gemm
+from moejax.model.dispatch.dropless import grouped_kernel
+print(grouped_kernel(MoEConfig(num_experts=4), fp8=False))
+try:
+    cpu_gemm.grouped_matmul(jnp.ones((2, 3)), jnp.ones((1, 3, 2)), jnp.array([2]))
+except RuntimeError as error:
+    print(error)
+"""
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"),
+           "MOEJAX_CACHE_DIR": str(tmp_path / "cache"), "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, "-c", program], check=False, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    kernel, message = done.stdout.strip().splitlines()
+    assert kernel == "tiles"
+    assert message.startswith("moe.kernels=blas cannot run: no C++ compiler found")
+    assert message.endswith("or set moe.kernels=tiles")
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
