@@ -150,3 +150,29 @@ except RuntimeError as error:
     assert message.startswith("moe.kernels=blas cannot run: no C++ compiler found")
     assert message.endswith("or set moe.kernels=tiles")
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
+def test_a_fresh_cache_builds_the_library_once_and_reuses_it(tmp_path):
+    """Two processes at once on an empty cache (as xdist workers or a pod's hosts start) both
+    get a working library; a third process loads the one built, without compiling."""
+    program = """
+import jax.numpy as jnp
+from moejax.model.dispatch import cpu_gemm
+out = cpu_gemm.grouped_matmul(jnp.ones((4, 3)), jnp.ones((2, 3, 2)), jnp.array([1, 3]))
+print(cpu_gemm.unavailable_reason(), float(out.sum()))
+"""
+    env = {**os.environ, "MOEJAX_CACHE_DIR": str(tmp_path), "JAX_PLATFORMS": "cpu"}
+
+    def start():
+        return subprocess.Popen([sys.executable, "-c", program], env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    for process in [start(), start()]:
+        stdout, stderr = process.communicate(timeout=180)
+        assert process.returncode == 0, stderr
+        assert stdout.split() == ["None", "24.0"]  # 4 rows x 2 columns, each a sum of 3 ones
+    (library,) = tmp_path.glob("grouped_gemm_cpu-*.so")  # one file, no leftover partials
+    assert not [p for p in tmp_path.iterdir() if p != library]
+    built = library.stat().st_mtime_ns
+    stdout, _ = start().communicate(timeout=180)
+    assert stdout.split() == ["None", "24.0"] and library.stat().st_mtime_ns == built
