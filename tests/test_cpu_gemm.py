@@ -121,6 +121,14 @@ def test_auto_is_blas_on_cpu_for_float32_and_tiles_otherwise():
     assert float(stats["padding_overhead"]) == 0.0
 
 
+def test_explicit_blas_off_cpu_is_refused_in_one_line():
+    cfg = tiny_config("moe.kernels=blas")
+    assert grouped_kernel(cfg.moe, fp8=False, backend="cpu") == "blas"
+    assert grouped_kernel(tiny_config().moe, fp8=False, backend="gpu") == "ragged"
+    with pytest.raises(ValueError, match="moe.kernels=blas runs on CPU only .this is gpu.: use"):
+        grouped_kernel(cfg.moe, fp8=False, backend="gpu")
+
+
 def test_explicit_blas_with_bfloat16_compute_is_refused_in_one_line():
     with pytest.raises(ConfigError, match="moe.kernels=blas runs float32 GEMMs only"):
         tiny_config("moe.kernels=blas", "precision.compute_dtype=bfloat16")

@@ -85,11 +85,12 @@ def single_device(router: str, routing: str, dispatch: str = "dropless", kernels
 @pytest.mark.parametrize("router,routing,kernels", [
     ("deepseek", "random", "auto"), ("deepseek", "one_expert", "auto"),
     ("deepseek", "one_shard", "auto"), ("softmax_topk", "random", "auto"),
-    ("deepseek", "random", "blocks"), ("deepseek", "one_expert", "blocks")])
+    ("deepseek", "random", "blocks"), ("deepseek", "one_expert", "blocks"),
+    ("deepseek", "one_expert", "tiles")])
 def test_dropless_equals_dense_oracle(router, routing, kernels):
-    """auto is tiles on CPU; blocks puts each expert's first ~N k / E rows in one batched GEMM
-    and the rest (under one_expert routing, nearly all of expert 0's) in a second pass of
-    tiles."""
+    """auto is blas on CPU in float32 (one BLAS GEMM per expert group); tiles runs row tiles;
+    blocks puts each expert's first ~N k / E rows in one batched GEMM and the rest (under
+    one_expert routing, nearly all of expert 0's) in a second pass of tiles."""
     (loss, stats), grads = single_device(router, routing, kernels=kernels)
     (expected_loss, _), expected_grads = single_device(router, routing, "dense")
     assert float(stats["dropped_fraction"]) == 0.0
@@ -102,10 +103,12 @@ def test_dropless_equals_dense_oracle(router, routing, kernels):
 # ordinary routing on every mesh is tests/test_mesh_equivalence.py's (the whole model)
 @pytest.mark.parametrize("mesh_name,routing,kernels", [
     *((mesh, routing, "auto") for mesh in MESHES for routing in ("one_expert", "one_shard")),
-    ("data2_expert4", "random", "blocks"), ("data2_expert4", "one_shard", "blocks")])
+    ("data2_expert4", "random", "blocks"), ("data2_expert4", "one_shard", "blocks"),
+    ("data2_expert4", "one_shard", "tiles")])
 def test_dropless_on_meshes_equals_one_device(routing, mesh_name, kernels):
-    """Every mesh computes what one device does, with the CPU's tiles and with blocks (whose
-    overflow pass runs under one_shard routing and not, or barely, under random routing)."""
+    """Every mesh computes what one device does, with the CPU's default (blas), tiles and
+    blocks (whose overflow pass runs under one_shard routing and not, or barely, under random
+    routing)."""
     (expected_loss, expected_stats), expected_grads = single_device("deepseek", routing)
     cfg = layer_config("deepseek", f"moe.kernels={kernels}").replace(
         mesh=MeshConfig(*MESHES[mesh_name]))

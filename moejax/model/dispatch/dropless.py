@@ -95,12 +95,18 @@ def group_rows(cfg: MoEConfig, tokens_per_shard: int, shards: int, kernel: str) 
     return GroupRows(max(8, min(tile, spread_tile)), block)
 
 
-def grouped_kernel(cfg: MoEConfig, fp8: bool, dtype=jnp.float32) -> str:
-    """moe.kernels resolved for expert GEMMs in `dtype`: auto is ragged off CPU; on CPU blas
-    for float32 where its library builds (cpu_gemm.py), else tiles. blocks or blas with fp8 is
-    tiles (the fp8 grouped GEMMs are tiled, grouped_fp8.py)."""
+def grouped_kernel(cfg: MoEConfig, fp8: bool, dtype=jnp.float32,
+                   backend: str | None = None) -> str:
+    """moe.kernels resolved for expert GEMMs in `dtype` on `backend` (default: this process's
+    first device's): auto is ragged off CPU; on CPU blas for float32 where its library builds
+    (cpu_gemm.py), else tiles. blocks or blas with fp8 is tiles (the fp8 grouped GEMMs are
+    tiled, grouped_fp8.py). blas off CPU is refused in one line."""
     kernel = cfg.kernels
-    if kernel == "auto" and jax.default_backend() != "cpu":
+    backend = jax.default_backend() if backend is None else backend
+    if kernel == "blas" and backend != "cpu":
+        raise ValueError(f"moe.kernels=blas runs on CPU only (this is {backend}): use "
+                         "moe.kernels=auto, which is ragged here.")
+    if kernel == "auto" and backend != "cpu":
         kernel = "ragged"
     elif kernel == "auto":
         blas = jnp.dtype(dtype) == jnp.float32 and not fp8
