@@ -195,6 +195,11 @@ class TrainConfig:
     checkpoint_every: int = 100  # 0: only at the end (and on SIGTERM/SIGINT)
     keep_checkpoints: int = 2
     peak_flops_per_device: float = 0.0  # for MFU; 0 measures a large matmul at start-up
+    # XLA's persistent compilation cache (moejax.train and scripts/train.py): a relaunch or
+    # resume of the same config on the same machine loads its compiled steps from here instead
+    # of compiling them again. null: off. Left alone where jax's own setting is already made
+    # (JAX_COMPILATION_CACHE_DIR)
+    compilation_cache: str | None = "~/.cache/moejax/xla"
     # a step whose loss, gradients or updated parameters are not finite is skipped (the state
     # is kept); this many skipped in a row stop the run as diverged
     max_skipped_steps_in_row: int = 10

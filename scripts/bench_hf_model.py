@@ -20,7 +20,9 @@ Measured (moejax/tools/bench_hf_model.py):
   taken per round and reported as median [min-max] over the rounds (target >= 1.25x);
 - the first step (trace, lower, compile, run) of the default preset (configs/tiny.yaml, what
   `python scripts/train.py` runs; target < 5 s) and of the DeepSeek-shaped config, each
-  compiled fresh in this process, and HF's first step;
+  compiled fresh in this process, and HF's first step; the default preset's again in two new
+  processes, a launch and a relaunch sharing the trainer's persistent compilation cache
+  (train.compilation_cache), as relaunching or resuming `python scripts/train.py` finds it;
 - where a step's time goes: moejax's ops from a jax.profiler trace, mapped to attention, MoE,
   dense FFN, embedding/head/loss, optimizer and other through the compiled HLO's stack frames,
   plus host overhead (wall - op-busy time); HF's by module hooks.

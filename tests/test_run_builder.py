@@ -3,14 +3,19 @@ real state, leaf by leaf, and every device holds only its shard of the AdamW mom
 over the data-parallel devices, as DeepSeek-V3 trains)."""
 
 import math
+import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 from helpers import tiny_config
 
+from moejax.config import config_to_dict
 from moejax.tools import plan
 from moejax.training.run import build_run
+from moejax.training.rundir import config_differences
 
 MESHES = {"fsdp2_expert4": ("mesh.fsdp=2", "mesh.expert=4"),
           "data2_expert4": ("mesh.data=2", "mesh.expert=4")}
@@ -131,3 +136,37 @@ def test_a_run_differing_only_in_seed_shares_the_compiled_step_and_not_the_weigh
     assert first.step is second.step
     w1, w2 = first.state.params.embed, second.state.params.embed
     assert not np.array_equal(np.asarray(w1), np.asarray(w2))
+
+
+def test_the_trainer_caches_compilations_where_the_config_says(tmp_path):
+    """train.compilation_cache points jax's persistent cache at a directory (compiled programs
+    land there), unless the process already chose one; null leaves it off. In a child process:
+    the setting is process-wide."""
+    program = """
+import sys, jax, jax.numpy as jnp
+from moejax.training.run import use_compilation_cache
+directory = None if sys.argv[1] == "null" else sys.argv[1]
+print(use_compilation_cache(directory))
+jax.jit(lambda x: jnp.sin(x) * 2)(jnp.ones(3)).block_until_ready()
+"""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # cache even this tiny program
+
+    def child(setting, **extra):
+        done = subprocess.run([sys.executable, "-c", program, setting], check=True, text=True,
+                              capture_output=True, env={**env, **extra}, timeout=120)
+        return done.stdout.strip().splitlines()[-1]
+
+    chosen = tmp_path / "xla"
+    assert child(str(chosen)) == str(chosen) and any(chosen.iterdir())
+    assert child("null") == "None"
+    theirs = tmp_path / "theirs"
+    assert child(str(tmp_path / "ignored"), JAX_COMPILATION_CACHE_DIR=str(theirs)) == str(theirs)
+    assert not (tmp_path / "ignored").exists()
+
+
+def test_a_run_recorded_before_the_cache_setting_existed_still_resumes():
+    cfg = tiny_config()
+    saved = config_to_dict(cfg)
+    del saved["train"]["compilation_cache"]
+    assert config_differences(saved, cfg) == []

@@ -29,7 +29,7 @@ from moejax.training.metrics import (
     measure_peak_flops,
     truncate_metrics,
 )
-from moejax.training.run import build_run, global_batch
+from moejax.training.run import build_run, global_batch, use_compilation_cache
 from moejax.training.rundir import check_run_dir, resolve_run_dir, write_run_config
 from moejax.training.runlock import owning_run
 
@@ -92,6 +92,7 @@ def _train_owned(cfg: Config, corpus: Corpus, run_dir: Path, resume: bool, progr
     """`train` once this process (process 0) owns the run directory."""
     is_main = jax.process_index() == 0
     report = announce or (lambda line: None)
+    use_compilation_cache(cfg.train.compilation_cache)  # before anything compiles
     mesh = sharding.make_mesh(cfg.mesh)
     peak_flops = cfg.train.peak_flops_per_device or measure_peak_flops()
     if announce:

@@ -11,6 +11,7 @@ so the planner or a benchmark measures the trainer's own state and step, never a
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -67,6 +68,21 @@ def build_run(cfg: Config, mesh=None, *, key: jax.Array | None = None,
     step_cfg = cfg.replace(train=dataclasses.replace(cfg.train, seed=0))
     return Run(cfg, mesh, state, compiled_train_step(step_cfg, mesh),
                compiled_eval_step(step_cfg))
+
+
+def use_compilation_cache(directory: str | None) -> Path | None:
+    """Point XLA's persistent compilation cache at `directory` (train.compilation_cache; ~
+    expands) unless the process already set one; returns the directory in use, or None. Jax
+    caches compilations of at least jax_persistent_cache_min_compile_time_secs (1 s by
+    default): the train, eval and state-initialisation steps."""
+    current = jax.config.jax_compilation_cache_dir
+    if current:
+        return Path(current)
+    if directory is None:
+        return None
+    path = Path(directory).expanduser()
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    return path
 
 
 def global_batch(mesh, local_tokens: np.ndarray) -> dict:
