@@ -15,8 +15,8 @@ from helpers import max_relative_error, tiny_config
 from moejax import params as P
 from moejax.config import ConfigError
 from moejax.model.dispatch import cpu_gemm, grouped
-from moejax.model.dispatch.dropless import grouped_kernel
-from moejax.model.layers import FFN
+from moejax.model.dispatch.dropless import grouped_kernel, kernel_description
+from moejax.model.layers import FFN, Matmul
 from moejax.model.moe import moe_ffn, moe_specs
 
 # 4 groups over 12 of 14 rows: an empty group, and 2 padding rows past the groups
@@ -106,6 +106,7 @@ def test_auto_is_blas_on_cpu_for_float32_and_tiles_otherwise():
     assert grouped_kernel(cfg.moe, fp8=False, dtype=jnp.float32) == "blas"
     assert grouped_kernel(cfg.moe, fp8=False, dtype=jnp.bfloat16) == "tiles"
     assert grouped_kernel(cfg.moe, fp8=True, dtype=jnp.float32) == "tiles"
+    assert kernel_description(cfg.moe, Matmul(jnp.float32)) == "moe.kernels=auto -> blas"
     params = P.init(moe_specs(cfg), jax.random.key(0))
     x = jax.random.normal(jax.random.key(1), (2, 16, cfg.model.d_model))
     bias = jnp.zeros(cfg.moe.num_experts)
@@ -141,8 +142,10 @@ def test_without_a_compiler_auto_falls_back_to_tiles_and_blas_says_why(tmp_path)
 import jax.numpy as jnp
 from moejax.config import MoEConfig
 from moejax.model.dispatch import cpu_gemm
-from moejax.model.dispatch.dropless import grouped_kernel
+from moejax.model.dispatch.dropless import grouped_kernel, kernel_description
+from moejax.model.layers import Matmul
 print(grouped_kernel(MoEConfig(num_experts=4), fp8=False))
+print(kernel_description(MoEConfig(num_experts=4), Matmul(jnp.float32)))
 try:
     cpu_gemm.grouped_matmul(jnp.ones((2, 3)), jnp.ones((1, 3, 2)), jnp.array([2]))
 except RuntimeError as error:
@@ -153,8 +156,10 @@ except RuntimeError as error:
     done = subprocess.run([sys.executable, "-c", program], check=False, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    kernel, message = done.stdout.strip().splitlines()
+    kernel, announced, message = done.stdout.strip().splitlines()
     assert kernel == "tiles"
+    # what moejax.train's start-up lines say
+    assert announced.startswith("moe.kernels=auto -> tiles (blas unavailable: no C++ compiler")
     assert message.startswith("moe.kernels=blas cannot run: no C++ compiler found")
     assert message.endswith("or set moe.kernels=tiles")
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())

@@ -114,6 +114,18 @@ def grouped_kernel(cfg: MoEConfig, fp8: bool, dtype=jnp.float32,
     return "tiles" if kernel in ("blocks", "blas") and fp8 else kernel
 
 
+def kernel_description(cfg: MoEConfig, matmul: Matmul) -> str:
+    """One line for the start-up log: the grouped GEMM the dropless experts run, and why auto
+    kept the tiles kernel on CPU when the BLAS one cannot be built here."""
+    kernel = grouped_kernel(cfg, bool(matmul.fp8), matmul.dtype)
+    line = f"moe.kernels={cfg.kernels} -> {kernel}"
+    reason = cpu_gemm.unavailable_reason() if jax.default_backend() == "cpu" else None
+    if cfg.kernels == "auto" and kernel == "tiles" and reason and not matmul.fp8 \
+            and jnp.dtype(matmul.dtype) == jnp.float32:
+        line += f" (blas unavailable: {reason})"
+    return line
+
+
 @dataclasses.dataclass(frozen=True)
 class StaticRows:
     """The static row counts of one shard's dropless buffers (see `static_rows`)."""
