@@ -16,7 +16,8 @@ expert groups, its n_group and topk_group).
 
 Systems at each shape, every peer at its own default settings: moejax dropless (moe.kernels =
 auto: the BLAS grouped GEMMs on CPU in float32), dropless with moe.kernels=tiles (moe.tile_rows
-= the config default) and blocks, and capacity 1.0 (drops), XLA at its own thread pool; HF grouped_mm at
+= the config default) and blocks, and capacity 1.0 (drops), XLA at its own thread pool; HF
+grouped_mm at
 torch's default threads (torch.get_num_threads() as torch set it: the headline peer) and a
 plain torch matmul at the same threads (torch's own peak). Optional rows, information only:
 HF grouped_mm pinned to other thread counts (--hf-threads 1 ...); capacity null (worst-case
@@ -629,8 +630,9 @@ def notes(peak_size: int) -> list[str]:
         "- ms/step, tokens/s, useful GFLOP/s: medians over the rounds that timed the system",
         (f"- useful/peak: median over rounds of useful FLOP/s over the FLOP/s of a {peak_size}^3 "
         "float32 XLA matmul run just before that call"),
-        ("- dropless speed over it: per round, this system's step time over dropless's (tile = "
-        "config default) in the same round; median [min-max] over rounds, n rounds"),
+        ("- dropless speed over it: per round, this system's step time over dropless's (the "
+        "default moe.kernels=auto, its kernel in brackets) in the same round; median "
+        "[min-max] over rounds, n rounds"),
         ("- HF rows: torch default = torch.get_num_threads() as torch chose it, the headline "
         "peer; pinned rows (--hf-threads) are information only"),
         "- routing check: moejax's and HF's chosen experts and outputs on the same x and weights",

@@ -7,8 +7,8 @@ to tile - 1 padding rows per expert. Here each expert's group is one BLAS sgemm 
 rows (no padding), called from an XLA FFI custom call (grouped_gemm_cpu.cc beside this file).
 OpenBLAS comes from the scipy-openblas32 wheel, the build NumPy and SciPy use.
 
-The library is compiled on first use with the host's C++ compiler (a few seconds, once per machine
-and jax version) into the cache directory (`MOEJAX_CACHE_DIR`, default ~/.cache/moejax) and
+The library is compiled on first use with the host's C++ compiler (a few seconds, once per
+machine and jax version) into the cache directory (`MOEJAX_CACHE_DIR`, default ~/.cache/moejax) and
 loaded from there afterwards. Where it cannot be built (no compiler, no OpenBLAS wheel)
 `unavailable_reason` says why; moe.kernels=auto then keeps the tiles kernel, and an explicit
 moe.kernels=blas stops with that reason.

@@ -109,9 +109,14 @@ def grouped_kernel(cfg: MoEConfig, fp8: bool, dtype=jnp.float32,
     if kernel == "auto" and backend != "cpu":
         kernel = "ragged"
     elif kernel == "auto":
-        blas = jnp.dtype(dtype) == jnp.float32 and not fp8
-        kernel = "blas" if blas and cpu_gemm.unavailable_reason() is None else "tiles"
+        usable = _blas_applies(fp8, dtype) and cpu_gemm.unavailable_reason() is None
+        kernel = "blas" if usable else "tiles"
     return "tiles" if kernel in ("blocks", "blas") and fp8 else kernel
+
+
+def _blas_applies(fp8: bool, dtype) -> bool:
+    """Whether expert GEMMs of this kind are the BLAS kernel's to run: float32, not fp8."""
+    return jnp.dtype(dtype) == jnp.float32 and not fp8
 
 
 def kernel_description(cfg: MoEConfig, matmul: Matmul) -> str:
@@ -119,10 +124,9 @@ def kernel_description(cfg: MoEConfig, matmul: Matmul) -> str:
     kept the tiles kernel on CPU when the BLAS one cannot be built here."""
     kernel = grouped_kernel(cfg, bool(matmul.fp8), matmul.dtype)
     line = f"moe.kernels={cfg.kernels} -> {kernel}"
-    reason = cpu_gemm.unavailable_reason() if jax.default_backend() == "cpu" else None
-    if cfg.kernels == "auto" and kernel == "tiles" and reason and not matmul.fp8 \
-            and jnp.dtype(matmul.dtype) == jnp.float32:
-        line += f" (blas unavailable: {reason})"
+    if cfg.kernels == "auto" and kernel == "tiles" and _blas_applies(bool(matmul.fp8),
+                                                                      matmul.dtype):
+        line += f" (blas unavailable: {cpu_gemm.unavailable_reason()})"
     return line
 
 

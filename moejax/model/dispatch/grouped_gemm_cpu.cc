@@ -54,9 +54,9 @@ void ForEachGroup(ffi::ThreadPool& pool, int64_t groups, std::function<void(int6
   while (shared->finished.load(std::memory_order_acquire) < groups) std::this_thread::yield();
 }
 
-// Each group's first row (sizes clipped to the rows there are; negative sizes count as 0).
-std::unique_ptr<int64_t[]> GroupStarts(const int32_t* sizes, int64_t groups, int64_t total_rows,
-                                       int64_t* used_rows) {
+// Each group's first row, and at [groups] the end of the last group (sizes clipped to the
+// rows there are; negative sizes count as 0).
+std::unique_ptr<int64_t[]> GroupStarts(const int32_t* sizes, int64_t groups, int64_t total_rows) {
   std::unique_ptr<int64_t[]> starts(new int64_t[groups + 1]);
   int64_t row = 0;
   for (int64_t g = 0; g < groups; ++g) {
@@ -64,7 +64,6 @@ std::unique_ptr<int64_t[]> GroupStarts(const int32_t* sizes, int64_t groups, int
     row = std::min(total_rows, row + std::max<int64_t>(sizes[g], 0));
   }
   starts[groups] = row;
-  *used_rows = row;
   return starts;
 }
 
@@ -86,8 +85,7 @@ ffi::Error GroupedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
   const float* x_data = x.typed_data();
   const float* w_data = w.typed_data();
   float* out_data = out->typed_data();
-  int64_t used_rows;
-  const auto starts = GroupStarts(sizes.typed_data(), groups, total_rows, &used_rows);
+  const auto starts = GroupStarts(sizes.typed_data(), groups, total_rows);
   ForEachGroup(pool, groups, [&](int64_t g) {
     const int64_t row = starts[g], rows = starts[g + 1] - starts[g];
     if (rows == 0) return;
@@ -95,6 +93,7 @@ ffi::Error GroupedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
                       rows, n, k, 1.0f, x_data + row * k, k, w_data + g * k * n,
                       transpose_w ? k : n, 0.0f, out_data + row * n, n);
   });
+  const int64_t used_rows = starts[groups];
   std::memset(out_data + used_rows * n, 0, sizeof(float) * (total_rows - used_rows) * n);
   return ffi::Error::Success();
 }
@@ -112,8 +111,7 @@ ffi::Error GroupedOuter(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   const float* x_data = x.typed_data();
   const float* dy_data = dy.typed_data();
   float* out_data = out->typed_data();
-  int64_t used_rows;
-  const auto starts = GroupStarts(sizes.typed_data(), groups, total_rows, &used_rows);
+  const auto starts = GroupStarts(sizes.typed_data(), groups, total_rows);
   ForEachGroup(pool, groups, [&](int64_t g) {
     const int64_t row = starts[g], rows = starts[g + 1] - starts[g];
     float* out_g = out_data + g * k * n;
