@@ -10,7 +10,7 @@ import pytest
 
 from moejax.training.loss_scale import (
     LossScaleState,
-    all_finite,
+    global_norm,
     init_loss_scale,
     scale_loss,
     select_update,
@@ -31,7 +31,7 @@ def fp16_loss(params, inputs):
 def train_step(params, opt_state, loss_scale, inputs, growth_interval=2000):
     scaled_grads = jax.grad(lambda p: scale_loss(fp16_loss(p, inputs), loss_scale))(params)
     grads = unscale_grads(scaled_grads, loss_scale)
-    finite = all_finite(grads)
+    finite = jnp.isfinite(global_norm(grads))
     updates, new_opt_state = OPTIMIZER.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)
     params, opt_state = select_update(finite, (new_params, new_opt_state), (params, opt_state))
@@ -120,12 +120,16 @@ def test_unscaled_grads_equal_unscaled_loss_grads():
 
 
 @pytest.mark.parametrize("bad_value", [np.inf, -np.inf, np.nan])
-def test_all_finite_over_nested_mixed_dtype_trees(bad_value):
-    tree = {"a": jnp.ones((3,), jnp.bfloat16), "b": [jnp.zeros((2, 2)), jnp.arange(4)]}
-    check = jax.jit(all_finite)
-    assert bool(check(tree)) and bool(check({}))
+def test_global_norm_over_nested_mixed_dtype_trees(bad_value):
+    """The step's finiteness test: the norm of a tree with any inf or NaN is not finite, and a
+    float16 leaf is squared in float32 (300^2 would overflow float16: a false skip)."""
+    tree = {"a": jnp.full((3,), 300, jnp.float16), "b": [jnp.ones((2, 2)), jnp.arange(4)]}
+    norm = jax.jit(global_norm)
+    expected = np.sqrt(3 * 300.0**2 + 4 + (0 + 1 + 4 + 9))
+    np.testing.assert_allclose(float(norm(tree)), expected, rtol=1e-6)
+    assert norm(tree).dtype == jnp.float32 and float(norm({})) == 0.0
     bad_tree = {**tree, "a": tree["a"].at[1].set(bad_value)}
-    assert not bool(check(bad_tree))
+    assert not np.isfinite(float(norm(bad_tree)))
 
 
 def test_state_is_a_pytree():

@@ -4,7 +4,7 @@ Use in a train step (all of it under jit; no Python branching on traced values):
 
     scaled_loss_fn = lambda p: scale_loss(loss_fn(p), loss_scale)
     grads = unscale_grads(jax.grad(scaled_loss_fn)(params), loss_scale)
-    finite = all_finite(grads)
+    finite = jnp.isfinite(global_norm(grads))
     updates, new_opt_state = optimizer.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)
     params, opt_state = select_update(finite, (new_params, new_opt_state), (params, opt_state))
@@ -54,13 +54,13 @@ def unscale_grads(grads, state: LossScaleState):
     return jax.tree.map(unscale, grads)
 
 
-def all_finite(grads) -> jax.Array:
-    """Scalar bool array: True iff no leaf of `grads` holds an inf or a NaN."""
-    leaves = jax.tree.leaves(grads)
-    finite = jnp.array(True)
-    for leaf in leaves:
-        finite = finite & jnp.all(jnp.isfinite(leaf))
-    return finite
+def global_norm(tree) -> jax.Array:
+    """The L2 norm over every leaf of `tree`, accumulated in float32 at least. It is not finite
+    iff a leaf holds an inf or a NaN, or the norm passes float32's range (about 1.8e19 in one
+    element: past what global-norm clipping can scale). On float32 leaves these are the very
+    ops of optax's own norm (what optax.clip_by_global_norm computes), which XLA then shares."""
+    return optax.tree.norm(
+        jax.tree.map(lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32)), tree))
 
 
 def update_loss_scale(

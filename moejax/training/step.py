@@ -92,32 +92,36 @@ def train_step(state: TrainState, batch: dict, cfg: Config, optimizer, mesh=None
     """state, batch {"tokens": [B, T + 1]} -> (new state, metrics). `mesh`: the mesh the
     explicit gradient reduction runs on (train.grad_compression other than none).
 
-    A step whose loss, gradients or updated parameters are not all finite changes nothing but
-    the skipped-step counts (and, with float16 compute, halves the loss scale), so the state,
-    and every checkpoint of it, only ever holds finite values."""
+    A step whose loss or gradient norm is not finite (an inf or a NaN in any gradient) changes
+    nothing but the skipped-step counts (and, with float16 compute, halves the loss scale), so
+    the state, and every checkpoint of it, only ever holds finite values: from finite
+    parameters and gradients AdamW's step is finite too (a finite norm bounds every squared
+    gradient, so the moments stay finite)."""
     mesh = sharding.current_mesh() if mesh is None else mesh
     router = state.router.replace(temperature=router_temperature(cfg, state.step))
     loss, metrics, grads, grad_sync = _gradients(state, batch, cfg, router, mesh)
+    grad_norm = ls.global_norm(grads)
+    # Decided before the update (not from the updated parameters), the choice below fuses into
+    # the update's own element-wise pass over each leaf: no second pass to check and select.
+    finite = jnp.isfinite(grad_norm) & jnp.isfinite(loss)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     if cfg.num_moe_layers:
         bias = update_router_bias(router.bias, metrics["expert_counts"], cfg.moe.bias_update_rate)
         router = router.replace(bias=bias)
         metrics.update(load_statistics(metrics["expert_counts"], router.bias))
-    grads_finite = ls.all_finite(grads)
-    finite = grads_finite & jnp.isfinite(loss) & ls.all_finite(params)
     params, opt_state, router, grad_sync = ls.select_update(
         finite, (params, opt_state, router, grad_sync),
         (state.params, state.opt_state, state.router, state.grad_sync))
     loss_scale = state.loss_scale
     if loss_scale is not None:
-        loss_scale = ls.update_loss_scale(loss_scale, grads_finite,
+        loss_scale = ls.update_loss_scale(loss_scale, jnp.isfinite(grad_norm),
                                           cfg.precision.loss_scale_growth_interval)
         metrics.update(loss_scale=loss_scale.scale)
     skipped = state.skipped.after(~finite)
     metrics.update(
         loss=loss,
-        grad_norm=optax.tree.norm(grads),
+        grad_norm=grad_norm,
         learning_rate=learning_rate_schedule(cfg)(state.step),
         router_temperature=router.temperature,
         skipped_steps=skipped.total,
