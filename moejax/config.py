@@ -27,6 +27,9 @@ class ConfigError(ValueError):
     """A configuration that cannot work; the message says what to change."""
 
 
+ATTENTION_KERNELS = ("auto", "plain", "blockwise", "cudnn", "blas")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int = 256
@@ -68,8 +71,12 @@ class ModelConfig:
     # 256: on the 2-core CPU the small preset's layer (fwd+bwd) took 0.49x, 0.22x and 0.17x the
     # materialised step's time at T = 512, 1024, 2048 in 256-blocks, as fast as or faster than
     # 128, 512, 1024 (docs/attention.md). T <= 256 (the tiny presets' 128) is one block: it
-    # keeps the plain path and today's numerics.
+    # keeps the plain path (except on CPU in float32, where auto below runs blas).
     attention_block: int | None = 256
+    # Training attention's kernel (moejax/model/attention.py, attention_kernel): auto | plain |
+    # blockwise | cudnn | blas. auto: the rules above, and on CPU in float32 blas (OpenBLAS GEMMs
+    # in one XLA custom call per direction, moejax/model/cpu_attention.py) where it builds.
+    attention_kernel: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -385,6 +392,15 @@ def _check(condition: bool, message: str) -> None:
 def validate(cfg: Config, num_devices: int | None = None) -> None:
     """Reject impossible combinations with one sentence each."""
     m, e = cfg.model, cfg.moe
+    _check(m.attention_kernel in ATTENTION_KERNELS,
+           f"model.attention_kernel={m.attention_kernel!r} is unknown: use "
+           f"{', '.join(ATTENTION_KERNELS)}.")
+    _check(m.attention_kernel != "blockwise" or bool(m.attention_block),
+           "model.attention_kernel=blockwise needs a block size: set model.attention_block "
+           "(e.g. 256).")
+    _check(m.attention_kernel != "blas" or cfg.precision.compute_dtype == "float32",
+           f"model.attention_kernel=blas runs float32 GEMMs only (precision.compute_dtype="
+           f"{cfg.precision.compute_dtype}): use model.attention_kernel=auto.")
     _check(m.unroll_layers >= 0,
            f"model.unroll_layers={m.unroll_layers} must be 0 (always scan) or positive.")
     _check(m.remat in ("none", "full", "dots"),

@@ -1,8 +1,9 @@
-"""Blockwise attention (moejax/model/blockwise.py) equals the materialised attention: outputs and
-gradients (float32, 1e-5) for MHA, GQA and MLA with YaRN at an odd length (the last block
-padded), on one device, on the meshes of the mesh-equivalence test and inside a shard_map (the
-pipeline's context); the kernel choice (plain / blockwise / cudnn) by backend, dtype and head
-dims; cuDNN's call plumbing (head padding and grouping) through jax's XLA implementation, since
+"""Blockwise attention (moejax/model/blockwise.py) and the CPU BLAS kernel
+(moejax/model/cpu_attention.py) equal the materialised attention: outputs and gradients
+(float32, 1e-5) for MHA, GQA and MLA with YaRN at an odd length (the last block padded), on one
+device, on the meshes of the mesh-equivalence test and inside a shard_map (the pipeline's
+context), and the BLAS kernel across its 64-position chunks; the kernel choice (plain /
+blockwise / cudnn / blas) by backend, dtype, head dims and model.attention_kernel; cuDNN's call plumbing (head padding and grouping) through jax's XLA implementation, since
 CPU cannot run cuDNN; generation's cached path; and the compiled temporaries growing linearly in
 T, not quadratically."""
 
@@ -18,7 +19,7 @@ import moejax
 from moejax import params as P
 from moejax.config import ConfigError, MeshConfig
 from moejax.model import attention as A
-from moejax.model.blockwise import blockwise_attention
+from moejax.model import cpu_attention
 from moejax.model.layers import layer_matmuls
 from moejax.sharding import BATCH_AXES, batch_sharding
 
@@ -30,10 +31,15 @@ CASES = {"mha": ("model.num_kv_heads=4",), "gqa": (), "mla_yarn": MLA_YARN}
 MESHES = {"data2_expert4": (2, 1, 4), "fsdp2_expert4": (1, 2, 4), "expert8": (1, 1, 8)}
 
 
-def _config(case: str, block, mesh=(1, 1, 1)):
+KERNELS = ("blockwise", "blas")
+
+
+def _config(case: str, block, mesh=(1, 1, 1), kernel="blockwise"):
     # init_std 0.3: scores of a few units, so the softmax is peaked, not the near-uniform
     # average that small weights give (which would hide errors in the online softmax)
-    cfg = tiny_config(*CASES[case], "model.init_std=0.3", f"model.attention_block={block}")
+    kernel = kernel if block else "auto"  # (auto with block 0: plain)
+    cfg = tiny_config(*CASES[case], "model.init_std=0.3", f"model.attention_block={block}",
+                      f"model.attention_kernel={kernel}")
     return cfg.replace(mesh=MeshConfig(*mesh))
 
 
@@ -59,20 +65,23 @@ def _inputs(case: str):
 
 
 @functools.cache
-def _plain_and_blockwise(case: str):
-    """(loss, (d params, d x)) of the plain and the blockwise layer, one compiled program."""
-    plain, blockwise = (_layer_loss(_config(case, block)) for block in (0, BLOCK))
+def _plain_and(case: str, kernel: str):
+    """(loss, (d params, d x)) of the plain and the `kernel` layer, one compiled program."""
+    plain, fused = (_layer_loss(_config(case, block, kernel=kernel)) for block in (0, BLOCK))
     grad = functools.partial(jax.value_and_grad, argnums=(0, 1))
-    return jax.jit(lambda *a: (grad(plain)(*a), grad(blockwise)(*a)))(*_inputs(case))
+    return jax.jit(lambda *a: (grad(plain)(*a), grad(fused)(*a)))(*_inputs(case))
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("case", CASES)
-def test_blockwise_equals_plain(case):
-    cfg = _config(case, BLOCK)
-    assert A.attention_kernel(cfg.model, SEQ, jnp.float32) == "blockwise"
+def test_kernel_equals_plain(case, kernel):
+    cfg = _config(case, BLOCK, kernel=kernel)
+    assert A.attention_kernel(cfg.model, SEQ, jnp.float32) == kernel
     jaxpr = str(jax.make_jaxpr(_layer_loss(cfg))(*_inputs(case)))
-    assert "custom_vjp_call" in jaxpr and "while" in jaxpr  # the blockwise kernel really ran
-    (plain_loss, plain_grads), (loss, grads) = _plain_and_blockwise(case)
+    assert "custom_vjp_call" in jaxpr  # the kernel really ran: blockwise's loop, or the FFI call
+    assert ("while" in jaxpr) == (kernel == "blockwise")
+    assert (cpu_attention.FORWARD_TARGET in jaxpr) == (kernel == "blas")
+    (plain_loss, plain_grads), (loss, grads) = _plain_and(case, kernel)
     assert abs(float(loss - plain_loss)) <= 1e-5 * abs(float(plain_loss))
     assert max_relative_error(grads, plain_grads) <= 1e-5
     if case == "mla_yarn":  # YaRN's mscale^2 is in the softmax scale both kernels use
@@ -80,17 +89,18 @@ def test_blockwise_equals_plain(case):
         assert A.softmax_scale(m) > 1.2 * (m.qk_nope_head_dim + m.qk_rope_head_dim) ** -0.5
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("mesh_name", MESHES)
-def test_blockwise_on_meshes_equals_single_device_plain(mesh_name):
-    """MLA with YaRN, blockwise, batch over the mesh's data axes and weights over fsdp."""
-    cfg = _config("mla_yarn", BLOCK, MESHES[mesh_name])
+def test_kernel_on_meshes_equals_single_device_plain(mesh_name, kernel):
+    """MLA with YaRN, batch over the mesh's data axes and weights over fsdp."""
+    cfg = _config("mla_yarn", BLOCK, MESHES[mesh_name], kernel)
     params, x, w = _inputs("mla_yarn")
     mesh = moejax.make_mesh(cfg.mesh)
     with jax.set_mesh(mesh):
         params = jax.device_put(params, P.shardings(A.attention_specs(cfg.model), mesh))
         x, w = jax.device_put((x, w), batch_sharding(mesh))
         loss, grads = jax.jit(jax.value_and_grad(_layer_loss(cfg), argnums=(0, 1)))(params, x, w)
-    plain_loss, plain_grads = _plain_and_blockwise("mla_yarn")[0]
+    plain_loss, plain_grads = _plain_and("mla_yarn", kernel)[0]
     assert abs(float(loss - plain_loss)) <= 1e-5 * abs(float(plain_loss))
     assert max_relative_error(grads, plain_grads) <= 1e-5
 
@@ -118,17 +128,36 @@ def _value_and_grads(attend, q, k, v, cotangent):
                                       argnums=(0, 1, 2)))(q, k, v)
 
 
-def test_blockwise_inside_shard_map():
-    """Manual over every mesh axis, as inside the pipeline: the loop carries must vary over the
-    same axes as the inputs."""
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_kernel_inside_shard_map(kernel):
+    """Manual over every mesh axis, as inside the pipeline: the loop carries (blockwise) and
+    the FFI results (blas) must vary over the same axes as the inputs."""
     q, k, v, cotangent = _qkv()
     mesh = moejax.make_mesh(MeshConfig(2, 1, 4))
     spec = PartitionSpec(BATCH_AXES)
-    sharded = jax.shard_map(lambda q_, k_, v_: blockwise_attention(q_, k_, v_, 0.3, BLOCK),
+    sharded = jax.shard_map(lambda q_, k_, v_: A.fused_attention(q_, k_, v_, 0.3, kernel, BLOCK),
                             mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec)
     expected = _value_and_grads(lambda *a: _reference(*a, 0.3), q, k, v, cotangent)
     actual = _value_and_grads(sharded, q, k, v, cotangent)
     assert max_relative_error(actual, expected) <= 1e-5
+
+
+@pytest.mark.parametrize("seq", [64, 150])
+def test_blas_kernel_across_chunks(seq):
+    """The BLAS kernel's query chunks of 64 positions (each against the keys it can see): one
+    whole chunk, and two and a part, with G = 2 query heads per kv head and Qk != Qv."""
+    q, k, v, cotangent = _qkv(seq=seq, qk_dim=12, v_dim=8)
+    actual = _value_and_grads(lambda *a: cpu_attention.causal_attention(*a, 0.3), q, k, v,
+                              cotangent)
+    expected = _value_and_grads(lambda *a: _reference(*a, 0.3), q, k, v, cotangent)
+    assert max_relative_error(actual, expected) <= 1e-5
+
+
+def test_blas_kernel_refuses_other_dtypes():
+    q, k, v, _ = _qkv()
+    with pytest.raises(TypeError, match="model.attention_kernel=blas takes float32, not "
+                                        "bfloat16: use model.attention_kernel=blockwise"):
+        cpu_attention.causal_attention(q.astype(jnp.bfloat16), k, v, 0.3)
 
 
 @pytest.mark.parametrize("qk_dim,v_dim", [(8, 8), (12, 8), (8, 16)])
@@ -170,11 +199,16 @@ def _model(*overrides):
 
 
 @pytest.mark.parametrize("model,seq,dtype,backend,capability,expected", [
-    (_model(), 256, jnp.float32, "cpu", None, "plain"),  # one block of the default 256
-    (_model(), 257, jnp.float32, "cpu", None, "blockwise"),
+    (_model(), 256, jnp.float32, "cpu", None, "blas"),  # CPU, float32: at every length
+    (_model(), 8192, jnp.float32, "cpu", None, "blas"),
+    (_model(), 256, jnp.bfloat16, "cpu", None, "plain"),  # one block of the default 256
     (_model(), 257, jnp.bfloat16, None, None, "blockwise"),  # this machine: CPU
+    (_model(), 257, jnp.float32, "gpu", 7.0, "blockwise"),
     (_model("model.attention_block=0"), 8192, jnp.float32, "cpu", None, "plain"),
     (_model("model.attention_block=null"), 8192, jnp.bfloat16, "gpu", 9.0, "plain"),
+    (_model("model.attention_kernel=plain"), 8192, jnp.float32, "cpu", None, "plain"),
+    (_model("model.attention_kernel=blockwise"), 16, jnp.float32, "cpu", None, "blockwise"),
+    (_model("model.attention_kernel=blas"), 16, jnp.float32, "cpu", None, "blas"),
     (_model("model.head_dim=64"), 16, jnp.bfloat16, "gpu", 9.0, "cudnn"),
     (_model("model.head_dim=64"), 16, jnp.float16, "gpu", 8.0, "cudnn"),
     (_model("model.head_dim=64"), 4096, jnp.float32, "gpu", 9.0, "blockwise"),  # cuDNN: 16-bit
@@ -193,6 +227,12 @@ def test_kernel_choice(model, seq, dtype, backend, capability, expected):
 def test_attention_block_validation():
     with pytest.raises(ConfigError, match="model.attention_block=-1"):
         tiny_config("model.attention_block=-1")
+    with pytest.raises(ConfigError, match="model.attention_kernel='flash' is unknown"):
+        tiny_config("model.attention_kernel=flash")
+    with pytest.raises(ConfigError, match="blockwise needs a block size"):
+        tiny_config("model.attention_kernel=blockwise", "model.attention_block=0")
+    with pytest.raises(ConfigError, match="attention_kernel=blas runs float32 GEMMs only"):
+        tiny_config("model.attention_kernel=blas", "precision.compute_dtype=bfloat16")
 
 
 @pytest.mark.parametrize("case", ["gqa", "mla_yarn"])
@@ -216,12 +256,15 @@ def test_cached_prefill_equals_blockwise(case):
 
 def test_compiled_temporaries_grow_linearly():
     """memory_analysis of the layer's fwd+bwd (scripts/bench_attention.py's measure): doubling
-    T multiplies the plain temporaries by ~4 and the blockwise ones by at most ~2."""
+    T multiplies the plain temporaries by ~4 and the blockwise and BLAS ones by at most ~2."""
     from moejax.tools.attention_memory import compiled_memory
 
-    def temp(block, seq):
-        return compiled_memory(tiny_config(f"model.attention_block={block}"), seq)["temp"]
+    def temp(kernel, seq):
+        block = 0 if kernel == "plain" else 32
+        return compiled_memory(tiny_config(f"model.attention_block={block}",
+                                           f"model.attention_kernel={kernel}"), seq)["temp"]
 
-    assert temp(0, 512) > 3 * temp(0, 256)
-    assert temp(32, 512) < 2.2 * temp(32, 256)
-    assert temp(32, 512) < temp(0, 512) / 4
+    assert temp("plain", 512) > 3 * temp("plain", 256)
+    for kernel in ("blockwise", "blas"):
+        assert temp(kernel, 512) < 2.2 * temp(kernel, 256)
+        assert temp(kernel, 512) < temp("plain", 512) / 4

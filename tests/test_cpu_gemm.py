@@ -136,32 +136,45 @@ def test_explicit_blas_with_bfloat16_compute_is_refused_in_one_line():
 
 
 def test_without_a_compiler_auto_falls_back_to_tiles_and_blas_says_why(tmp_path):
-    """A fresh process with no C++ compiler and an empty cache: auto keeps the tiles kernel;
-    the BLAS GEMM itself stops with one line naming the reason and the fix."""
+    """A fresh process with no C++ compiler and an empty cache: auto keeps the tiles kernel
+    and XLA's attention; the BLAS GEMM and attention themselves stop with one line naming the
+    reason and the fix."""
     program = """
 import jax.numpy as jnp
-from moejax.config import MoEConfig
+from moejax.config import ModelConfig, MoEConfig
+from moejax.model import attention, cpu_attention
 from moejax.model.dispatch import cpu_gemm
 from moejax.model.dispatch.dropless import grouped_kernel, kernel_description
 from moejax.model.layers import Matmul
 print(grouped_kernel(MoEConfig(num_experts=4), fp8=False))
 print(kernel_description(MoEConfig(num_experts=4), Matmul(jnp.float32)))
-try:
-    cpu_gemm.grouped_matmul(jnp.ones((2, 3)), jnp.ones((1, 3, 2)), jnp.array([2]))
-except RuntimeError as error:
-    print(error)
+print(attention.kernel_description(ModelConfig(), 128, jnp.float32))
+for explicit in (lambda: cpu_gemm.grouped_matmul(jnp.ones((2, 3)), jnp.ones((1, 3, 2)),
+                                                 jnp.array([2])),
+                 lambda: cpu_attention.causal_attention(jnp.ones((1, 2, 1, 1, 4)),
+                                                        jnp.ones((1, 2, 1, 4)),
+                                                        jnp.ones((1, 2, 1, 4)), 0.5)):
+    try:
+        explicit()
+    except RuntimeError as error:
+        print(error)
 """
     env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"),
            "MOEJAX_CACHE_DIR": str(tmp_path / "cache"), "JAX_PLATFORMS": "cpu"}
     done = subprocess.run([sys.executable, "-c", program], check=False, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    kernel, announced, message = done.stdout.strip().splitlines()
+    kernel, announced, attention_line, message, attention_message = (
+        done.stdout.strip().splitlines())
     assert kernel == "tiles"
-    # what moejax.train's start-up lines say
+    # what moejax.train's start-up lines say: attention at T = 128 keeps the materialised path
     assert announced.startswith("moe.kernels=auto -> tiles (blas unavailable: no C++ compiler")
+    assert attention_line.startswith(
+        "model.attention_kernel=auto -> plain (blas unavailable: no C++ compiler")
     assert message.startswith("moe.kernels=blas cannot run: no C++ compiler found")
     assert message.endswith("or set moe.kernels=tiles")
+    assert attention_message.startswith("model.attention_kernel=blas cannot run: no C++ compiler")
+    assert attention_message.endswith("or set model.attention_kernel=blockwise or plain")
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
 
 
@@ -184,7 +197,7 @@ print(cpu_gemm.unavailable_reason(), float(out.sum()))
         stdout, stderr = process.communicate(timeout=180)
         assert process.returncode == 0, stderr
         assert stdout.split() == ["None", "24.0"]  # 4 rows x 2 columns, each a sum of 3 ones
-    (library,) = tmp_path.glob("grouped_gemm_cpu-*.so")  # one file, no leftover partials
+    (library,) = tmp_path.glob("moejax_cpu_kernels-*.so")  # one file, no leftover partials
     assert not [p for p in tmp_path.iterdir() if p != library]
     built = library.stat().st_mtime_ns
     stdout, _ = start().communicate(timeout=180)

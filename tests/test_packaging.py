@@ -10,6 +10,7 @@ import zipfile
 from pathlib import Path
 
 from moejax.config import CONFIG_DIR
+from moejax.model import cpu_kernels
 from moejax.tools import kill_trials
 
 REPO = Path(__file__).resolve().parent.parent
@@ -34,7 +35,8 @@ def test_wheel_holds_every_module_and_preset(tmp_path):
     presets = {p.relative_to(REPO).as_posix() for p in package.glob("configs/*.yaml")}
     assert modules <= names, sorted(modules - names)
     assert presets <= names and "moejax/configs/tiny.yaml" in presets, sorted(presets - names)
-    assert "moejax/model/dispatch/grouped_gemm_cpu.cc" in names  # built on first use
+    for source in (*cpu_kernels.HEADERS, *cpu_kernels.SOURCES):  # built on first use
+        assert f"moejax/model/csrc/{source}" in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "moejax-train = moejax.training.cli:main" in zipfile.ZipFile(wheel).read(
         entry_points).decode()

@@ -7,10 +7,11 @@ key) and an attend step over those entries. Training attends over the entries of
 itself; generation writes the new entries into the cache at their positions and attends over the
 whole cache, with positions not yet written hidden by the causal mask.
 
-Training attention (no cache) runs one of three kernels, chosen by `attention_kernel`: the
+Training attention (no cache) runs one of four kernels, chosen by `attention_kernel`: the
 materialised scores [B, H, T, T] ("plain"), the blockwise online softmax of
-moejax/model/blockwise.py ("blockwise", memory linear in T), or cuDNN's flash attention through
-`jax.nn.dot_product_attention` on NVIDIA GPUs ("cudnn"). Generation keeps the plain form: a
+moejax/model/blockwise.py ("blockwise", memory linear in T), cuDNN's flash attention through
+`jax.nn.dot_product_attention` on NVIDIA GPUs ("cudnn"), or OpenBLAS GEMMs in one XLA:CPU custom
+call per direction (moejax/model/cpu_attention.py, "blas": CPU, float32, memory linear in T). Generation keeps the plain form: a
 decode step's scores are [B, H, 1, S], and the absorbed MLA form attends over the latents.
 """
 
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from moejax.config import ModelConfig
+from moejax.model import cpu_attention, cpu_kernels
 from moejax.model.blockwise import blockwise_attention
 from moejax.model.layers import Matmul, apply_rope, rms_norm, rope_tables, yarn_mscale
 from moejax.params import ParamSpec, normal_init, ones_init
@@ -146,14 +148,19 @@ def cudnn_allows(qk_dim: int, v_dim: int, dtype, backend: str, compute_capabilit
 
 def attention_kernel(m: ModelConfig, seq_len: int, dtype, backend: str | None = None,
                      compute_capability: float | None = None) -> str:
-    """plain | blockwise | cudnn for training attention over `seq_len` positions in `dtype`.
+    """plain | blockwise | cudnn | blas for training attention over `seq_len` positions in
+    `dtype`: model.attention_kernel when it names one, else (auto) as follows.
 
     model.attention_block 0 (or null) keeps the materialised scores everywhere. Otherwise cuDNN
     where it takes the shapes (one fused kernel that skips the masked blocks, at every length;
-    not yet timed against the blockwise kernel: no GPU so far), else the blockwise kernel once
-    the sequence is longer than one block: a sequence of one block is the plain attention with
-    the loops' overhead added. `backend` and `compute_capability` default
-    to this process's first device (the tests pass them to check the choice without a GPU)."""
+    not yet timed against the blockwise kernel: no GPU so far); on CPU in float32 the BLAS
+    kernel where moejax's CPU kernels build (at every length: docs/bench_hf_model.md times it);
+    else the blockwise kernel once the sequence is longer than one block: a sequence of one
+    block is the plain attention with the loops' overhead added. `backend` and
+    `compute_capability` default to this process's first device (the tests pass them to check
+    the choice without a GPU)."""
+    if m.attention_kernel != "auto":
+        return m.attention_kernel
     if not m.attention_block:
         return "plain"
     backend = jax.default_backend() if backend is None else backend
@@ -165,15 +172,32 @@ def attention_kernel(m: ModelConfig, seq_len: int, dtype, backend: str | None = 
         qk_dim = v_dim = m.head_dim
     if cudnn_allows(qk_dim, v_dim, dtype, backend, compute_capability):
         return "cudnn"
+    if (backend == "cpu" and jnp.dtype(dtype) == jnp.dtype(jnp.float32)
+            and cpu_kernels.unavailable_reason() is None):
+        return "blas"
     return "blockwise" if seq_len > m.attention_block else "plain"
+
+
+def kernel_description(m: ModelConfig, seq_len: int, dtype) -> str:
+    """One line for the start-up log: the training attention kernel at `seq_len`, and why auto
+    did not take the BLAS one on CPU in float32 when it cannot be built here."""
+    kernel = attention_kernel(m, seq_len, dtype)
+    line = f"model.attention_kernel={m.attention_kernel} -> {kernel}"
+    reason = cpu_kernels.unavailable_reason()
+    if (m.attention_kernel == "auto" and kernel != "blas" and reason is not None
+            and jax.default_backend() == "cpu" and jnp.dtype(dtype) == jnp.dtype(jnp.float32)):
+        line += f" (blas unavailable: {reason})"
+    return line
 
 
 def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, kernel: str,
                     block: int) -> jax.Array:
     """Causal q [B, T, K, G, Qk], k [B, T, K, Qk], v [B, T, K, Qv] -> [B, T, K, G, Qv] by the
-    blockwise or the cuDNN kernel (never [T, T] scores in memory)."""
+    blockwise, the BLAS or the cuDNN kernel (never [T, T] scores in memory)."""
     if kernel == "blockwise":
         return blockwise_attention(q, k, v, scale, block)
+    if kernel == "blas":
+        return cpu_attention.causal_attention(q, k, v, scale)
     batch, seq, kv_heads, groups, qk_dim = q.shape
     v_dim = v.shape[-1]
     # jax.nn.dot_product_attention wants one head dim for q, k and v: zero-pad the smaller

@@ -19,6 +19,7 @@ from moejax import data as data_lib
 from moejax import sharding
 from moejax.config import Config
 from moejax.data import Corpus, load_corpus
+from moejax.model import attention
 from moejax.model.dispatch.dropless import kernel_description
 from moejax.model.layers import layer_matmuls
 from moejax.model.transformer import count_params
@@ -200,6 +201,9 @@ def _announce(announce, cfg: Config, run_dir: Path, corpus: Corpus, mesh) -> Non
     if cfg.moe.num_experts and cfg.moe.dispatch == "dropless":
         experts = layer_matmuls(cfg.precision)["experts"]
         announce(f"experts: dropless, {kernel_description(cfg.moe, experts)}")
+    attention_dtype = layer_matmuls(cfg.precision)["attention"].dtype
+    announce("attention: " + attention.kernel_description(cfg.model, cfg.train.seq_len,
+                                                          attention_dtype))
     announce(f"data: {len(corpus.train_tokens):,} train / {len(corpus.val_tokens):,} held-out "
              f"tokens; {cfg.train.global_batch_size} x {cfg.train.seq_len} tokens per step")
     announce(f"mesh: {dict(mesh.shape)} over {mesh.devices.size} of {jax.device_count()} "

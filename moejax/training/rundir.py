@@ -26,8 +26,9 @@ RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.learning_rate",
                      # how the pipeline runs, not what it computes
                      "train.microbatches", "train.pipeline_schedule", "train.virtual_stages",
                      "train.pipeline_layers_per_stage",
-                     # how attention runs (blockwise or whole), not what it computes
-                     "model.attention_block",
+                     # how attention runs (blockwise or whole, which kernel), not what it
+                     # computes
+                     "model.attention_block", "model.attention_kernel",
                      # where compiled steps are cached (runs saved before it existed lack it)
                      "train.compilation_cache"}
 

@@ -1,58 +1,16 @@
 // Grouped GEMMs for XLA:CPU through the XLA FFI, each group one BLAS sgemm (OpenBLAS from the
-// scipy-openblas32 wheel). Built and loaded by cpu_gemm.py; its docstring says why.
+// scipy-openblas32 wheel). Called by moejax/model/dispatch/cpu_gemm.py; its docstring says why.
 //
 // Rows are sorted by group: group g owns rows [start_g, start_g + sizes[g]) with
 // start_g = sizes[0] + ... + sizes[g - 1]. Rows past the last group are padding.
-//
-// Threads: OpenBLAS runs single-threaded; the groups are shared out over XLA's own intra-op
-// thread pool (the caller works too), so the custom call adds no threads of its own to those
-// XLA already runs (8 fake devices on 2 cores would otherwise each start OpenBLAS's).
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <functional>
 #include <memory>
-#include <thread>
 
-#include "cblas.h"
-#include "xla/ffi/api/ffi.h"
-
-namespace ffi = xla::ffi;
+#include "cpu_kernels.h"
 
 namespace {
-
-const bool kSingleThreadedBlas = [] {
-  scipy_openblas_set_num_threads(1);
-  return true;
-}();
-
-// Runs work(g) for g in [0, groups) on the caller and on the pool's other threads. A helper
-// claims groups one at a time; one that starts after every group is claimed returns at once,
-// so the caller waits only for groups in progress (never for a helper still queued: no
-// deadlock when every pool thread is busy).
-void ForEachGroup(ffi::ThreadPool& pool, int64_t groups, std::function<void(int64_t)> work) {
-  struct Shared {
-    std::function<void(int64_t)> work;
-    int64_t groups;
-    std::atomic<int64_t> next{0}, finished{0};
-  };
-  auto shared = std::make_shared<Shared>();
-  shared->work = std::move(work);
-  shared->groups = groups;
-  auto drain = [](Shared& s) {
-    for (int64_t g; (g = s.next.fetch_add(1)) < s.groups;) {
-      s.work(g);
-      s.finished.fetch_add(1, std::memory_order_release);
-    }
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, groups - 1);
-  for (int64_t h = 0; h < helpers; ++h) {
-    pool.Schedule([shared, drain] { drain(*shared); });
-  }
-  drain(*shared);
-  while (shared->finished.load(std::memory_order_acquire) < groups) std::this_thread::yield();
-}
 
 // Each group's first row, and at [groups] the end of the last group (sizes clipped to the
 // rows there are; negative sizes count as 0).
@@ -86,7 +44,7 @@ ffi::Error GroupedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
   const float* w_data = w.typed_data();
   float* out_data = out->typed_data();
   const auto starts = GroupStarts(sizes.typed_data(), groups, total_rows);
-  ForEachGroup(pool, groups, [&](int64_t g) {
+  moejax::ForEachItem(pool, groups, [&](int64_t g) {
     const int64_t row = starts[g], rows = starts[g + 1] - starts[g];
     if (rows == 0) return;
     scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, transpose_w ? CblasTrans : CblasNoTrans,
@@ -112,7 +70,7 @@ ffi::Error GroupedOuter(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   const float* dy_data = dy.typed_data();
   float* out_data = out->typed_data();
   const auto starts = GroupStarts(sizes.typed_data(), groups, total_rows);
-  ForEachGroup(pool, groups, [&](int64_t g) {
+  moejax::ForEachItem(pool, groups, [&](int64_t g) {
     const int64_t row = starts[g], rows = starts[g + 1] - starts[g];
     float* out_g = out_data + g * k * n;
     if (rows == 0) {

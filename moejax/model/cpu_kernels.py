@@ -1,0 +1,138 @@
+"""moejax's XLA:CPU kernels: one C++ library of XLA FFI custom calls over OpenBLAS, built on first
+use. Its users: the dropless dispatch's grouped GEMMs (moe.kernels=blas,
+moejax/model/dispatch/cpu_gemm.py) and causal attention (moejax/model/cpu_attention.py).
+
+Why: XLA:CPU runs many small GEMMs (one per expert, one per attention head) slowly, through
+padding, slicing and batched fusions; each of these kernels calls one OpenBLAS sgemm per
+piece of work, on exactly its rows, with the pieces shared out over XLA's own thread pool.
+OpenBLAS comes from the scipy-openblas32 wheel, the build NumPy and SciPy use.
+
+The library (the sources in csrc/ beside this file) is compiled on first use with the host's C++
+compiler (a few seconds, once per machine and jax version) into the cache directory
+(`MOEJAX_CACHE_DIR`, default ~/.cache/moejax) and loaded from there afterwards. Where it cannot
+be built (no compiler, no OpenBLAS wheel) `unavailable_reason` says why; the automatic choices
+(moe.kernels=auto, attention on CPU) then keep XLA's own kernels, and an explicit
+moe.kernels=blas stops with that reason. float32 only (OpenBLAS lacks bfloat16 GEMMs on most
+CPUs).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from moejax.sharding import varying_axes
+
+SOURCE_DIR = Path(__file__).with_name("csrc")
+SOURCES = ("grouped_gemm.cc", "causal_attention.cc")
+HEADERS = ("cpu_kernels.h",)
+# FFI target name -> the library's handler symbol
+TARGETS = {
+    "moejax_grouped_matmul": "MoejaxGroupedMatmul",
+    "moejax_grouped_outer": "MoejaxGroupedOuter",
+    "moejax_causal_attention": "MoejaxCausalAttention",
+    "moejax_causal_attention_backward": "MoejaxCausalAttentionBackward",
+}
+LIBRARY_PREFIX = "moejax_cpu_kernels"
+
+
+def cache_dir() -> Path:
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "moejax"
+    return Path(os.environ.get("MOEJAX_CACHE_DIR", default))
+
+
+def _build_inputs() -> tuple[list[str], str]:
+    """(the compiler's flags before -o, a key naming this build) or raise RuntimeError."""
+    try:
+        import scipy_openblas32 as openblas
+    except ImportError as error:
+        raise RuntimeError(f"the scipy-openblas32 wheel is missing ({error}): "
+                           "pip install scipy-openblas32") from None
+    wanted = os.environ.get("CXX")
+    compiler = shutil.which(wanted) if wanted else shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        raise RuntimeError(f"no C++ compiler found ({f'CXX={wanted}' if wanted else 'c++, g++'}):"
+                           " install g++ or set CXX")
+    lib_dir = openblas.get_lib_dir()
+    flags = [compiler, "-O2", "-shared", "-fPIC", "-std=c++17", "-w",
+             f"-I{jax.ffi.include_dir()}", f"-I{openblas.get_include_dir()}",
+             *(str(SOURCE_DIR / name) for name in SOURCES),
+             f"-L{lib_dir}", f"-l{openblas.get_library()}", f"-Wl,-rpath,{lib_dir}"]
+    texts = [(SOURCE_DIR / name).read_text() for name in (*HEADERS, *SOURCES)]
+    key = hashlib.sha256("\0".join([*texts, jax.__version__, *flags]).encode())
+    return flags, key.hexdigest()[:16]
+
+
+def _compile(flags: list[str], target: Path) -> None:
+    """Compile into a temporary file beside `target`, then rename it into place: another
+    process building at the same time never loads a half-written library."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        partial = Path(scratch) / target.name
+        done = subprocess.run([*flags, "-o", str(partial)], check=False, capture_output=True,
+                              text=True)
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise RuntimeError(f"compiling moejax's CPU kernels failed: {last}")
+        os.replace(partial, target)
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | str:
+    """The loaded library with its FFI targets registered, or why it is unavailable."""
+    try:
+        flags, key = _build_inputs()
+        target = cache_dir() / f"{LIBRARY_PREFIX}-{key}.so"
+        if not target.exists():
+            _compile(flags, target)
+        library = ctypes.cdll.LoadLibrary(str(target))
+    except (RuntimeError, OSError) as error:
+        return str(error)
+    for name, symbol in TARGETS.items():
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, symbol)),
+                                    platform="cpu")
+    return library
+
+
+def unavailable_reason() -> str | None:
+    """None when the CPU kernels can run here, else why not (one line)."""
+    library = _library()
+    return library if isinstance(library, str) else None
+
+
+def require(arrays, kernel: str, fallback: str) -> None:
+    """Raise a one-line error unless every array is float32 and the library is here; `kernel`
+    names what was asked for and `fallback` the setting to use instead."""
+    for a in arrays:
+        if a.dtype != jnp.float32:
+            raise TypeError(f"{kernel} takes float32, not {a.dtype}: use {fallback} for other "
+                            "dtypes")
+    reason = unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(f"{kernel} cannot run: {reason}; or set {fallback}")
+
+
+def alike(*arrays: jax.Array) -> list[jax.Array]:
+    """The arrays marked as varying over the same shard_map axes (the union of theirs)."""
+    union = frozenset().union(*(varying_axes(a) for a in arrays))
+
+    def widen(a):
+        missing = tuple(sorted(union - varying_axes(a)))
+        return jax.lax.pcast(a, missing, to="varying") if missing else a
+
+    return [widen(a) for a in arrays]
+
+
+def result(like: jax.Array, shape: tuple[int, ...]):
+    """A float32 result type that varies over the shard_map axes `like` varies over: an FFI
+    call's result takes its type from this alone, not from its inputs."""
+    return jax.typeof(like).update(shape=shape, dtype=jnp.dtype(jnp.float32), weak_type=False)
