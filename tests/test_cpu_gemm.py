@@ -14,6 +14,7 @@ from helpers import max_relative_error, tiny_config
 
 from moejax import params as P
 from moejax.config import ConfigError
+from moejax.model import cpu_kernels
 from moejax.model.dispatch import cpu_gemm, grouped
 from moejax.model.dispatch.dropless import grouped_kernel, kernel_description
 from moejax.model.layers import FFN, Matmul
@@ -202,3 +203,27 @@ print(cpu_gemm.unavailable_reason(), float(out.sum()))
     built = library.stat().st_mtime_ns
     stdout, _ = start().communicate(timeout=180)
     assert stdout.split() == ["None", "24.0"] and library.stat().st_mtime_ns == built
+
+
+def test_a_compiler_without_march_native_builds_the_baseline(tmp_path):
+    """The library is built for this CPU (-march=native, its key holding the CPU's flags);
+    a compiler that refuses the flag gets the baseline build instead of no kernels."""
+    compiler = tmp_path / "picky-c++"
+    compiler.write_text('#!/bin/sh\ncase " $* " in *" -march=native "*) echo "unknown option '
+                        '-march=native" >&2; exit 1;; esac\nexec c++ "$@"\n')
+    compiler.chmod(0o755)
+    program = """
+from moejax.model import cpu_kernels
+print(cpu_kernels.unavailable_reason())
+print(cpu_kernels._build_inputs(native=False)[1])
+"""
+    env = {**os.environ, "CXX": str(compiler), "MOEJAX_CACHE_DIR": str(tmp_path / "cache"),
+           "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, "-c", program], check=False, env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    reason, baseline_key = done.stdout.split()
+    assert reason == "None"
+    built = [p.name for p in (tmp_path / "cache").iterdir()]
+    assert built == [f"{cpu_kernels.LIBRARY_PREFIX}-{baseline_key}.so"]
+    assert cpu_kernels._build_inputs(native=True)[1] != baseline_key
