@@ -98,8 +98,8 @@ class MoEConfig:
     tile_rows: int = 256  # dropless: the largest row tile (docs/bench_moe.md); see row_tile
     # dropless: tiles (a tiled grouped GEMM, dense all_to_all: CPU) | blocks (each expert's
     # first ~N k / E rows in one batched GEMM, the overflow in tiles: CPU, more memory;
-    # dispatch/dropless.py blocks_then_tiles) | blas (each expert's rows as one OpenBLAS GEMM
-    # through an XLA FFI call, no padding: CPU, float32; dispatch/cpu_gemm.py) | ragged
+    # dispatch/dropless.py blocks_then_tiles) | blas (each expert's rows as OpenBLAS GEMMs,
+    # the whole SwiGLU one XLA FFI call, no padding: CPU, float32; model/cpu_swiglu.py) | ragged
     # (ragged_dot and ragged_all_to_all: GPU/TPU) | auto (ragged off CPU; on CPU blas for
     # float32 compute where its library builds, else tiles)
     kernels: str = "auto"

@@ -20,7 +20,7 @@ from test_mesh_equivalence import CONFIGS, _batch, _router_state, on_mesh, shard
 
 import moejax
 from moejax.config import ConfigError, MeshConfig
-from moejax.model import pipeline
+from moejax.model import cpu_swiglu, pipeline
 from moejax.model.pipeline import Schedule
 from moejax.sharding import batch_sharding
 from moejax.tools.hlo_stats import shape_bytes
@@ -284,13 +284,15 @@ def test_the_dense_first_layers_run_per_microbatch_not_on_the_whole_shard():
     rows = cfg.train.global_batch_size // 4  # 4 batch shards: data 1 x fsdp 2 x expert 2
     seq, hidden = cfg.train.seq_len, cfg.model.ffn_dim
     assert cfg.model.num_dense_layers == 1
-    # SwiGLU's silu at the dense FFN's width (the experts' and the shared expert's are
-    # moe.expert_ffn_dim wide)
+    # SwiGLU's activations at the dense FFN's width (the experts' and the shared expert's are
+    # moe.expert_ffn_dim wide): on CPU in float32 the pre-activations [rows, F] the SwiGLU's
+    # FFI call returns (cpu_swiglu.py), else XLA's silu
     assert hidden not in (cfg.moe.expert_ffn_dim, cfg.moe.expert_ffn_dim * cfg.moe.num_shared_experts)
-    silu = [line for line in hlo.splitlines() if "silu" in line]
-    shapes = {m.group(1) for line in silu if (m := re.search(rf"= f32\[([\d,]+,{hidden})\]", line))}
-    assert f"{rows // 2},{seq},{hidden}" in shapes, shapes
-    assert not shapes & {f"{rows},{seq},{hidden}", f"{rows * seq},{hidden}"}, shapes
+    assert cpu_swiglu.applies(cfg.precision.compute_dtype)
+    calls = [line for line in hlo.splitlines() if f'"{cpu_swiglu.FORWARD_TARGET}"' in line]
+    activation_rows = {int(m) for line in calls for m in re.findall(rf"f32\[(\d+),{hidden}\]", line)}
+    assert rows // 2 * seq in activation_rows, activation_rows
+    assert rows * seq not in activation_rows, activation_rows
 
 
 @pytest.mark.parametrize("microbatches", [4, 5, 6, 7, 9])

@@ -1,6 +1,6 @@
 """moejax's XLA:CPU kernels: one C++ library of XLA FFI custom calls over OpenBLAS, built on first
-use. Its users: the dropless dispatch's grouped GEMMs (moe.kernels=blas,
-moejax/model/dispatch/cpu_gemm.py) and causal attention (moejax/model/cpu_attention.py).
+use. Its users: the SwiGLU of grouped experts and dense layers (moejax/model/cpu_swiglu.py) and
+causal attention (moejax/model/cpu_attention.py).
 
 Why: XLA:CPU runs many small GEMMs (one per expert, one per attention head) slowly, through
 padding, slicing and batched fusions; each of these kernels calls one OpenBLAS sgemm per
@@ -34,12 +34,12 @@ import jax.numpy as jnp
 from moejax.sharding import varying_axes
 
 SOURCE_DIR = Path(__file__).with_name("csrc")
-SOURCES = ("grouped_gemm.cc", "causal_attention.cc")
+SOURCES = ("grouped_swiglu.cc", "causal_attention.cc")
 HEADERS = ("cpu_kernels.h",)
 # FFI target name -> the library's handler symbol
 TARGETS = {
-    "moejax_grouped_matmul": "MoejaxGroupedMatmul",
-    "moejax_grouped_outer": "MoejaxGroupedOuter",
+    "moejax_grouped_swiglu": "MoejaxGroupedSwiglu",
+    "moejax_grouped_swiglu_backward": "MoejaxGroupedSwigluBackward",
     "moejax_causal_attention": "MoejaxCausalAttention",
     "moejax_causal_attention_backward": "MoejaxCausalAttentionBackward",
 }

@@ -12,6 +12,7 @@ from flax import struct
 
 from moejax.config import ModelConfig, PrecisionConfig
 from moejax.fp8 import fp8_matmul
+from moejax.model import cpu_swiglu
 from moejax.params import ParamSpec, normal_init
 from moejax.sharding import same_varying_axes
 
@@ -129,15 +130,19 @@ def ffn_specs(d_model: int, ffn_dim: int, init_std: float) -> FFN:
 def swiglu(p: FFN, x: jax.Array, matmul: Matmul) -> jax.Array:
     """down(silu(x @ gate) * (x @ up)); x [..., D] -> [..., D] in the compute dtype.
 
-    Also the batched expert form: x [E, S, D] with weights [E, D, F] and [E, F, D]. Without
-    fp8 the backward is written out (`_swiglu`): autodiff's version left XLA:CPU fusing silu's
-    derivative with a transpose for the weight gradient (the tiny DeepSeek-shaped step's dense
-    layer took 36 ms per step, 15 ms with this: docs/bench_hf_model.md)."""
+    Also the batched expert form: x [E, S, D] with weights [E, D, F] and [E, F, D]. On CPU in
+    float32 it is one XLA FFI call each way where moejax's CPU kernels build (cpu_swiglu.py:
+    the activation beside the GEMMs). Otherwise, without fp8, the backward is written out
+    (`_swiglu`): autodiff's version left XLA:CPU fusing silu's derivative with a transpose for
+    the weight gradient (the tiny DeepSeek-shaped step's dense layer took 36 ms per step, 15 ms
+    with this: docs/bench_hf_model.md)."""
     if matmul.fp8:
         hidden = jax.nn.silu(matmul(x, p.w_gate)) * matmul(x, p.w_up)
         return matmul(hidden, p.w_down)
     weights = FFN(*(w.astype(matmul.dtype) for w in (p.w_gate, p.w_up, p.w_down)))
     x, weights = same_varying_axes(x.astype(matmul.dtype), weights)
+    if cpu_swiglu.applies(matmul.dtype):
+        return cpu_swiglu.dense_swiglu(x, weights.w_gate, weights.w_up, weights.w_down)
     return _swiglu(weights, x)
 
 
@@ -151,13 +156,12 @@ def _swiglu_fwd(p: FFN, x):
     return (jax.nn.silu(gate) * up) @ p.w_down, (p, x, gate, up)
 
 
-def swiglu_grads(gate, up, d_out, w_down_t=None):
+def swiglu_grads(gate, up, d_out, w_down_t):
     """SwiGLU's backward through its activation, from the pre-activations gate, up [..., F],
-    the output gradient d_out and w_down transposed (None: d_out is already the hidden's
-    gradient [..., F]): (d_gate, d_up, the hidden silu(gate) up)."""
+    the output gradient d_out and w_down transposed: (d_gate, d_up, the hidden silu(gate) up)."""
     sig = jax.nn.sigmoid(gate)
     silu = gate * sig
-    d_hidden = d_out if w_down_t is None else d_out @ w_down_t
+    d_hidden = d_out @ w_down_t
     return d_hidden * up * (sig * (1 + gate * (1 - sig))), d_hidden * silu, silu * up
 
 

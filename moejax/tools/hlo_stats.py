@@ -15,6 +15,8 @@ from __future__ import annotations
 import math
 import re
 
+from moejax.model import cpu_kernels
+
 KINDS = ("all-to-all", "all-gather", "reduce-scatter", "all-reduce", "collective-permute")
 
 # bits per element; sub-byte types are packed
@@ -147,15 +149,22 @@ def collective_traffic(hlo_text: str) -> dict[str, dict[str, float]]:
 _NAME = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+) = ")
 _REFERENCE = re.compile(r"%([\w.\-]+)")
 _COMPUTE_OPCODES = ("dot", "convolution")
+# moejax's CPU kernels (cpu_kernels.py): custom calls whose work is GEMMs
+_GEMM_CALL = re.compile(r'custom_call_target="(?:' + "|".join(cpu_kernels.TARGETS) + ')"')
+
+
+def _is_gemm(line: str, opcode: str) -> bool:
+    return opcode in _COMPUTE_OPCODES or (opcode == "custom-call" and bool(_GEMM_CALL.search(line)))
 
 
 def _computes(name, computations, memo) -> bool:
-    """Whether a computation (a fusion's body, say) contains a dot or convolution."""
+    """Whether a computation (a fusion's body, say) contains a dot, a convolution or one of
+    moejax's CPU GEMM kernels."""
     if name not in memo:
         memo[name] = False
         for line in computations.get(name, []):
             instruction = _INSTRUCTION.match(line)
-            if instruction and (instruction.group(2) in _COMPUTE_OPCODES or any(
+            if instruction and (_is_gemm(line, instruction.group(2)) or any(
                     _computes(c, computations, memo) for c in _CALLEE.findall(line))):
                 memo[name] = True
                 break
@@ -164,7 +173,8 @@ def _computes(name, computations, memo) -> bool:
 
 def collective_overlap(hlo_text: str, kind: str = "all-to-all") -> list[dict]:
     """For each `kind` collective of a compiled (scheduled) program, in program order: how many
-    GEMM-carrying instructions (dots, or fusions/calls containing one) of its computation are
+    GEMM-carrying instructions (dots, moejax's CPU GEMM kernels, or fusions/calls containing
+    one) of its computation are
     independent of it (neither feed it nor read its result, directly or not), so that a
     scheduler may run them while it is in flight, and how many of those the schedule placed
     before and after it. {"computation", "position", "independent", "before", "after"}."""
@@ -181,7 +191,7 @@ def collective_overlap(hlo_text: str, kind: str = "all-to-all") -> list[dict]:
             order.append(name)
             opcodes[name] = instruction.group(2)
             operands[name] = set(_REFERENCE.findall(instruction.group(3)))
-            if instruction.group(2) in _COMPUTE_OPCODES or any(
+            if _is_gemm(line, instruction.group(2)) or any(
                     _computes(c, computations, memo) for c in _CALLEE.findall(line)):
                 compute.add(name)
         collectives = [n for n in order if _collective_kind(opcodes[n]) == kind

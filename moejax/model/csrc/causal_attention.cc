@@ -23,28 +23,6 @@ namespace {
 
 constexpr int64_t kChunk = 64;
 
-// exp(x) for the softmax's x <= 0 (scores minus their row's maximum or log-sum-exp), written so
-// that the compiler vectorizes the loops calling it (libm's expf is a call per element, most of
-// the forward's time; the clamp vectorizes under -fno-trapping-math, cpu_kernels.py's flags): 2^n e^r with n = round(x / ln 2) and a degree-6 polynomial for e^r on
-// |r| <= ln(2) / 2, about 2 float32 ulps; inputs below -87 give 2^-126 e^r ~ 0.
-inline float SoftmaxExp(float x) {
-  x = std::max(x, -87.0f);
-  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to int
-  const float n = (x * 1.44269504088896341f + kRound) - kRound;
-  const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;  // ln 2 in two parts
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t exponent = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &exponent, sizeof(scale));
-  return p * scale;
-}
-
 struct Dims {
   int64_t batch, seq, kv_heads, groups, qk_dim, v_dim;
 
@@ -97,7 +75,7 @@ void CausalSoftmax(float* scores, int64_t rows, int64_t keys, int64_t groups, in
       float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
       for (int64_t j = 0; j < visible; ++j) {
-        row[j] = SoftmaxExp(row[j] - peak);
+        row[j] = moejax::VectorExp(row[j] - peak);
         sum += row[j];
       }
       const float inverse = 1.0f / sum;
@@ -105,7 +83,7 @@ void CausalSoftmax(float* scores, int64_t rows, int64_t keys, int64_t groups, in
       lse_out[r] = peak + std::log(sum);
     } else {
       const float log_sum = lse[r];
-      for (int64_t j = 0; j < visible; ++j) row[j] = SoftmaxExp(row[j] - log_sum);
+      for (int64_t j = 0; j < visible; ++j) row[j] = moejax::VectorExp(row[j] - log_sum);
     }
     std::fill(row + visible, row + keys, 0.0f);
   }

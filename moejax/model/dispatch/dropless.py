@@ -40,7 +40,8 @@ import jax.numpy as jnp
 
 from moejax import sharding
 from moejax.config import MoEConfig
-from moejax.model.dispatch import cpu_gemm, grouped, grouped_fp8
+from moejax.model import cpu_kernels
+from moejax.model.dispatch import grouped, grouped_fp8
 from moejax.model.dispatch.shards import DispatchStats, Exchange, on_expert_shards
 from moejax.model.layers import FFN, Matmul
 from moejax.sharding import same_varying_axes
@@ -99,7 +100,7 @@ def grouped_kernel(cfg: MoEConfig, fp8: bool, dtype=jnp.float32,
                    backend: str | None = None) -> str:
     """moe.kernels resolved for expert GEMMs in `dtype` on `backend` (default: this process's
     first device's): auto is ragged off CPU; on CPU blas for float32 where its library builds
-    (cpu_gemm.py), else tiles. blocks or blas with fp8 is tiles (the fp8 grouped GEMMs are
+    (moejax/model/cpu_swiglu.py), else tiles. blocks or blas with fp8 is tiles (the fp8 grouped GEMMs are
     tiled, grouped_fp8.py). blas off CPU is refused in one line."""
     kernel = cfg.kernels
     backend = jax.default_backend() if backend is None else backend
@@ -109,7 +110,7 @@ def grouped_kernel(cfg: MoEConfig, fp8: bool, dtype=jnp.float32,
     if kernel == "auto" and backend != "cpu":
         kernel = "ragged"
     elif kernel == "auto":
-        usable = _blas_applies(fp8, dtype) and cpu_gemm.unavailable_reason() is None
+        usable = _blas_applies(fp8, dtype) and cpu_kernels.unavailable_reason() is None
         kernel = "blas" if usable else "tiles"
     return "tiles" if kernel in ("blocks", "blas") and fp8 else kernel
 
@@ -126,7 +127,7 @@ def kernel_description(cfg: MoEConfig, matmul: Matmul) -> str:
     line = f"moe.kernels={cfg.kernels} -> {kernel}"
     if cfg.kernels == "auto" and kernel == "tiles" and _blas_applies(bool(matmul.fp8),
                                                                       matmul.dtype):
-        line += f" (blas unavailable: {cpu_gemm.unavailable_reason()})"
+        line += f" (blas unavailable: {cpu_kernels.unavailable_reason()})"
     return line
 
 

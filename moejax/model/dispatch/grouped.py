@@ -12,7 +12,7 @@ dispatch (dropless.py beside it).
 - `blocked_swiglu`: with `moe.kernels=blocks`, each expert's first C0 rows as one batched
   GEMM over [E, C0, D] (the overflow goes to tiles in a second pass, dropless.py).
 - `blas_swiglu`: with `moe.kernels=blas` (auto on CPU where it builds), each expert's group,
-  unpadded, as one BLAS GEMM per weight through an XLA FFI call (cpu_gemm.py).
+  unpadded, its SwiGLU one XLA FFI call over BLAS GEMMs (moejax/model/cpu_swiglu.py).
 - `combine_rows`: each row's weighted sum of its k results, whose backward is one gather.
 
 Shapes: M rows of input, A assignments (M k), R rows of the sorted buffer (a multiple of tile),
@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from moejax.model.dispatch import cpu_gemm
+from moejax.model import cpu_swiglu
 from moejax.model.layers import FFN, swiglu_grads
 from moejax.sharding import same_varying_axes, varying_axes
 
@@ -291,37 +291,10 @@ def ragged_swiglu(rows: jax.Array, experts: FFN, layout: TileLayout) -> jax.Arra
 def blas_swiglu(rows: jax.Array, experts: FFN, group_rows: jax.Array) -> jax.Array:
     """rows [R, D] float32 sorted by expert, expert e's group_rows[e] rows after those of the
     experts before it -> [R, D] (rows past the groups zero): SwiGLU with each expert's weights,
-    one BLAS GEMM per group and weight (cpu_gemm.py). The backward is the same grouped GEMMs
-    from the saved pre-activations: d_rows through the transposed weights, the weight
-    gradients as each group's rows^T d_pre-activation."""
+    one BLAS GEMM per group and weight with the activation beside them, the whole layer one XLA
+    FFI call forward and one backward (cpu_swiglu.grouped_swiglu)."""
     # under shard_map the rows and weights vary like the group sizes (which vary with the
     # routing), so that the FFI calls' results, and the gradients, have the inputs' type
     rows, (experts, group_rows) = same_varying_axes(rows, (experts, group_rows))
-    return _blas_swiglu(rows, experts, group_rows)
-
-
-@jax.custom_vjp
-def _blas_swiglu(rows: jax.Array, experts: FFN, group_rows: jax.Array) -> jax.Array:
-    return _blas_swiglu_fwd(rows, experts, group_rows)[0]
-
-
-def _blas_swiglu_fwd(rows, experts, group_rows):
-    gate = cpu_gemm.grouped_matmul(rows, experts.w_gate, group_rows)
-    up = cpu_gemm.grouped_matmul(rows, experts.w_up, group_rows)
-    y = cpu_gemm.grouped_matmul(jax.nn.silu(gate) * up, experts.w_down, group_rows)
-    return y, (rows, experts, group_rows, gate, up)
-
-
-def _blas_swiglu_bwd(residuals, d_out):
-    rows, experts, group_rows, gate, up = residuals
-    d_hidden = cpu_gemm.grouped_matmul(d_out, experts.w_down, group_rows, transpose_w=True)
-    d_gate, d_up, hidden = swiglu_grads(gate, up, d_hidden)
-    d_rows = (cpu_gemm.grouped_matmul(d_gate, experts.w_gate, group_rows, transpose_w=True)
-              + cpu_gemm.grouped_matmul(d_up, experts.w_up, group_rows, transpose_w=True))
-    d_experts = FFN(cpu_gemm.grouped_outer(rows, d_gate, group_rows),
-                    cpu_gemm.grouped_outer(rows, d_up, group_rows),
-                    cpu_gemm.grouped_outer(hidden, d_out, group_rows))
-    return d_rows, d_experts, None
-
-
-_blas_swiglu.defvjp(_blas_swiglu_fwd, _blas_swiglu_bwd)
+    return cpu_swiglu.grouped_swiglu(rows, experts.w_gate, experts.w_up, experts.w_down,
+                                     group_rows)

@@ -1,8 +1,11 @@
-"""The BLAS grouped GEMMs of moe.kernels=blas (moejax/model/dispatch/cpu_gemm.py): each group's
-rows against numpy, the SwiGLU and its gradients against the tiles kernel, the default on CPU,
-and the clear refusals where the kernel cannot run."""
+"""moejax's CPU kernels (moejax/model/cpu_kernels.py): the SwiGLU of grouped experts and dense
+layers (cpu_swiglu.py) against per-group references, values and gradients, across its row and
+column chunks; the dropless layer's default on CPU; the clear refusals where a kernel cannot run;
+and the library's build (no compiler, concurrent cold builds, a compiler without -march=native).
+The attention kernel's tests are in test_attention_blockwise.py."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -14,53 +17,80 @@ from helpers import max_relative_error, tiny_config
 
 from moejax import params as P
 from moejax.config import ConfigError
-from moejax.model import cpu_kernels
-from moejax.model.dispatch import cpu_gemm, grouped
+from moejax.model import cpu_kernels, cpu_swiglu, layers
+from moejax.model.dispatch import grouped
 from moejax.model.dispatch.dropless import grouped_kernel, kernel_description
 from moejax.model.layers import FFN, Matmul
 from moejax.model.moe import moe_ffn, moe_specs
 
-# 4 groups over 12 of 14 rows: an empty group, and 2 padding rows past the groups
-SIZES = np.array([5, 0, 3, 4], np.int32)
-ROWS, K, N = 14, 6, 5
+# an empty group, a group of 300 rows (two row chunks of at most 256), 2 padding rows past the
+# groups; 200 hidden units (two column chunks of at most 128)
+SIZES = np.array([5, 0, 300, 4], np.int32)
+ROWS, D, F, N = 311, 8, 200, 6
 
 
-def reference_groups():
-    """(start, stop, group) of each group's rows."""
+def _weights(groups, key=0):
+    keys = jax.random.split(jax.random.key(key), 3)
+    return FFN(0.3 * jax.random.normal(keys[0], (groups, D, F)),
+               0.3 * jax.random.normal(keys[1], (groups, D, F)),
+               0.1 * jax.random.normal(keys[2], (groups, F, N)))
+
+
+def _matrices(w: FFN):
+    return w.w_gate, w.w_up, w.w_down
+
+
+def _per_group_reference(x, w):
+    """Each group's SwiGLU by jnp (autodiff for its gradients); padding rows zero."""
     stops = np.cumsum(SIZES)
-    return [(stop - size, stop, g) for g, (size, stop) in enumerate(zip(SIZES, stops))]
+    outputs = [layers._swiglu(FFN(w.w_gate[g], w.w_up[g], w.w_down[g]), x[stop - size:stop])
+               for g, (size, stop) in enumerate(zip(SIZES, stops))]
+    return jnp.concatenate([*outputs, jnp.zeros((ROWS - stops[-1], N))])
 
 
-def test_grouped_matmul_multiplies_each_groups_rows_by_its_weight():
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((ROWS, K), np.float32)
-    w = rng.standard_normal((len(SIZES), K, N), np.float32)
-    out = np.asarray(jax.jit(cpu_gemm.grouped_matmul)(x, w, SIZES))
-    expected = np.zeros((ROWS, N), np.float32)
-    for start, stop, g in reference_groups():
-        expected[start:stop] = x[start:stop] @ w[g]
-    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
-    assert not out[SIZES.sum():].any()  # padding rows are written, as zeros
-    w_t = np.ascontiguousarray(w.swapaxes(1, 2))  # [G, N, K]
-    out_t = jax.jit(cpu_gemm.grouped_matmul, static_argnums=3)(x, w_t, SIZES, True)
-    np.testing.assert_allclose(out_t, expected, rtol=1e-5, atol=1e-5)
+def _loss_and_grads(swiglu, x, w, cotangent):
+    return jax.jit(jax.value_and_grad(lambda x_, w_: jnp.sum(swiglu(x_, w_) * cotangent),
+                                      argnums=(0, 1)))(x, w)
 
 
-def test_grouped_outer_sums_each_groups_rows_and_zeroes_empty_groups():
-    rng = np.random.default_rng(1)
-    x = rng.standard_normal((ROWS, K), np.float32)
-    dy = rng.standard_normal((ROWS, N), np.float32)
-    out = np.asarray(jax.jit(cpu_gemm.grouped_outer)(x, dy, SIZES))
-    for start, stop, g in reference_groups():
-        np.testing.assert_allclose(out[g], x[start:stop].T @ dy[start:stop], rtol=1e-5,
-                                   atol=1e-5)
-    assert not out[1].any()  # group 1 has no rows
+def test_grouped_swiglu_and_its_gradients_per_group():
+    keys = jax.random.split(jax.random.key(1), 2)
+    x = jax.random.normal(keys[0], (ROWS, D))
+    cotangent = jax.random.normal(keys[1], (ROWS, N))
+    w = _weights(len(SIZES))
+    out = jax.jit(cpu_swiglu.grouped_swiglu)(x, *_matrices(w), SIZES)
+    assert not np.asarray(out[SIZES.sum():]).any()  # padding rows are written, as zeros
+    (loss, grads) = _loss_and_grads(
+        lambda x_, w_: cpu_swiglu.grouped_swiglu(x_, *_matrices(w_), jnp.asarray(SIZES)), x, w, cotangent)
+    (expected_loss, expected) = _loss_and_grads(_per_group_reference, x, w, cotangent)
+    assert abs(float(loss - expected_loss)) <= 1e-5 * abs(float(expected_loss))
+    assert max_relative_error(grads, expected) <= 1e-5
+    assert not np.asarray(grads[1].w_gate[1]).any()  # the empty group's weight gradients: 0
+    assert not np.asarray(grads[0][SIZES.sum():]).any()
 
 
-def test_grouped_matmul_refuses_other_dtypes_in_one_line():
-    x = jnp.ones((ROWS, K), jnp.bfloat16)
+@pytest.mark.parametrize("batched", [False, True])
+def test_dense_swiglu_equals_xla(batched):
+    """layers.swiglu's CPU path (one group of every row; or E groups of the batched experts'
+    [E, S, D]) against XLA's GEMMs with the hand-written backward."""
+    keys = jax.random.split(jax.random.key(2), 2)
+    w = _weights(3) if batched else FFN(*(a[0] for a in _matrices(_weights(1))))
+    shape = (3, 40, D) if batched else (2, 150, D)
+    x = jax.random.normal(keys[0], shape)
+    cotangent = jax.random.normal(keys[1], (*shape[:-1], N))
+    assert cpu_swiglu.applies(jnp.float32) and not cpu_swiglu.applies(jnp.bfloat16)
+    (loss, grads) = _loss_and_grads(lambda x_, w_: cpu_swiglu.dense_swiglu(x_, *_matrices(w_)), x, w,
+                                    cotangent)
+    (expected_loss, expected) = _loss_and_grads(lambda x_, w_: layers._swiglu(w_, x_), x, w,
+                                                cotangent)
+    assert abs(float(loss - expected_loss)) <= 1e-5 * abs(float(expected_loss))
+    assert max_relative_error(grads, expected) <= 1e-5
+
+
+def test_grouped_swiglu_refuses_other_dtypes_in_one_line():
+    x = jnp.ones((ROWS, D), jnp.bfloat16)
     with pytest.raises(TypeError, match="float32, not bfloat16.*moe.kernels=tiles"):
-        cpu_gemm.grouped_matmul(x, jnp.ones((4, K, N), jnp.bfloat16), jnp.asarray(SIZES))
+        cpu_swiglu.grouped_swiglu(x, *_matrices(_weights(len(SIZES))), jnp.asarray(SIZES))
 
 
 def test_blas_swiglu_and_its_gradients_equal_the_tiles_kernel():
@@ -101,7 +131,7 @@ def test_blas_swiglu_and_its_gradients_equal_the_tiles_kernel():
 def test_auto_is_blas_on_cpu_for_float32_and_tiles_otherwise():
     """What users get by default on CPU: the BLAS kernel for float32 compute, which the
     compiled layer calls (and whose sorted buffer has no padding rows); tiles for bfloat16."""
-    assert cpu_gemm.unavailable_reason() is None
+    assert cpu_kernels.unavailable_reason() is None
     cfg = tiny_config()
     assert cfg.moe.kernels == "auto" and cfg.precision.compute_dtype == "float32"
     assert grouped_kernel(cfg.moe, fp8=False, dtype=jnp.float32) == "blas"
@@ -117,8 +147,9 @@ def test_auto_is_blas_on_cpu_for_float32_and_tiles_otherwise():
         return jnp.sum(jnp.square(y)), stats
 
     hlo = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True)).lower(params, x).as_text()
-    assert hlo.count(cpu_gemm.MATMUL_TARGET) == 3 + 3  # 3 forward; d_hidden, 2 for d_rows
-    assert hlo.count(cpu_gemm.OUTER_TARGET) == 3  # the three weight gradients
+    calls = re.findall(r'custom_call @(moejax_[a-z_]+)\(', hlo)
+    # the routed experts and the shared expert: one SwiGLU call each way
+    assert sorted(calls) == sorted([cpu_swiglu.FORWARD_TARGET, cpu_swiglu.BACKWARD_TARGET] * 2)
     _, stats = jax.jit(loss)(params, x)
     assert float(stats["padding_overhead"]) == 0.0
 
@@ -144,14 +175,15 @@ def test_without_a_compiler_auto_falls_back_to_tiles_and_blas_says_why(tmp_path)
 import jax.numpy as jnp
 from moejax.config import ModelConfig, MoEConfig
 from moejax.model import attention, cpu_attention
-from moejax.model.dispatch import cpu_gemm
+from moejax.model import cpu_swiglu
 from moejax.model.dispatch.dropless import grouped_kernel, kernel_description
 from moejax.model.layers import Matmul
 print(grouped_kernel(MoEConfig(num_experts=4), fp8=False))
 print(kernel_description(MoEConfig(num_experts=4), Matmul(jnp.float32)))
 print(attention.kernel_description(ModelConfig(), 128, jnp.float32))
-for explicit in (lambda: cpu_gemm.grouped_matmul(jnp.ones((2, 3)), jnp.ones((1, 3, 2)),
-                                                 jnp.array([2])),
+for explicit in (lambda: cpu_swiglu.grouped_swiglu(jnp.ones((2, 3)), jnp.ones((1, 3, 2)),
+                                                  jnp.ones((1, 3, 2)), jnp.ones((1, 2, 3)),
+                                                  jnp.array([2])),
                  lambda: cpu_attention.causal_attention(jnp.ones((1, 2, 1, 1, 4)),
                                                         jnp.ones((1, 2, 1, 4)),
                                                         jnp.ones((1, 2, 1, 4)), 0.5)):
@@ -184,9 +216,14 @@ def test_a_fresh_cache_builds_the_library_once_and_reuses_it(tmp_path):
     get a working library; a third process loads the one built, without compiling."""
     program = """
 import jax.numpy as jnp
-from moejax.model.dispatch import cpu_gemm
-out = cpu_gemm.grouped_matmul(jnp.ones((4, 3)), jnp.ones((2, 3, 2)), jnp.array([1, 3]))
-print(cpu_gemm.unavailable_reason(), float(out.sum()))
+import numpy as np
+from moejax.model import cpu_kernels, cpu_swiglu
+ones = np.ones
+out = cpu_swiglu.grouped_swiglu(ones((4, 3), np.float32), ones((2, 3, 2), np.float32),
+                                ones((2, 3, 2), np.float32), ones((2, 2, 3), np.float32),
+                                jnp.array([1, 3]))
+hidden = 3 / (1 + np.exp(-3)) * 3  # silu(1 + 1 + 1) * (1 + 1 + 1)
+print(cpu_kernels.unavailable_reason(), np.allclose(out, 2 * hidden, rtol=1e-5))
 """
     env = {**os.environ, "MOEJAX_CACHE_DIR": str(tmp_path), "JAX_PLATFORMS": "cpu"}
 
@@ -197,12 +234,12 @@ print(cpu_gemm.unavailable_reason(), float(out.sum()))
     for process in [start(), start()]:
         stdout, stderr = process.communicate(timeout=180)
         assert process.returncode == 0, stderr
-        assert stdout.split() == ["None", "24.0"]  # 4 rows x 2 columns, each a sum of 3 ones
+        assert stdout.split() == ["None", "True"]
     (library,) = tmp_path.glob("moejax_cpu_kernels-*.so")  # one file, no leftover partials
     assert not [p for p in tmp_path.iterdir() if p != library]
     built = library.stat().st_mtime_ns
     stdout, _ = start().communicate(timeout=180)
-    assert stdout.split() == ["None", "24.0"] and library.stat().st_mtime_ns == built
+    assert stdout.split() == ["None", "True"] and library.stat().st_mtime_ns == built
 
 
 def test_a_compiler_without_march_native_builds_the_baseline(tmp_path):
