@@ -52,7 +52,10 @@ def _take_rows_fwd(source, index, inverse):
 
 
 def _take_rows_bwd(inverse, d_out):
-    d_source = jnp.sum(_with_zero_row(d_out)[inverse], axis=1)
+    # one [S, ...] gather per slot, added: XLA fuses them into one pass, where gathering all
+    # m slots first builds an [S, m, ...] buffer and then reduces it
+    padded = _with_zero_row(d_out)
+    d_source = sum(padded[inverse[:, i]] for i in range(inverse.shape[1]))
     return d_source, None, None
 
 
