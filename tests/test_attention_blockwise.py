@@ -3,9 +3,10 @@
 (float32, 1e-5) for MHA, GQA and MLA with YaRN at an odd length (the last block padded), on one
 device, on the meshes of the mesh-equivalence test and inside a shard_map (the pipeline's
 context), and the BLAS kernel across its 64-position chunks; the kernel choice (plain /
-blockwise / cudnn / blas) by backend, dtype, head dims and model.attention_kernel; cuDNN's call plumbing (head padding and grouping) through jax's XLA implementation, since
-CPU cannot run cuDNN; generation's cached path; and the compiled temporaries growing linearly in
-T, not quadratically."""
+blockwise / cudnn / blas) by backend, dtype, head dims and model.attention_kernel; cuDNN's call
+plumbing (head padding and grouping) through jax's XLA implementation, since CPU cannot run
+cuDNN; generation's cached path; and the compiled temporaries growing linearly in T, not
+quadratically."""
 
 import functools
 
@@ -233,6 +234,8 @@ def test_attention_block_validation():
         tiny_config("model.attention_kernel=blockwise", "model.attention_block=0")
     with pytest.raises(ConfigError, match="attention_kernel=blas runs float32 GEMMs only"):
         tiny_config("model.attention_kernel=blas", "precision.compute_dtype=bfloat16")
+    with pytest.raises(ValueError, match="attention_kernel=blas runs on CPU only .this is gpu."):
+        A.attention_kernel(_model("model.attention_kernel=blas"), 16, jnp.float32, "gpu")
 
 
 @pytest.mark.parametrize("case", ["gqa", "mla_yarn"])

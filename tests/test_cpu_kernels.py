@@ -61,7 +61,8 @@ def test_grouped_swiglu_and_its_gradients_per_group():
     out = jax.jit(cpu_swiglu.grouped_swiglu)(x, *_matrices(w), SIZES)
     assert not np.asarray(out[SIZES.sum():]).any()  # padding rows are written, as zeros
     (loss, grads) = _loss_and_grads(
-        lambda x_, w_: cpu_swiglu.grouped_swiglu(x_, *_matrices(w_), jnp.asarray(SIZES)), x, w, cotangent)
+        lambda x_, w_: cpu_swiglu.grouped_swiglu(x_, *_matrices(w_), jnp.asarray(SIZES)),
+        x, w, cotangent)
     (expected_loss, expected) = _loss_and_grads(_per_group_reference, x, w, cotangent)
     assert abs(float(loss - expected_loss)) <= 1e-5 * abs(float(expected_loss))
     assert max_relative_error(grads, expected) <= 1e-5
@@ -78,9 +79,10 @@ def test_dense_swiglu_equals_xla(batched):
     shape = (3, 40, D) if batched else (2, 150, D)
     x = jax.random.normal(keys[0], shape)
     cotangent = jax.random.normal(keys[1], (*shape[:-1], N))
-    assert cpu_swiglu.applies(jnp.float32) and not cpu_swiglu.applies(jnp.bfloat16)
-    (loss, grads) = _loss_and_grads(lambda x_, w_: cpu_swiglu.dense_swiglu(x_, *_matrices(w_)), x, w,
-                                    cotangent)
+    assert cpu_kernels.runs(jnp.float32) and not cpu_kernels.runs(jnp.bfloat16)
+    assert not cpu_kernels.runs(jnp.float32, backend="gpu")
+    (loss, grads) = _loss_and_grads(lambda x_, w_: cpu_swiglu.dense_swiglu(x_, *_matrices(w_)),
+                                    x, w, cotangent)
     (expected_loss, expected) = _loss_and_grads(lambda x_, w_: layers._swiglu(w_, x_), x, w,
                                                 cotangent)
     assert abs(float(loss - expected_loss)) <= 1e-5 * abs(float(expected_loss))

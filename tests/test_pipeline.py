@@ -20,7 +20,7 @@ from test_mesh_equivalence import CONFIGS, _batch, _router_state, on_mesh, shard
 
 import moejax
 from moejax.config import ConfigError, MeshConfig
-from moejax.model import cpu_swiglu, pipeline
+from moejax.model import cpu_kernels, cpu_swiglu, pipeline
 from moejax.model.pipeline import Schedule
 from moejax.sharding import batch_sharding
 from moejax.tools.hlo_stats import shape_bytes
@@ -288,9 +288,10 @@ def test_the_dense_first_layers_run_per_microbatch_not_on_the_whole_shard():
     # moe.expert_ffn_dim wide): on CPU in float32 the pre-activations [rows, F] the SwiGLU's
     # FFI call returns (cpu_swiglu.py), else XLA's silu
     assert hidden not in (cfg.moe.expert_ffn_dim, cfg.moe.expert_ffn_dim * cfg.moe.num_shared_experts)
-    assert cpu_swiglu.applies(cfg.precision.compute_dtype)
+    assert cpu_kernels.runs(cfg.precision.compute_dtype)
     calls = [line for line in hlo.splitlines() if f'"{cpu_swiglu.FORWARD_TARGET}"' in line]
-    activation_rows = {int(m) for line in calls for m in re.findall(rf"f32\[(\d+),{hidden}\]", line)}
+    activation_rows = {int(rows_) for line in calls
+                       for rows_ in re.findall(rf"f32\[(\d+),{hidden}\]", line)}
     assert rows // 2 * seq in activation_rows, activation_rows
     assert rows * seq not in activation_rows, activation_rows
 

@@ -65,9 +65,12 @@ def test_deepseek_v3_state_bytes_on_2048_devices_without_devices():
     ("model.num_layers=5", "mesh.pipe=2", "mesh.data=2", "mesh.expert=2",
      "train.microbatches=2"),
 ], ids=["data2_expert4_remat_fp8_dispatch", "pipe2_data2_expert2"])
-def test_all_to_all_bytes_match_the_dispatch_formula(overrides):
+def test_all_to_all_bytes_match_the_dispatch_formula(overrides, tmp_path):
     cfg = tiny_config(*overrides)
-    result = plan.plan(cfg, math.prod(cfg.mesh.axis_sizes(8)))
+    result = plan.plan(cfg, math.prod(cfg.mesh.axis_sizes(8)), hlo_out=tmp_path / "step.hlo")
+    # a GPU's program: XLA's own GEMMs and attention, not moejax's CPU kernels (float32 here)
+    assert cfg.precision.compute_dtype == "float32"
+    assert "moejax_" not in (tmp_path / "step.hlo").read_text()
     counted = result["compiled"]["collectives"]["all-to-all"]
     # float32 compute is not widened on CPU; fp8 dispatch codes are (to float16). Block 24 does
     # not divide D = 32: the codes travel in 2 slices of 24 (zero-padded), 2 scales per row.

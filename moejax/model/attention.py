@@ -10,9 +10,10 @@ whole cache, with positions not yet written hidden by the causal mask.
 Training attention (no cache) runs one of four kernels, chosen by `attention_kernel`: the
 materialised scores [B, H, T, T] ("plain"), the blockwise online softmax of
 moejax/model/blockwise.py ("blockwise", memory linear in T), cuDNN's flash attention through
-`jax.nn.dot_product_attention` on NVIDIA GPUs ("cudnn"), or OpenBLAS GEMMs in one XLA:CPU custom
-call per direction (moejax/model/cpu_attention.py, "blas": CPU, float32, memory linear in T). Generation keeps the plain form: a
-decode step's scores are [B, H, 1, S], and the absorbed MLA form attends over the latents.
+`jax.nn.dot_product_attention` on NVIDIA GPUs ("cudnn"), or OpenBLAS GEMMs in one XLA:CPU
+custom call per direction (moejax/model/cpu_attention.py, "blas": CPU, float32, memory linear
+in T). Generation keeps the plain form: a decode step's scores are [B, H, 1, S], and the
+absorbed MLA form attends over the latents.
 """
 
 from __future__ import annotations
@@ -159,11 +160,14 @@ def attention_kernel(m: ModelConfig, seq_len: int, dtype, backend: str | None = 
     block is the plain attention with the loops' overhead added. `backend` and
     `compute_capability` default to this process's first device (the tests pass them to check
     the choice without a GPU)."""
+    backend = jax.default_backend() if backend is None else backend
+    if m.attention_kernel == "blas" and backend != "cpu":
+        raise ValueError(f"model.attention_kernel=blas runs on CPU only (this is {backend}): "
+                         "use model.attention_kernel=auto.")
     if m.attention_kernel != "auto":
         return m.attention_kernel
     if not m.attention_block:
         return "plain"
-    backend = jax.default_backend() if backend is None else backend
     if compute_capability is None:
         compute_capability = gpu_compute_capability() if backend == "gpu" else 0.0
     if m.attention == "mla":
@@ -172,8 +176,7 @@ def attention_kernel(m: ModelConfig, seq_len: int, dtype, backend: str | None = 
         qk_dim = v_dim = m.head_dim
     if cudnn_allows(qk_dim, v_dim, dtype, backend, compute_capability):
         return "cudnn"
-    if (backend == "cpu" and jnp.dtype(dtype) == jnp.dtype(jnp.float32)
-            and cpu_kernels.unavailable_reason() is None):
+    if cpu_kernels.runs(dtype, backend):
         return "blas"
     return "blockwise" if seq_len > m.attention_block else "plain"
 
@@ -185,7 +188,7 @@ def kernel_description(m: ModelConfig, seq_len: int, dtype) -> str:
     line = f"model.attention_kernel={m.attention_kernel} -> {kernel}"
     reason = cpu_kernels.unavailable_reason()
     if (m.attention_kernel == "auto" and kernel != "blas" and reason is not None
-            and jax.default_backend() == "cpu" and jnp.dtype(dtype) == jnp.dtype(jnp.float32)):
+            and jax.default_backend() == "cpu" and jnp.dtype(dtype) == jnp.float32):
         line += f" (blas unavailable: {reason})"
     return line
 

@@ -18,6 +18,7 @@ CPUs).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -105,6 +106,22 @@ def _compile(flags: list[str], target: Path) -> None:
         os.replace(partial, target)
 
 
+# Why the kernels are off in this process for now (`off`), or None.
+_OFF_BECAUSE: list[str] = []
+
+
+@contextlib.contextmanager
+def off(reason: str):
+    """Within: `unavailable_reason()` is `reason`, so every automatic choice (moe.kernels=auto,
+    attention, the dense SwiGLU) traces XLA's own kernels. The planner compiles in here: its
+    programs stand for a GPU's, and XLA's memory analysis cannot see these kernels' scratch."""
+    _OFF_BECAUSE.append(reason)
+    try:
+        yield
+    finally:
+        _OFF_BECAUSE.pop()
+
+
 @functools.cache
 def _library() -> ctypes.CDLL | str:
     """The loaded library with its FFI targets registered, or why it is unavailable."""
@@ -130,8 +147,18 @@ def _library() -> ctypes.CDLL | str:
 
 def unavailable_reason() -> str | None:
     """None when the CPU kernels can run here, else why not (one line)."""
+    if _OFF_BECAUSE:
+        return _OFF_BECAUSE[-1]
     library = _library()
     return library if isinstance(library, str) else None
+
+
+def runs(dtype, backend: str | None = None) -> bool:
+    """Whether work computed in `dtype` on `backend` (default: this process's first device's)
+    is these kernels' by default: CPU, float32, the library built here."""
+    backend = jax.default_backend() if backend is None else backend
+    return (backend == "cpu" and jnp.dtype(dtype) == jnp.dtype(jnp.float32)
+            and unavailable_reason() is None)
 
 
 def require(arrays, kernel: str, fallback: str) -> None:

@@ -27,13 +27,6 @@ FORWARD_TARGET = "moejax_grouped_swiglu"
 BACKWARD_TARGET = "moejax_grouped_swiglu_backward"
 
 
-def applies(dtype) -> bool:
-    """Whether a SwiGLU computed in `dtype` runs here by default: CPU, float32, the library
-    built (else XLA's own GEMMs run it)."""
-    return (jax.default_backend() == "cpu" and jnp.dtype(dtype) == jnp.dtype(jnp.float32)
-            and cpu_kernels.unavailable_reason() is None)
-
-
 def grouped_swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array,
                    sizes: jax.Array) -> jax.Array:
     """x [R, D] sorted by group -> [R, N]: each group's silu(x W_gate) * (x W_up) times its

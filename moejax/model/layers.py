@@ -12,7 +12,7 @@ from flax import struct
 
 from moejax.config import ModelConfig, PrecisionConfig
 from moejax.fp8 import fp8_matmul
-from moejax.model import cpu_swiglu
+from moejax.model import cpu_kernels, cpu_swiglu
 from moejax.params import ParamSpec, normal_init
 from moejax.sharding import same_varying_axes
 
@@ -141,7 +141,7 @@ def swiglu(p: FFN, x: jax.Array, matmul: Matmul) -> jax.Array:
         return matmul(hidden, p.w_down)
     weights = FFN(*(w.astype(matmul.dtype) for w in (p.w_gate, p.w_up, p.w_down)))
     x, weights = same_varying_axes(x.astype(matmul.dtype), weights)
-    if cpu_swiglu.applies(matmul.dtype):
+    if cpu_kernels.runs(matmul.dtype):
         return cpu_swiglu.dense_swiglu(x, weights.w_gate, weights.w_up, weights.w_down)
     return _swiglu(weights, x)
 

@@ -17,7 +17,9 @@ Compiling needs the mesh's devices to exist: scripts/plan.py asks XLA:CPU for th
 host devices before jax starts (2048 start in about a second; the compile is one SPMD program,
 whatever the device count). The compiled program is XLA:CPU's: it widens bfloat16 collectives
 to float32 (so its collective bytes are twice a GPU's for bf16 payloads) and uses the dense
-dispatch exchange (`moe.kernels=tiles`, buffers of P N_ rows), not the GPU's ragged one.
+dispatch exchange (`moe.kernels=tiles`, buffers of P N_ rows), not the GPU's ragged one. It is
+traced with moejax's CPU kernels off (`cpu_kernels.off`): XLA's own GEMMs and attention, as on
+a GPU, whose memory XLA's analysis sees.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from jax.sharding import AbstractMesh, AxisType
 
 from moejax import sharding
 from moejax.config import MESH_AXES, Config, ConfigError, stage_layer_counts, staged_layers
+from moejax.model import cpu_kernels
 from moejax.model.dispatch import max_destinations, row_tile
 from moejax.model.dispatch.dropless import pair_capacity, static_rows
 from moejax.model.pipeline import Schedule
@@ -270,7 +273,8 @@ def compile_step(cfg: Config, num_devices: int):
     run = build_run(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:num_devices]),
                     abstract=True)
     start = time.perf_counter()
-    lowered = run.lower()
+    with cpu_kernels.off("the planner models a GPU's program"):
+        lowered = run.lower()
     lowered_at = time.perf_counter()
     compiled = lowered.compile()
     return compiled, lowered_at - start, time.perf_counter() - lowered_at

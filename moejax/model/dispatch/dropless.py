@@ -100,8 +100,8 @@ def grouped_kernel(cfg: MoEConfig, fp8: bool, dtype=jnp.float32,
                    backend: str | None = None) -> str:
     """moe.kernels resolved for expert GEMMs in `dtype` on `backend` (default: this process's
     first device's): auto is ragged off CPU; on CPU blas for float32 where its library builds
-    (moejax/model/cpu_swiglu.py), else tiles. blocks or blas with fp8 is tiles (the fp8 grouped GEMMs are
-    tiled, grouped_fp8.py). blas off CPU is refused in one line."""
+    (moejax/model/cpu_swiglu.py), else tiles. blocks or blas with fp8 is tiles (the fp8 grouped
+    GEMMs are tiled, grouped_fp8.py). blas off CPU is refused in one line."""
     kernel = cfg.kernels
     backend = jax.default_backend() if backend is None else backend
     if kernel == "blas" and backend != "cpu":
