@@ -154,6 +154,32 @@ def test_blas_kernel_across_chunks(seq):
     assert max_relative_error(actual, expected) <= 1e-5
 
 
+def test_blas_kernel_with_a_shared_second_key_part():
+    """MLA's form: queries and keys in two parts whose dot products add, the second key part
+    one for every kv head ([B, T, 1, R]); against the materialised attention on the
+    concatenated parts, the shared part repeated per head, across chunks."""
+    q, k, v, cotangent = _qkv(seq=150, qk_dim=12, v_dim=8)
+    keys = jax.random.split(jax.random.key(4), 2)
+    q_rope = jax.random.normal(keys[0], (*q.shape[:-1], 4))
+    k_rope = jax.random.normal(keys[1], (*k.shape[:2], 1, 4))
+
+    def two_parts(q_, k_, v_, q_rope_, k_rope_):
+        return cpu_attention.causal_attention(q_, k_, v_, 0.3, q_rope=q_rope_, k_rope=k_rope_)
+
+    def concatenated(q_, k_, v_, q_rope_, k_rope_):
+        shared = jnp.broadcast_to(k_rope_, (*k_.shape[:-1], k_rope_.shape[-1]))
+        return _reference(jnp.concatenate([q_, q_rope_], -1), jnp.concatenate([k_, shared], -1),
+                          v_, 0.3)
+
+    def value_and_grads(attend):
+        return jax.jit(jax.value_and_grad(lambda *a: jnp.sum(attend(*a) * cotangent),
+                                          argnums=(0, 1, 2, 3, 4)))(q, k, v, q_rope, k_rope)
+
+    actual, expected = value_and_grads(two_parts), value_and_grads(concatenated)
+    assert actual[1][4].shape == k_rope.shape  # the shared part's gradient, summed over heads
+    assert max_relative_error(actual, expected) <= 1e-5
+
+
 def test_blas_kernel_refuses_other_dtypes():
     q, k, v, _ = _qkv()
     with pytest.raises(TypeError, match="model.attention_kernel=blas takes float32, not "

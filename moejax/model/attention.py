@@ -347,6 +347,12 @@ def _latent_fused(p: LatentAttention, latent, key_rope, q_nope, q_rope, m: Model
     the plain form; each head is its own key/value head (K = H, G = 1)."""
     dtype = matmul.dtype
     k_nope, v = jnp.split(_project(latent, p.wkv_b, matmul), [m.qk_nope_head_dim], axis=-1)
+    if kernel == "blas":  # takes the RoPE parts apart: no concatenation, the shared key once
+        out = cpu_attention.causal_attention(
+            q_nope.astype(dtype)[:, :, :, None, :], k_nope.astype(dtype), v.astype(dtype),
+            softmax_scale(m), q_rope=q_rope.astype(dtype)[:, :, :, None, :],
+            k_rope=key_rope.astype(dtype)[:, :, None, :])
+        return out[:, :, :, 0, :]
     batch, seq, heads, _ = k_nope.shape
     key_rope = jnp.broadcast_to(key_rope[:, :, None, :].astype(dtype),
                                 (batch, seq, heads, m.qk_rope_head_dim))
