@@ -3,8 +3,10 @@ use. Its users: the SwiGLU of grouped experts and dense layers (moejax/model/cpu
 causal attention (moejax/model/cpu_attention.py).
 
 Why: XLA:CPU runs many small GEMMs (one per expert, one per attention head) slowly, through
-padding, slicing and batched fusions; each of these kernels calls one OpenBLAS sgemm per
-piece of work, on exactly its rows, with the pieces shared out over XLA's own thread pool.
+padding, slicing and batched fusions, with the element-wise work around them as separate passes
+over memory; each of these kernels runs OpenBLAS sgemms per piece of work (an expert's chunk of
+rows, a sequence's attention head) on exactly its rows, the element-wise work beside them, with
+the pieces shared out over XLA's own thread pool.
 OpenBLAS comes from the scipy-openblas32 wheel, the build NumPy and SciPy use.
 
 The library (the sources in csrc/ beside this file) is compiled on first use with the host's C++
@@ -12,7 +14,7 @@ compiler (a few seconds, once per machine and jax version) into the cache direct
 (`MOEJAX_CACHE_DIR`, default ~/.cache/moejax) and loaded from there afterwards. Where it cannot
 be built (no compiler, no OpenBLAS wheel) `unavailable_reason` says why; the automatic choices
 (moe.kernels=auto, attention on CPU) then keep XLA's own kernels, and an explicit
-moe.kernels=blas stops with that reason. float32 only (OpenBLAS lacks bfloat16 GEMMs on most
+moe.kernels=blas or model.attention_kernel=blas stops with that reason. float32 only (OpenBLAS lacks bfloat16 GEMMs on most
 CPUs).
 """
 
@@ -106,7 +108,7 @@ def _compile(flags: list[str], target: Path) -> None:
         os.replace(partial, target)
 
 
-# Why the kernels are off in this process for now (`off`), or None.
+# Why the kernels are off in this process (`off`, innermost last); empty: they are on.
 _OFF_BECAUSE: list[str] = []
 
 

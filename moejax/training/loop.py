@@ -269,7 +269,7 @@ class _Loop:
         if skipped_in_row >= limit:
             raise TrainingDiverged(
                 f"training diverged: the last {skipped_in_row} steps (to step {step}) had a "
-                f"non-finite loss, gradients or parameters and were skipped (limit "
+                f"non-finite loss or gradients and were skipped (limit "
                 f"train.max_skipped_steps_in_row={limit}); checkpoints hold only finite states, "
                 f"so lower train.learning_rate (now {self.cfg.train.learning_rate:g}) or check "
                 "the data, then resume or start again.")

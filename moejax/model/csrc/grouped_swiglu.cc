@@ -109,14 +109,17 @@ ffi::Error GroupedSwiglu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 
 // The SwiGLU's backward from its residuals: d_x [R, D] and the weight gradients d_w_gate,
 // d_w_up [G, D, F], d_w_down [G, F, N] (zero for a group with no rows). First per row chunk
-// the activation's gradients (kept for the whole call: [R, F] three times) and d_x, then per
-// (group, chunk of hidden columns) the three weight gradients as rows^T x gradient GEMMs.
+// the activation's gradients (kept for the whole call in the three scratch results) and d_x,
+// then per (group, chunk of hidden columns) the three weight gradients as rows^T x gradient
+// GEMMs.
 ffi::Error GroupedSwigluBackward(
     ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_gate,
     ffi::Buffer<ffi::F32> w_up, ffi::Buffer<ffi::F32> w_down, ffi::Buffer<ffi::S32> sizes,
     ffi::Buffer<ffi::F32> gate, ffi::Buffer<ffi::F32> up, ffi::Buffer<ffi::F32> d_y,
     ffi::ResultBuffer<ffi::F32> d_x, ffi::ResultBuffer<ffi::F32> d_w_gate,
-    ffi::ResultBuffer<ffi::F32> d_w_up, ffi::ResultBuffer<ffi::F32> d_w_down) {
+    ffi::ResultBuffer<ffi::F32> d_w_up, ffi::ResultBuffer<ffi::F32> d_w_down,
+    ffi::ResultBuffer<ffi::F32> d_gate_scratch, ffi::ResultBuffer<ffi::F32> d_up_scratch,
+    ffi::ResultBuffer<ffi::F32> hidden_scratch) {
   SwigluDims d;
   if (auto error = CheckSwiglu(x, w_gate, w_up, w_down, sizes, &d); error.failure()) {
     return error;
@@ -125,13 +128,16 @@ ffi::Error GroupedSwigluBackward(
   const auto starts = GroupStarts(sizes.typed_data(), d.groups, d.total_rows);
   const auto chunks = RowChunks(starts.get(), d.groups);
   const int64_t used = starts[d.groups];
-  std::vector<float> d_gate(used * F), d_up(used * F), hidden(used * F);
+  // [R, F] each, allocated by XLA as results the caller drops, so that XLA's memory analysis
+  // counts them
+  float *d_gate = d_gate_scratch->typed_data(), *d_up = d_up_scratch->typed_data(),
+        *hidden = hidden_scratch->typed_data();
   const float *x_data = x.typed_data(), *dy_data = d_y.typed_data();
   float* dx_data = d_x->typed_data();
   moejax::ForEachItem(pool, chunks.size(), [&](int64_t i) {
     const RowChunk c = chunks[i];
     const int64_t at = c.row * F, count = c.rows * F;
-    float *dg = d_gate.data() + at, *du = d_up.data() + at, *h = hidden.data() + at;
+    float *dg = d_gate + at, *du = d_up + at, *h = hidden + at;
     // d_hidden into d_up's slot, then the activation's gradients in place
     scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, c.rows, F, N, 1.0f,
                       dy_data + c.row * N, N, w_down.typed_data() + c.group * F * N, N, 0.0f,
@@ -171,11 +177,11 @@ ffi::Error GroupedSwigluBackward(
     }
     const float* x_g = x_data + row * D;
     scipy_cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, D, cols, rows, 1.0f, x_g, D,
-                      d_gate.data() + row * F + f0, F, 0.0f, dwg_g, F);
+                      d_gate + row * F + f0, F, 0.0f, dwg_g, F);
     scipy_cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, D, cols, rows, 1.0f, x_g, D,
-                      d_up.data() + row * F + f0, F, 0.0f, dwu_g, F);
+                      d_up + row * F + f0, F, 0.0f, dwu_g, F);
     scipy_cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, cols, N, rows, 1.0f,
-                      hidden.data() + row * F + f0, F, dy_data + row * N, N, 0.0f, dwd_g, N);
+                      hidden + row * F + f0, F, dy_data + row * N, N, 0.0f, dwd_g, N);
   });
   return ffi::Error::Success();
 }
@@ -204,7 +210,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MoejaxGroupedSwigluBackward, GroupedSwigluBackward
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // d_x
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // d_w_gate
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // d_w_up
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // d_w_down
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // scratch: d_gate [R, F]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // scratch: d_up [R, F]
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // scratch: hidden [R, F]
