@@ -103,7 +103,8 @@ def train_step(state: TrainState, batch: dict, cfg: Config, optimizer, mesh=None
     grad_norm = ls.global_norm(grads)
     # Decided before the update (not from the updated parameters), the choice below fuses into
     # the update's own element-wise pass over each leaf: no second pass to check and select.
-    finite = jnp.isfinite(grad_norm) & jnp.isfinite(loss)
+    grads_finite = jnp.isfinite(grad_norm)
+    finite = grads_finite & jnp.isfinite(loss)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     if cfg.num_moe_layers:
@@ -115,7 +116,7 @@ def train_step(state: TrainState, batch: dict, cfg: Config, optimizer, mesh=None
         (state.params, state.opt_state, state.router, state.grad_sync))
     loss_scale = state.loss_scale
     if loss_scale is not None:
-        loss_scale = ls.update_loss_scale(loss_scale, jnp.isfinite(grad_norm),
+        loss_scale = ls.update_loss_scale(loss_scale, grads_finite,
                                           cfg.precision.loss_scale_growth_interval)
         metrics.update(loss_scale=loss_scale.scale)
     skipped = state.skipped.after(~finite)

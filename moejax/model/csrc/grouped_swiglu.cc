@@ -47,13 +47,17 @@ std::vector<RowChunk> RowChunks(const int64_t* starts, int64_t groups) {
   return chunks;
 }
 
-struct SwigluDims {
+// One call's shapes and its split into row chunks.
+struct SwigluWork {
   int64_t total_rows, d_model, hidden, d_out, groups;
+  std::unique_ptr<int64_t[]> starts;  // GroupStarts: [groups] is the end of the used rows
+  std::vector<RowChunk> chunks;
 };
 
-ffi::Error CheckSwiglu(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi::F32>& w_gate,
-                       const ffi::Buffer<ffi::F32>& w_up, const ffi::Buffer<ffi::F32>& w_down,
-                       const ffi::Buffer<ffi::S32>& sizes, SwigluDims* d) {
+// Checks the operands' shapes and fills `work` (or says what is wrong).
+ffi::Error PlanSwiglu(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi::F32>& w_gate,
+                      const ffi::Buffer<ffi::F32>& w_up, const ffi::Buffer<ffi::F32>& w_down,
+                      const ffi::Buffer<ffi::S32>& sizes, SwigluWork* work) {
   const auto xd = x.dimensions(), gd = w_gate.dimensions(), ud = w_up.dimensions(),
              dd = w_down.dimensions();
   if (xd.size() != 2 || gd.size() != 3 || ud.size() != 3 || dd.size() != 3 || gd[1] != xd[1] ||
@@ -63,7 +67,8 @@ ffi::Error CheckSwiglu(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi::F3
         "grouped_swiglu: expected x [R, D], w_gate and w_up [G, D, F], w_down [G, F, N], "
         "sizes [G]");
   }
-  *d = {xd[0], xd[1], gd[2], dd[2], gd[0]};
+  *work = {xd[0], xd[1], gd[2], dd[2], gd[0], GroupStarts(sizes.typed_data(), gd[0], xd[0]), {}};
+  work->chunks = RowChunks(work->starts.get(), work->groups);
   return ffi::Error::Success();
 }
 
@@ -74,13 +79,13 @@ ffi::Error GroupedSwiglu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                          ffi::Buffer<ffi::F32> w_down, ffi::Buffer<ffi::S32> sizes,
                          ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> gate,
                          ffi::ResultBuffer<ffi::F32> up) {
-  SwigluDims d;
-  if (auto error = CheckSwiglu(x, w_gate, w_up, w_down, sizes, &d); error.failure()) {
+  SwigluWork d;
+  if (auto error = PlanSwiglu(x, w_gate, w_up, w_down, sizes, &d); error.failure()) {
     return error;
   }
   const int64_t D = d.d_model, F = d.hidden, N = d.d_out;
-  const auto starts = GroupStarts(sizes.typed_data(), d.groups, d.total_rows);
-  const auto chunks = RowChunks(starts.get(), d.groups);
+  const auto& starts = d.starts;
+  const auto& chunks = d.chunks;
   const float* x_data = x.typed_data();
   float *y_data = y->typed_data(), *gate_data = gate->typed_data(), *up_data = up->typed_data();
   moejax::ForEachItem(pool, chunks.size(), [&](int64_t i) {
@@ -120,13 +125,13 @@ ffi::Error GroupedSwigluBackward(
     ffi::ResultBuffer<ffi::F32> d_w_up, ffi::ResultBuffer<ffi::F32> d_w_down,
     ffi::ResultBuffer<ffi::F32> d_gate_scratch, ffi::ResultBuffer<ffi::F32> d_up_scratch,
     ffi::ResultBuffer<ffi::F32> hidden_scratch) {
-  SwigluDims d;
-  if (auto error = CheckSwiglu(x, w_gate, w_up, w_down, sizes, &d); error.failure()) {
+  SwigluWork d;
+  if (auto error = PlanSwiglu(x, w_gate, w_up, w_down, sizes, &d); error.failure()) {
     return error;
   }
   const int64_t D = d.d_model, F = d.hidden, N = d.d_out;
-  const auto starts = GroupStarts(sizes.typed_data(), d.groups, d.total_rows);
-  const auto chunks = RowChunks(starts.get(), d.groups);
+  const auto& starts = d.starts;
+  const auto& chunks = d.chunks;
   const int64_t used = starts[d.groups];
   // [R, F] each, allocated by XLA as results the caller drops, so that XLA's memory analysis
   // counts them
