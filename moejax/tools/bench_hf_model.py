@@ -350,19 +350,12 @@ _MOE_FUNCTIONS = {"update_router_bias", "_router_loss", "_block_router_loss"}
 _HEAD_FUNCTIONS = {"output_logits", "_cross_entropy", "_head_losses", "_embedded", "_decoder"}
 _LOOP_FUNCTIONS = {"_run_stack", "_run_staged_stack", "_run_stack.<locals>.<lambda>"}
 
-
-@functools.cache
-def optimizer_lines() -> frozenset[int]:
-    """The lines of training/step.py's train_step that call optax (the AdamW update with its
-    clipping, applying it, the gradient-norm metric). jax leaves optax's own frames out of an
-    instruction's stack (it filters library frames), so its ops show as these calls."""
-    import inspect
-
-    from moejax.training import step
-
-    lines, first = inspect.getsourcelines(step.train_step)
-    return frozenset(first + i for i, text in enumerate(lines)
-                     if "optimizer.update(" in text or "optax." in text)
+# The optimizer's own frames: the step's optimizer call (optax's chain or the CPU kernel) and
+# the gradients' global norm (clipping, the skip test, the metric). jax leaves optax's frames
+# out of an instruction's stack (it filters library frames), so its ops show as these.
+_OPTIMIZER_FRAMES = {("moejax/training/step.py", "_optimizer_step"),
+                     ("moejax/training/loss_scale.py", "global_norm"),
+                     ("moejax/training/cpu_adamw.py", "update")}
 
 
 def frame_category(stack: tuple[ops_lib.Frame, ...]) -> str | None:
@@ -371,9 +364,8 @@ def frame_category(stack: tuple[ops_lib.Frame, ...]) -> str | None:
     for depth, frame in enumerate(stack):
         caller = stack[depth + 1].function if depth + 1 < len(stack) else ""
         path = frame.file.replace(os.sep, "/")
-        if "/optax/" in path or (frame.function == "train_step"
-                                 and path.endswith("moejax/training/step.py")
-                                 and frame.line in optimizer_lines()):
+        if "/optax/" in path or any(path.endswith(file) and frame.function == function
+                                    for file, function in _OPTIMIZER_FRAMES):
             return "optimizer"
         if (path.endswith(_MOE_FILES) or "moejax/model/dispatch/" in path
                 or frame.function in _MOE_FUNCTIONS):

@@ -9,6 +9,8 @@ from moejax.config import Config
 from moejax.model.transformer import model_specs
 from moejax.params import LAYER_AXES, is_spec
 
+ADAM_EPS = 1e-8  # optax.adamw's default, named for training/cpu_adamw.py's kernel
+
 
 def learning_rate_schedule(cfg: Config) -> optax.Schedule:
     t = cfg.train
@@ -33,7 +35,7 @@ def weight_decay_mask(cfg: Config):
 def make_optimizer(cfg: Config) -> optax.GradientTransformation:
     t = cfg.train
     adamw = optax.adamw(
-        learning_rate_schedule(cfg), b1=t.adam_b1, b2=t.adam_b2,
+        learning_rate_schedule(cfg), b1=t.adam_b1, b2=t.adam_b2, eps=ADAM_EPS,
         weight_decay=t.weight_decay, mask=weight_decay_mask(cfg),
     )
     if t.grad_clip <= 0:

@@ -11,7 +11,7 @@ import optax
 from moejax import sharding
 from moejax.config import Config
 from moejax.model.transformer import RouterState, loss_fn
-from moejax.training import grad_reduce
+from moejax.training import cpu_adamw, grad_reduce
 from moejax.training import loss_scale as ls
 from moejax.training.optim import learning_rate_schedule, make_optimizer
 from moejax.training.state import TrainState, train_state_shardings
@@ -88,6 +88,18 @@ def _gradients(state: TrainState, batch: dict, cfg: Config, router: RouterState,
     return loss, metrics, grads, sync
 
 
+def _optimizer_step(state: TrainState, grads, grad_norm, apply, cfg: Config, optimizer, mesh):
+    """(params, optimizer state) after `optimizer`'s step (make_optimizer(cfg)) where `apply`,
+    else the old ones: one kernel over every leaf where cpu_adamw applies, else optax's chain.
+    Decided before the update (not from the updated parameters), the choice fuses into the
+    update's own element-wise pass over each leaf: no second pass to check and select."""
+    if cpu_adamw.applies(state.params, mesh):
+        return cpu_adamw.update(cfg, grads, state.opt_state, state.params, grad_norm, apply)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return ls.select_update(apply, (params, opt_state), (state.params, state.opt_state))
+
+
 def train_step(state: TrainState, batch: dict, cfg: Config, optimizer, mesh=None):
     """state, batch {"tokens": [B, T + 1]} -> (new state, metrics). `mesh`: the mesh the
     explicit gradient reduction runs on (train.grad_compression other than none).
@@ -101,19 +113,15 @@ def train_step(state: TrainState, batch: dict, cfg: Config, optimizer, mesh=None
     router = state.router.replace(temperature=router_temperature(cfg, state.step))
     loss, metrics, grads, grad_sync = _gradients(state, batch, cfg, router, mesh)
     grad_norm = ls.global_norm(grads)
-    # Decided before the update (not from the updated parameters), the choice below fuses into
-    # the update's own element-wise pass over each leaf: no second pass to check and select.
     grads_finite = jnp.isfinite(grad_norm)
     finite = grads_finite & jnp.isfinite(loss)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    params, opt_state = _optimizer_step(state, grads, grad_norm, finite, cfg, optimizer, mesh)
     if cfg.num_moe_layers:
         bias = update_router_bias(router.bias, metrics["expert_counts"], cfg.moe.bias_update_rate)
         router = router.replace(bias=bias)
         metrics.update(load_statistics(metrics["expert_counts"], router.bias))
-    params, opt_state, router, grad_sync = ls.select_update(
-        finite, (params, opt_state, router, grad_sync),
-        (state.params, state.opt_state, state.router, state.grad_sync))
+    router, grad_sync = ls.select_update(finite, (router, grad_sync),
+                                         (state.router, state.grad_sync))
     loss_scale = state.loss_scale
     if loss_scale is not None:
         loss_scale = ls.update_loss_scale(loss_scale, grads_finite,
