@@ -169,6 +169,15 @@ def manual_axes() -> frozenset[str]:
     return frozenset() if mesh is None else frozenset(mesh.manual_axes)
 
 
+def whole_or_one_shard() -> bool:
+    """Whether code here runs on whole arrays or on one shard already, with no shard_map to
+    add: no mesh set, a mesh of one device, or inside a shard_map (the pipeline's). On one
+    device a shard_map would only add collectives over that device, which XLA:CPU still runs
+    (the transpose's all-reduce of every expert weight's gradient is a full copy of them)."""
+    mesh = current_mesh()
+    return mesh is None or mesh.size == 1 or bool(manual_axes())
+
+
 def stage_spec(logical_axes: tuple[str | None, ...], shape: tuple[int, ...]) -> PartitionSpec:
     """Spec of a pipelined-stack weight inside the pipeline's shard_map (manual over every
     axis): the expert dimension over `expert`, every other dimension whole (gathered over

@@ -59,7 +59,7 @@ def moe_specs(cfg: Config) -> MoE:
 def route_tokens(x: jax.Array, router_w, bias, temperature, cfg: Config) -> Routing:
     """Routing is token-local, so under a mesh it runs per batch shard (a plain GSPMD top-k
     would all-gather the [B, T, E] scores); statistics are reduced globally afterwards."""
-    if sharding.current_mesh() is None or sharding.manual_axes():
+    if sharding.whole_or_one_shard():
         return route(x, router_w, bias, temperature, cfg.moe)  # x is already one shard
     tokens, replicated = PartitionSpec(sharding.BATCH_AXES), PartitionSpec()
     local_route = jax.shard_map(

@@ -91,7 +91,7 @@ def on_expert_shards(local_fn, x, expert_ids, weights, experts: FFN):
                               w_.reshape(n_tokens, top_k), experts_, expert_axis)
         return y_.reshape(x_.shape), jax.tree.map(lambda s: s[None], stats_)
 
-    if sharding.current_mesh() is None or sharding.manual_axes():
+    if sharding.whole_or_one_shard():
         axis = "expert" if sharding.manual_axes() else None
         y, stats = local(x, expert_ids, weights, experts, expert_axis=axis)
         return y, _sum_over_shards(stats)
