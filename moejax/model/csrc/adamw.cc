@@ -45,15 +45,16 @@ void Update(const Leaf& leaf, int64_t start, int64_t size, const float* s, const
   const bool clip = s[kClip] != 0.0f;
   const float norm = s[kNorm], max_norm = s[kMaxNorm], bias1 = s[kBias1], bias2 = s[kBias2];
   const float step_size = s[kStepSize];
+  // 0 for an undecayed leaf: u + 0 p is u (parameters are finite). No branch in the loop, so
+  // that it vectorizes.
   const float decay = leaf.decayed ? h.weight_decay : 0.0f;
 #pragma omp simd
   for (int64_t i = start; i < start + size; ++i) {
-    float g = leaf.grad[i];
-    if (clip) g = (g / norm) * max_norm;
+    const float grad = leaf.grad[i];
+    const float g = clip ? (grad / norm) * max_norm : grad;
     const float m = h.one_minus_b1 * g + h.b1 * leaf.mu[i];
     const float v = h.one_minus_b2 * (g * g) + h.b2 * leaf.nu[i];
-    float u = (m / bias1) / (std::sqrt(v / bias2) + h.eps);
-    if (leaf.decayed) u = u + decay * leaf.param[i];
+    const float u = (m / bias1) / (std::sqrt(v / bias2) + h.eps) + decay * leaf.param[i];
     leaf.new_param[i] = leaf.param[i] + step_size * u;
     leaf.new_mu[i] = m;
     leaf.new_nu[i] = v;
