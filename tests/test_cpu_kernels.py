@@ -1,6 +1,7 @@
 """moejax's CPU kernels (moejax/model/cpu_kernels.py): the SwiGLU of grouped experts and dense
 layers (cpu_swiglu.py) against per-group references, values and gradients, across its row and
-column chunks; the dropless layer's default on CPU; the clear refusals where a kernel cannot run;
+column chunks; the dense matmul (cpu_matmul.py) against XLA's dot; the dropless layer's default
+on CPU; the clear refusals where a kernel cannot run;
 and the library's build (no compiler, concurrent cold builds, a compiler without -march=native).
 The attention kernel's tests are in test_attention_blockwise.py."""
 
@@ -17,7 +18,7 @@ from helpers import max_relative_error, tiny_config
 
 from moejax import params as P
 from moejax.config import ConfigError
-from moejax.model import cpu_kernels, cpu_swiglu, layers
+from moejax.model import cpu_kernels, cpu_matmul, cpu_swiglu, layers
 from moejax.model.dispatch import grouped
 from moejax.model.dispatch.dropless import grouped_kernel, kernel_description
 from moejax.model.layers import FFN, Matmul
@@ -87,6 +88,41 @@ def test_dense_swiglu_equals_xla(batched):
                                                 cotangent)
     assert abs(float(loss - expected_loss)) <= 1e-5 * abs(float(expected_loss))
     assert max_relative_error(grads, expected) <= 1e-5
+
+
+def test_matmul_and_its_gradients_equal_xlas_dot():
+    """x [2, 300, 70] (600 rows: row chunks of 256 with a partial last one) @ w [70, 150]
+    (d_w tiles of 64 x 128 with partial ones at both edges), values and both gradients."""
+    keys = jax.random.split(jax.random.key(3), 3)
+    x = jax.random.normal(keys[0], (2, 300, 70))
+    w = 0.2 * jax.random.normal(keys[1], (70, 150))
+    cotangent = jax.random.normal(keys[2], (2, 300, 150))
+
+    def loss_and_grads(matmul):
+        return jax.jit(jax.value_and_grad(
+            lambda x_, w_: jnp.sum(matmul(x_, w_) * cotangent), argnums=(0, 1)))(x, w)
+
+    loss, grads = loss_and_grads(cpu_matmul.matmul)
+    expected_loss, expected = loss_and_grads(jnp.matmul)
+    assert abs(float(loss - expected_loss)) <= 1e-5 * abs(float(expected_loss))
+    assert max_relative_error(grads, expected) <= 1e-5
+
+
+def test_attention_projections_take_the_matmul_kernel_on_cpu_in_float32():
+    """layers.Matmul's 2-D products are the kernel's on CPU in float32 (one forward call, one
+    backward call each), XLA's dot in bfloat16."""
+    x, w = jnp.ones((4, 16, 32)), jnp.ones((32, 24))
+
+    def text(dtype):
+        matmul = Matmul(jnp.dtype(dtype))
+        return jax.jit(jax.value_and_grad(lambda x_, w_: jnp.sum(matmul(x_, w_)),
+                                          argnums=(0, 1))).lower(
+            x, w).as_text()
+
+    f32 = text(jnp.float32)
+    assert f32.count(cpu_matmul.FORWARD_TARGET + "(") == 1
+    assert f32.count(cpu_matmul.BACKWARD_TARGET + "(") == 1
+    assert cpu_matmul.FORWARD_TARGET not in text(jnp.bfloat16)
 
 
 def test_the_backwards_scratch_is_xla_memory():

@@ -1,7 +1,7 @@
 """moejax's XLA:CPU kernels: one C++ library of XLA FFI custom calls over OpenBLAS, built on first
 use. Its users: the SwiGLU of grouped experts and dense layers (moejax/model/cpu_swiglu.py),
-causal attention (moejax/model/cpu_attention.py) and the AdamW update
-(moejax/training/cpu_adamw.py).
+causal attention (moejax/model/cpu_attention.py), the dense matmul of attention's projections
+(moejax/model/cpu_matmul.py) and the AdamW update (moejax/training/cpu_adamw.py).
 
 Why: XLA:CPU runs many small GEMMs (one per expert, one per attention head) slowly, through
 padding, slicing and batched fusions, with the element-wise work around them as separate passes
@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from moejax.sharding import varying_axes
 
 SOURCE_DIR = Path(__file__).with_name("csrc")
-SOURCES = ("grouped_swiglu.cc", "causal_attention.cc", "adamw.cc")
+SOURCES = ("grouped_swiglu.cc", "causal_attention.cc", "matmul.cc", "adamw.cc")
 HEADERS = ("cpu_kernels.h",)
 # FFI target name -> the library's handler symbol
 TARGETS = {
@@ -46,6 +46,8 @@ TARGETS = {
     "moejax_grouped_swiglu_backward": "MoejaxGroupedSwigluBackward",
     "moejax_causal_attention": "MoejaxCausalAttention",
     "moejax_causal_attention_backward": "MoejaxCausalAttentionBackward",
+    "moejax_matmul": "MoejaxMatmul",
+    "moejax_matmul_backward": "MoejaxMatmulBackward",
     "moejax_adamw": "MoejaxAdamW",
 }
 LIBRARY_PREFIX = "moejax_cpu_kernels"

@@ -12,7 +12,7 @@ from flax import struct
 
 from moejax.config import ModelConfig, PrecisionConfig
 from moejax.fp8 import fp8_matmul
-from moejax.model import cpu_kernels, cpu_swiglu
+from moejax.model import cpu_kernels, cpu_matmul, cpu_swiglu
 from moejax.params import ParamSpec, normal_init
 from moejax.sharding import same_varying_axes
 
@@ -81,7 +81,8 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 @dataclasses.dataclass(frozen=True)
 class Matmul:
     """How one group of layers multiplies activations by weights: in `dtype`, or through an
-    fp8 recipe ("tensor" or "block", see moejax/fp8.py) with results in `dtype`."""
+    fp8 recipe ("tensor" or "block", see moejax/fp8.py) with results in `dtype`. A 2-D weight
+    on CPU in float32 goes through moejax's BLAS kernel (cpu_matmul.py) where it builds."""
 
     dtype: jnp.dtype
     fp8: str | None = None
@@ -93,7 +94,10 @@ class Matmul:
             x, w = same_varying_axes(x.astype(self.dtype), w.astype(self.dtype))
             return fp8_matmul(x, w, recipe=self.fp8, out_dtype=self.dtype,
                               block_size=self.fp8_block_size)
-        return jnp.matmul(x.astype(self.dtype), w.astype(self.dtype))
+        x, w = x.astype(self.dtype), w.astype(self.dtype)
+        if w.ndim == 2 and cpu_kernels.runs(self.dtype):
+            return cpu_matmul.matmul(x, w)  # XLA:CPU's own dots: cpu_matmul.py says why
+        return jnp.matmul(x, w)
 
 
 FP8_LAYER_GROUPS = ("attention", "dense_ffn", "shared", "experts")
