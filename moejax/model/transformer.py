@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec
 
 from moejax import params as P
 from moejax.config import Config, unevenly_staged
-from moejax.model import pipeline
+from moejax.model import cpu_kernels, cpu_matmul, pipeline
 from moejax.model.attention import (
     Attention,
     LatentAttention,
@@ -365,8 +365,10 @@ def output_logits(params: Transformer, hidden: jax.Array, final_norm: jax.Array,
                   cfg: Config) -> jax.Array:
     """hidden [B, T, D] -> logits [B, T, V] float32 through the (shared) output head."""
     dtype = jnp.dtype(cfg.precision.compute_dtype)
-    x = rms_norm(hidden, final_norm, cfg.model.norm_eps)
-    return jnp.einsum("btd,dv->btv", x.astype(dtype), params.lm_head.astype(dtype),
+    x = rms_norm(hidden, final_norm, cfg.model.norm_eps).astype(dtype)
+    if cpu_kernels.runs(dtype):  # CPU, float32: BLAS (cpu_matmul.py says why)
+        return cpu_matmul.matmul(x, params.lm_head.astype(dtype))
+    return jnp.einsum("btd,dv->btv", x, params.lm_head.astype(dtype),
                       preferred_element_type=jnp.float32)
 
 
