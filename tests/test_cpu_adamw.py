@@ -1,6 +1,9 @@
 """training/cpu_adamw.py: the trainer's AdamW step as one XLA:CPU kernel over every leaf, against
 optax's chain (make_optimizer) on the same parameters, gradients and state."""
 
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,16 +23,20 @@ CFG = tiny_config("train.steps=20", "train.warmup_steps=4", "train.weight_decay=
                   "mesh.expert=1")  # one of the 8 test devices
 
 
-def _state(count: int, seed: int = 0):
+# without clipping (train.grad_clip 0), make_optimizer is AdamW alone, with no clip in its chain
+UNCLIPPED = CFG.replace(train=dataclasses.replace(CFG.train, grad_clip=0.0))
+
+
+def _state(cfg, count: int, seed: int = 0):
     """(params, grads, optimizer state at `count` with random moments)."""
     keys = iter(jax.random.split(jax.random.key(seed), 256))
-    params = initial_params(CFG, next(keys))
+    params = initial_params(cfg, next(keys))
 
     def normal(x, scale=1.0):
         return scale * jax.random.normal(next(keys), x.shape, x.dtype)
 
     grads = jax.tree.map(lambda x: normal(x, 1e-3), params)  # global norm ~0.3
-    opt_state = make_optimizer(CFG).init(params)
+    opt_state = make_optimizer(cfg).init(params)
     opt_state = optax.tree_utils.tree_set(
         opt_state, mu=jax.tree.map(lambda x: normal(x, 0.01), params),
         nu=jax.tree.map(lambda x: jnp.abs(normal(x, 1e-4)), params),
@@ -37,26 +44,28 @@ def _state(count: int, seed: int = 0):
     return params, grads, opt_state
 
 
-@jax.jit
-def _optax_step(grads, opt_state, params):
-    updates, opt_state = make_optimizer(CFG).update(grads, opt_state, params)
+@functools.partial(jax.jit, static_argnums=0)
+def _optax_step(cfg, grads, opt_state, params):
+    updates, opt_state = make_optimizer(cfg).update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state
 
 
-@jax.jit
-def _kernel_step(grads, opt_state, params, apply):
-    return cpu_adamw.update(CFG, grads, opt_state, params, global_norm(grads), apply)
+@functools.partial(jax.jit, static_argnums=0)
+def _kernel_step(cfg, grads, opt_state, params, apply):
+    return cpu_adamw.update(cfg, grads, opt_state, params, global_norm(grads), apply)
 
 
-@pytest.mark.parametrize("count, grad_scale", [(0, 1.0), (2, 1.0), (7, 1.0), (7, 100.0)])
-def test_the_kernel_takes_optaxs_step(count, grad_scale):
+@pytest.mark.parametrize("cfg, count, grad_scale", [
+    (CFG, 0, 1.0), (CFG, 2, 1.0), (CFG, 7, 1.0), (CFG, 7, 100.0), (UNCLIPPED, 7, 100.0)],
+    ids=["warm-up start", "warm-up", "decay", "clipped", "no clip in the chain"])
+def test_the_kernel_takes_optaxs_step(cfg, count, grad_scale):
     """Warm-up (count 0: learning rate 0) and decay, with and without clipping (grad_scale 100
     puts the global norm over train.grad_clip); decayed matrices and undecayed norms."""
-    params, grads, opt_state = _state(count)
+    params, grads, opt_state = _state(cfg, count)
     grads = jax.tree.map(lambda g: g * grad_scale, grads)
     assert (float(global_norm(grads)) > CFG.train.grad_clip) == (grad_scale > 1)
-    expected = _optax_step(grads, opt_state, params)
-    actual = _kernel_step(grads, opt_state, params, jnp.asarray(True))
+    expected = _optax_step(cfg, grads, opt_state, params)
+    actual = _kernel_step(cfg, grads, opt_state, params, jnp.asarray(True))
     assert jax.tree.structure(actual) == jax.tree.structure(expected)
     assert max_relative_error(actual, expected) < 1e-6
     moved = max_relative_error(actual[0], params)
@@ -64,8 +73,8 @@ def test_the_kernel_takes_optaxs_step(count, grad_scale):
 
 
 def test_a_skipped_step_changes_nothing():
-    params, grads, opt_state = _state(3)
-    actual = _kernel_step(grads, opt_state, params, jnp.asarray(False))
+    params, grads, opt_state = _state(CFG, 3)
+    actual = _kernel_step(CFG, grads, opt_state, params, jnp.asarray(False))
     assert max_relative_error(actual, (params, opt_state)) == 0
 
 
