@@ -615,7 +615,10 @@ def environment() -> dict:
             "transformers": transformers.__version__,
             # read, never set: torch runs at its own default
             "torch_threads": torch.get_num_threads(),
-            "jax_compilation_cache": jax.config.jax_compilation_cache_dir}
+            "jax_compilation_cache": jax.config.jax_compilation_cache_dir,
+            # glibc's malloc settings, which both systems' buffers share (e.g. hugetlb=1: huge
+            # pages for fresh allocations, ~10% on XLA:CPU's per-step buffers here)
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
 
 
 def shapes(cfg: Config, model) -> dict:
@@ -732,6 +735,8 @@ def _header(record: dict) -> str:
             f"{_fmt_load(record['load_end'])} at end; {opts['rounds']} rounds of "
             f"{opts['block']} steps per system, seed {opts['seed']}"
             + (", --quick" if opts["quick"] else "")
+            + (f"; both systems under GLIBC_TUNABLES={env['glibc_tunables']}"
+               if env.get("glibc_tunables") else "")
             + (f"; persistent compilation cache {env['jax_compilation_cache']}: first steps "
                "may be cache hits" if env["jax_compilation_cache"] else ""))
 
