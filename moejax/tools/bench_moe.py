@@ -712,6 +712,8 @@ def child_rows(args, path: Path) -> None:
 def run_header(with_torch: bool) -> str:
     header = (f"{datetime.date.today()}, {platform.node() or 'host'}: {bench.cpu_threads()} cores "
               f"({jax.devices()[0].device_kind}), jax {jax.__version__}")
+    if os.environ.get("GLIBC_TUNABLES"):  # glibc's malloc settings, shared by every system
+        header += f", GLIBC_TUNABLES={os.environ['GLIBC_TUNABLES']}"
     if not with_torch:
         return header + ", no torch/transformers: Hugging Face rows skipped"
     import torch
