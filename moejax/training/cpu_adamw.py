@@ -30,8 +30,9 @@ TARGET = "moejax_adamw"
 
 
 def applies(params, mesh) -> bool:
-    """Whether `update` takes the step of `params` on `mesh`."""
-    return (mesh.size == 1 and cpu_kernels.runs(jnp.float32)
+    """Whether `update` takes the step of `params` on `mesh` (None, no mesh set: optax's chain,
+    since the arrays' own shardings may span devices)."""
+    return (mesh is not None and mesh.size == 1 and cpu_kernels.runs(jnp.float32)
             and all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(params)))
 
 
