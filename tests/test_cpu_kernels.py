@@ -106,6 +106,9 @@ def test_matmul_and_its_gradients_equal_xlas_dot():
     expected_loss, expected = loss_and_grads(jnp.matmul)
     assert abs(float(loss - expected_loss)) <= 1e-5 * abs(float(expected_loss))
     assert max_relative_error(grads, expected) <= 1e-5
+    # an empty contraction (K = 0) is all zeros, every row written
+    empty = jax.jit(cpu_matmul.matmul)(jnp.ones((3, 0)), jnp.ones((0, 5)))
+    assert empty.shape == (3, 5) and not np.asarray(empty).any()
 
 
 def test_attention_projections_take_the_matmul_kernel_on_cpu_in_float32():

@@ -7,6 +7,10 @@ in memory (x^T d_y as a copy, then a dot); OpenBLAS's sgemm over row chunks shar
 threads runs them at 100-180 GFLOP/s here (docs/bench_hf_model.md), its transposes folded into
 the sgemm. One XLA FFI call (csrc/matmul.cc) each way: the backward computes d_x and d_w together.
 
+Used where the arrays are whole or one shard already (sharding.whole_or_one_shard: no mesh, a
+one-device mesh, inside a shard_map): under GSPMD on a mesh XLA would gather a custom call's
+operands and run it whole on every device, where its own dot runs on each device's shard.
+
 float32 only. x [..., K] @ w [K, N] -> [..., N].
 """
 

@@ -14,7 +14,7 @@ from moejax.config import ModelConfig, PrecisionConfig
 from moejax.fp8 import fp8_matmul
 from moejax.model import cpu_kernels, cpu_matmul, cpu_swiglu
 from moejax.params import ParamSpec, normal_init
-from moejax.sharding import same_varying_axes
+from moejax.sharding import same_varying_axes, whole_or_one_shard
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -82,7 +82,8 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 class Matmul:
     """How one group of layers multiplies activations by weights: in `dtype`, or through an
     fp8 recipe ("tensor" or "block", see moejax/fp8.py) with results in `dtype`. A 2-D weight
-    on CPU in float32 goes through moejax's BLAS kernel (cpu_matmul.py) where it builds."""
+    on CPU in float32 goes through moejax's BLAS kernel (cpu_matmul.py) where it builds, on
+    whole arrays or one shard (not under GSPMD on a mesh)."""
 
     dtype: jnp.dtype
     fp8: str | None = None
@@ -95,7 +96,7 @@ class Matmul:
             return fp8_matmul(x, w, recipe=self.fp8, out_dtype=self.dtype,
                               block_size=self.fp8_block_size)
         x, w = x.astype(self.dtype), w.astype(self.dtype)
-        if w.ndim == 2 and cpu_kernels.runs(self.dtype):
+        if w.ndim == 2 and cpu_kernels.runs(self.dtype) and whole_or_one_shard():
             return cpu_matmul.matmul(x, w)  # XLA:CPU's own dots: cpu_matmul.py says why
         return jnp.matmul(x, w)
 

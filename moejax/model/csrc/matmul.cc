@@ -31,7 +31,9 @@ ffi::Error MatmulShape(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi::F3
   if (x_dims.size() == 0 || x_dims[x_dims.size() - 1] != k) {
     return ffi::Error::InvalidArgument("matmul: x's last dimension must be w's first");
   }
-  shape = {static_cast<int64_t>(x.element_count()) / std::max<int64_t>(k, 1), k, n};
+  int64_t m = 1;  // the product of x's leading dimensions (also when K is 0)
+  for (size_t i = 0; i + 1 < x_dims.size(); ++i) m *= x_dims[i];
+  shape = {m, k, n};
   return ffi::Error::Success();
 }
 
