@@ -1,11 +1,13 @@
 """A dense float32 matmul on XLA:CPU through BLAS: layers.Matmul's `x @ w` (attention's
 projections) on CPU in float32 where moejax's CPU kernels build.
 
-Why: XLA:CPU's dots at these shapes (2048 rows against 32-256 columns) ran at 58-112 GFLOP/s in
-the tiny DeepSeek-shaped step, and each weight gradient first transposed its [rows, N] operand
-in memory (x^T d_y as a copy, then a dot); OpenBLAS's sgemm over row chunks shared between the
-threads runs them at 100-180 GFLOP/s here (docs/bench_hf_model.md), its transposes folded into
-the sgemm. One XLA FFI call (csrc/matmul.cc) each way: the backward computes d_x and d_w together.
+Why: XLA:CPU's dots at these shapes (2048 rows against 32-256 columns) ran well below
+OpenBLAS's sgemm on the same CPU in a profile of the tiny DeepSeek-shaped step (by hand, not
+recorded), and each weight gradient first transposed its [rows, N] operand in memory (x^T d_y
+as a copy, then a dot). Here sgemms over row chunks are shared between the threads, the
+transposes folded into sgemm: one XLA FFI call (csrc/matmul.cc) each way, the backward computing
+d_x and d_w together. The step's attention time went from 71.9 to 62.1 ms with this
+(docs/bench_hf_model.md's breakdown, which counts the other changes of that run too).
 
 Used where the arrays are whole or one shard already (sharding.whole_or_one_shard: no mesh, a
 one-device mesh, inside a shard_map): under GSPMD on a mesh XLA would gather a custom call's

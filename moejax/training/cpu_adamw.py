@@ -3,10 +3,10 @@ learning-rate schedule) as one XLA:CPU FFI call over every parameter leaf (csrc/
 moejax/model, built with moejax's other CPU kernels by cpu_kernels.py).
 
 Why: optax's chain works leaf by leaf, and XLA:CPU compiles each leaf's update, the skipped
-step's select and the copies its buffer aliasing then needs as kernels of their own: for the
-default preset about 1.8 s of the train step's ~4.7 s compile, and ~100 small kernels each
-step. The call reads each leaf's parameter, gradient and moments once and writes the new ones
-in place.
+step's select and the copies its buffer aliasing then needs as kernels of their own, each
+compiled and each run every step (the default preset's compile: 4.7 s at the record before
+this kernel, 2.6 s with it and cpu_matmul, docs/bench_hf_model.md). The call reads each leaf's
+parameter, gradient and moments once and writes the new ones in place.
 
 It keeps optax's state (make_optimizer's init: checkpoints and shardings are unchanged) and
 computes optax's arithmetic in optax's order, so the two agree to float32 rounding (tested).
