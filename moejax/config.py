@@ -207,7 +207,7 @@ class TrainConfig:
     # of compiling them again. null: off. Left alone where jax's own setting is already made
     # (JAX_COMPILATION_CACHE_DIR)
     compilation_cache: str | None = "~/.cache/moejax/xla"
-    # a step whose loss, gradients or updated parameters are not finite is skipped (the state
+    # a step whose loss or gradients are not finite is skipped (the state
     # is kept); this many skipped in a row stop the run as diverged
     max_skipped_steps_in_row: int = 10
     # a Hugging Face or moejax checkpoint directory whose weights and router state a fresh run

@@ -15,8 +15,8 @@ compiler (a few seconds, once per machine and jax version) into the cache direct
 (`MOEJAX_CACHE_DIR`, default ~/.cache/moejax) and loaded from there afterwards. Where it cannot
 be built (no compiler, no OpenBLAS wheel) `unavailable_reason` says why; the automatic choices
 (moe.kernels=auto, attention on CPU) then keep XLA's own kernels, and an explicit
-moe.kernels=blas or model.attention_kernel=blas stops with that reason. float32 only (OpenBLAS lacks bfloat16 GEMMs on most
-CPUs).
+moe.kernels=blas or model.attention_kernel=blas stops with that reason. float32 only (OpenBLAS
+lacks bfloat16 GEMMs on most CPUs).
 """
 
 from __future__ import annotations

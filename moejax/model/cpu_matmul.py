@@ -21,9 +21,16 @@ from __future__ import annotations
 import jax
 
 from moejax.model import cpu_kernels
+from moejax.sharding import whole_or_one_shard
 
 FORWARD_TARGET = "moejax_matmul"
 BACKWARD_TARGET = "moejax_matmul_backward"
+
+
+def used(dtype) -> bool:
+    """Whether products computed in `dtype` here take this kernel: CPU, float32, the library
+    built (cpu_kernels.runs), on whole arrays or one shard (the docstring above says why)."""
+    return cpu_kernels.runs(dtype) and whole_or_one_shard()
 
 
 def matmul(x: jax.Array, w: jax.Array) -> jax.Array:

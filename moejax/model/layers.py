@@ -14,7 +14,7 @@ from moejax.config import ModelConfig, PrecisionConfig
 from moejax.fp8 import fp8_matmul
 from moejax.model import cpu_kernels, cpu_matmul, cpu_swiglu
 from moejax.params import ParamSpec, normal_init
-from moejax.sharding import same_varying_axes, whole_or_one_shard
+from moejax.sharding import same_varying_axes
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -96,7 +96,7 @@ class Matmul:
             return fp8_matmul(x, w, recipe=self.fp8, out_dtype=self.dtype,
                               block_size=self.fp8_block_size)
         x, w = x.astype(self.dtype), w.astype(self.dtype)
-        if w.ndim == 2 and cpu_kernels.runs(self.dtype) and whole_or_one_shard():
+        if w.ndim == 2 and cpu_matmul.used(self.dtype):
             return cpu_matmul.matmul(x, w)  # XLA:CPU's own dots: cpu_matmul.py says why
         return jnp.matmul(x, w)
 

@@ -617,7 +617,7 @@ def environment() -> dict:
             "torch_threads": torch.get_num_threads(),
             "jax_compilation_cache": jax.config.jax_compilation_cache_dir,
             # glibc's malloc settings, which both systems' buffers share (e.g. hugetlb=1: huge
-            # pages for fresh allocations, ~10% on XLA:CPU's per-step buffers here)
+            # pages for fresh allocations, docs/bench_hf_model.md)
             "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
 
 

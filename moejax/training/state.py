@@ -41,7 +41,7 @@ class TrainState:
     # the data-parallel devices that hold the same parameter (moment_sharding)
     router: RouterState  # selection bias and temperature: state, never seen by the optimizer
     loss_scale: LossScaleState | None = None  # float16 compute only: dynamic loss scaling
-    # steps skipped because the loss, gradients or updated parameters were not finite:
+    # steps skipped because the loss or the gradients were not finite:
     skipped: SkippedSteps | None = None
     # train.grad_compression / expert_grad_delay: error-feedback residuals, PowerSGD factors,
     # delayed expert gradients (training/grad_reduce.py); None when the config keeps none

@@ -7,7 +7,6 @@
 // sgemm's, nothing is transposed in memory.
 #include <algorithm>
 #include <cstdint>
-#include <vector>
 
 #include "cpu_kernels.h"
 
