@@ -39,12 +39,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--startup-timeout", type=float,
                         help="seconds a process waits for the others at start-up and at each "
                              "barrier (default: MOEJAX_STARTUP_TIMEOUT or 1800)")
+    parser.add_argument("--host-memory", choices=("auto", "keep", "release"), default="auto",
+                        help="keep: malloc keeps the buffers XLA frees after each step for the "
+                             "next one (no page faults per step; resident memory stays at its "
+                             "peak); release: malloc as it is; auto (default): keep where jax "
+                             "runs on CPU (moejax/training/host_memory.py)")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from moejax.training import distributed
+    from moejax.training import distributed, host_memory
+
+    # before any thread of jax's allocates: the settings hold for threads that allocate later
+    host_memory_line = host_memory.apply(args.host_memory)
 
     try:
         distributed.initialize(args.coordinator, args.num_processes, args.process_id,
@@ -69,6 +77,8 @@ def main(argv=None) -> int:
     from moejax.training.runlock import RunLockedError
 
     main_process = jax.process_index() == 0
+    if main_process:
+        print(host_memory_line, flush=True)
     try:
         cfg = load_config(args.config, args.overrides)
         summary = train(cfg, args.run_dir, resume=AUTO if args.auto_resume else args.resume,
