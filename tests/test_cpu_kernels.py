@@ -128,6 +128,36 @@ def test_attention_projections_take_the_matmul_kernel_on_cpu_in_float32():
     assert cpu_matmul.FORWARD_TARGET not in text(jnp.bfloat16)
 
 
+def test_router_logits_take_the_matmul_kernel_in_float32():
+    """The router's [tokens, D] x [D, E] product (float32 whatever the compute dtype; its cost
+    grows with E) is the kernel's on CPU: one forward and one backward call, and the logits and
+    both gradients equal XLA's einsum."""
+    from moejax.config import MoEConfig
+    from moejax.model import router
+
+    keys = jax.random.split(jax.random.key(5), 2)
+    x = jax.random.normal(keys[0], (2, 40, 24), jnp.bfloat16)
+    w = 0.3 * jax.random.normal(keys[1], (24, 128))
+    cfg = MoEConfig(num_experts=128, top_k=8)
+
+    def logits_and_grads(x_, w_):
+        def loss(xx, ww):
+            return jnp.sum(jnp.sin(router.route(xx, ww, jnp.zeros(128), 1.0, cfg).logits))
+        return jax.value_and_grad(loss, argnums=(0, 1))(x_, w_)
+
+    step = jax.jit(logits_and_grads)
+    text = step.lower(x, w).as_text()
+    assert text.count(cpu_matmul.FORWARD_TARGET + "(") == 1
+    assert text.count(cpu_matmul.BACKWARD_TARGET + "(") == 1
+    loss, grads = step(x, w)
+    with cpu_kernels.off("XLA's einsum, for reference"):
+        expected_loss, expected = jax.jit(logits_and_grads)(x, w)
+    assert abs(float(loss - expected_loss)) <= 1e-5 * abs(float(expected_loss))
+    assert max_relative_error(grads[1], expected[1]) <= 1e-5
+    assert max_relative_error(grads[0].astype(jnp.float32),
+                              expected[0].astype(jnp.float32)) <= 1e-2  # bfloat16 x
+
+
 def test_the_backwards_scratch_is_xla_memory():
     """The backward's three [R, F] buffers (the activation's gradients and the hidden) are
     results XLA allocates, so its memory analysis (what bench_moe and the planner report)
@@ -202,8 +232,9 @@ def test_auto_is_blas_on_cpu_for_float32_and_tiles_otherwise():
 
     hlo = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True)).lower(params, x).as_text()
     calls = re.findall(r'custom_call @(moejax_[a-z_]+)\(', hlo)
-    # the routed experts and the shared expert: one SwiGLU call each way
-    assert sorted(calls) == sorted([cpu_swiglu.FORWARD_TARGET, cpu_swiglu.BACKWARD_TARGET] * 2)
+    # the routed experts and the shared expert: one SwiGLU call each way; the router: a matmul
+    assert sorted(calls) == sorted([cpu_swiglu.FORWARD_TARGET, cpu_swiglu.BACKWARD_TARGET] * 2
+                                   + [cpu_matmul.FORWARD_TARGET, cpu_matmul.BACKWARD_TARGET])
     _, stats = jax.jit(loss)(params, x)
     assert float(stats["padding_overhead"]) == 0.0
 

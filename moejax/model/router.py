@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from moejax.config import MoEConfig
+from moejax.model import cpu_matmul
 
 
 @struct.dataclass
@@ -66,7 +67,11 @@ def deepseek_route(logits: jax.Array, bias: jax.Array, cfg: MoEConfig) -> Routin
 
 def route(x: jax.Array, router_w: jax.Array, bias: jax.Array, temperature, cfg: MoEConfig) -> Routing:
     """x [B, T, D] -> Routing over [B, T, ...]; the router matmul runs in float32."""
-    logits = jnp.einsum("btd,de->bte", x.astype(jnp.float32), router_w.astype(jnp.float32))
+    x, router_w = x.astype(jnp.float32), router_w.astype(jnp.float32)
+    if cpu_matmul.used(jnp.float32):  # CPU: BLAS (cpu_matmul.py); its cost grows with E
+        logits = cpu_matmul.matmul(x, router_w)
+    else:
+        logits = jnp.einsum("btd,de->bte", x, router_w)
     if cfg.router == "deepseek":
         return deepseek_route(logits, bias, cfg)
     return softmax_topk(logits, cfg, temperature)
