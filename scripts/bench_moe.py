@@ -55,6 +55,7 @@ def parse_args(argv):
     parser.add_argument("--tables-from", type=Path,
                         help="print the tables of a run saved with --json, measuring nothing")
     parser.add_argument("--child-rows", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--child-scaling", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.peak_size = bench_moe.QUICK_PEAK_SIZE if args.quick else bench_moe.PEAK_SIZE
     if args.quick:
@@ -69,6 +70,9 @@ def main(argv=None) -> int:
         return 0
     if args.child_rows:  # the child: mesh rows only, on the fake devices
         bench_moe.child_rows(args, args.child_rows)
+        return 0
+    if args.child_scaling:  # the child: scaling rows only, with train.py's host memory
+        bench_moe.child_scaling(args, args.child_scaling)
         return 0
     load = bench.load_average()  # before anything is measured
     problem = bench_moe.refusal(args, load)

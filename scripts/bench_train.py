@@ -35,6 +35,7 @@ import jax
 
 import moejax
 from moejax.tools import bench
+from moejax.training import host_memory
 
 PRESET = "tiny"  # the default of scripts/train.py
 SYSTEMS = {
@@ -141,10 +142,11 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    memory = host_memory.apply("auto")  # as train.py does, before jax starts
     cfg = moejax.load_config(PRESET, [])
     header = (f"{datetime.date.today()}, {platform.node() or 'host'}: {bench.cpu_threads()} cores "
               f"({jax.devices()[0].device_kind}, {jax.device_count()} device), jax "
-              f"{jax.__version__}, load average {os.getloadavg()[0]:.1f} at start")
+              f"{jax.__version__}, load average {os.getloadavg()[0]:.1f} at start; {memory}")
     print(header, flush=True)
     print(f"configs/{PRESET}.yaml: {cfg.model.num_layers} layers, d_model {cfg.model.d_model}, "
           f"E {cfg.moe.num_experts}, k {cfg.moe.top_k}, batch {cfg.train.global_batch_size} x "

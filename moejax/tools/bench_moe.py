@@ -40,7 +40,9 @@ Protocol:
 Targets (`check_targets`, TARGETS): dropless over HF grouped_mm (default threads) and dropless
 useful/peak at each of the four shapes; sparse scaling, one dropless layer at E = 8 vs E = 128
 at equal active compute (same k and F, and fine-grained k x 4, F / 4): step time, and XLA's
-temp bytes where tokens x k is equal. Also reported: dropless against capacity 1.0 (speed and
+temp bytes where tokens x k is equal, measured twice: in this process (malloc as it is, as for
+every row compared with HF) and in a child process with the host memory train.py sets on CPU
+(moejax/training/host_memory.py: freed buffers kept for the next step), moejax against itself. Also reported: dropless against capacity 1.0 (speed and
 compiled bytes), XLA's memory analysis of every compiled moejax step, the 671B preset's
 dropless buffers per device (arithmetic from the bounds in moejax/model/dispatch/dropless.py),
 and with --devices N, rows on a (data 1, fsdp 1, expert N) mesh of fake CPU devices in a child
@@ -342,23 +344,33 @@ def refresh_buffers(record: dict) -> None:
     record["buffers_671b"] = buffers_671b()
 
 
-def run_mesh_child(args, num_devices: int, script: Path) -> list[dict]:
-    """Re-run `script` (scripts/bench_moe.py) with `num_devices` fake CPU devices and
-    --child-rows (`child_rows`); returns what it measured."""
+def run_child(args, script: Path, flags: list[str], xla_flags: str = ""):
+    """Re-run `script` (scripts/bench_moe.py) with `flags`, one of which names a JSON path
+    ({path} in it), importing the same moejax as this process; returns what it wrote."""
     env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "")
-                        + f" --xla_force_host_platform_device_count={num_devices}").strip()
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {xla_flags}".strip()
     # the child imports the same moejax as this process (not another installed copy)
     package_root = str(Path(moejax.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "rows.json"
-        command = [sys.executable, str(script), "--devices", str(num_devices),
-                   "--mesh-rounds", str(args.mesh_rounds), "--child-rows", str(path)]
-        if args.quick:
-            command.append("--quick")
+        path = Path(tmp) / "child.json"
+        command = [sys.executable, str(script), "--rounds", str(args.rounds),
+                   *(f.format(path=path) for f in flags), *(["--quick"] if args.quick else [])]
         subprocess.run(command, env=env, check=True)
         return json.loads(path.read_text())
+
+
+def run_mesh_child(args, num_devices: int, script: Path) -> list[dict]:
+    """The mesh rows (`child_rows`) from a child process with `num_devices` fake CPU devices."""
+    return run_child(args, script, ["--devices", str(num_devices), "--mesh-rounds",
+                                    str(args.mesh_rounds), "--child-rows", "{path}"],
+                     f"--xla_force_host_platform_device_count={num_devices}")
+
+
+def run_scaling_kept_memory(args, script: Path) -> dict:
+    """`run_scaling` in a child process whose malloc keeps freed memory as train.py's does on
+    CPU (`child_scaling`)."""
+    return run_child(args, script, ["--child-scaling", "{path}"])
 
 
 def mesh_rows(args) -> list[dict]:
@@ -505,9 +517,15 @@ def mesh_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def scaling_memory(scaling: dict) -> str:
+    """Which host memory a scaling run had: this process's malloc, or the child's setting."""
+    return scaling.get("host_memory") or "in this process, malloc as it is"
+
+
 def scaling_table(scaling: dict) -> str:
     base = scaling["base"]
-    lines = ["Sparse scaling, dropless, equal active compute (same T, D and k x F):", "",
+    lines = [(f"Sparse scaling, dropless, equal active compute (same T, D and k x F; "
+              f"{scaling_memory(scaling)}):"), "",
              (f"| layer | ms/step | step time over {base} (per round) | padding | temp MiB "
              "| total MiB |"), "|---|---|---|---|---|---|"]
     for name, info in scaling["info"].items():
@@ -547,15 +565,16 @@ def scaling_targets(scaling: dict) -> list[str]:
     base = scaling["base"]
     base_info = scaling["info"][base]
     lines = []
+    kind = "kept memory" if scaling.get("host_memory") else "malloc as it is"
     for name, ratio in scaling["time_ratio"].items():
-        lines.append(f"sparse scaling: {name} step time over {base} {fmt_spread(ratio)} "
+        lines.append(f"sparse scaling ({kind}): {name} step time over {base} {fmt_spread(ratio)} "
                      f"(target <= {TARGETS['scaling']}x): "
                      f"{verdict(ratio['median'] <= TARGETS['scaling'])}")
     for name, info in scaling["info"].items():
         if name == base:
             continue
         temp = info["memory"]["temp"] / base_info["memory"]["temp"]
-        line = f"sparse scaling: {name} XLA temp bytes over {base} {temp:.2f}x"
+        line = f"sparse scaling ({kind}): {name} XLA temp bytes over {base} {temp:.2f}x"
         if info.get("tokens_x_k") and info["tokens_x_k"] == base_info.get("tokens_x_k"):
             line += (f" (equal tokens x k; target <= {TARGETS['scaling_temp']}x): "
                      f"{verdict(temp <= TARGETS['scaling_temp'])}")
@@ -565,14 +584,15 @@ def scaling_targets(scaling: dict) -> list[str]:
     return lines
 
 
-def check_targets(groups: list[dict], scaling: dict | None) -> list[str]:
+def check_targets(groups: list[dict], *scalings: dict | None) -> list[str]:
     """One line per target of TARGETS: the figure, the target, met or MISSED (shapes outside
-    TARGET_SHAPES are reported too, without a target of their own)."""
+    TARGET_SHAPES are reported too, without a target of their own); the scaling targets for
+    each scaling run given (malloc as it is, kept memory)."""
     lines = [line for g in groups for line in shape_targets(g)]
     missing = [name for name in TARGET_SHAPES if name not in {g["shape"] for g in groups}]
     if missing:
         lines.append(f"not measured in this run: {', '.join(missing)}")
-    return lines + (scaling_targets(scaling) if scaling else [])
+    return lines + [line for scaling in scalings if scaling for line in scaling_targets(scaling)]
 
 
 def also_figures(groups: list[dict], scaling: dict | None) -> list[str]:
@@ -647,6 +667,7 @@ def report(record: dict) -> list[str]:
     """Print every table of a run (from its JSON record), the load lines first; returns the
     target lines."""
     groups, scaling, mesh = record["groups"], record["scaling"], record["mesh_rows"]
+    kept = record.get("scaling_kept_memory")
     print()
     for line in load_lines(record):
         print(line)
@@ -660,8 +681,9 @@ def report(record: dict) -> list[str]:
         print("Tile sweep (dropless, moe.tile_rows; speeds per round, same run):\n")
         print(tile_table(groups))
         print()
-    print(scaling_table(scaling))
-    print()
+    for run_ in filter(None, (scaling, kept)):
+        print(scaling_table(run_))
+        print()
     print("Compiled memory (MiB, XLA memory analysis of the fwd+bwd step):\n")
     print(memory_table(groups, scaling))
     print()
@@ -674,7 +696,7 @@ def report(record: dict) -> list[str]:
         print()
     for line in notes(record["peak_size"]):
         print(line)
-    targets = check_targets(groups, scaling)
+    targets = check_targets(groups, scaling, kept)
     for title, lines in (("Targets", targets), ("Also", also_figures(groups, scaling))):
         print(f"\n{title}{' (PROVISIONAL)' if record.get('provisional') else ''}:")
         for line in lines:
@@ -699,6 +721,16 @@ def print_saved(path: Path) -> None:
     print(record["header"])
     print(f"command: {record['command']}")
     report(record)
+
+
+def child_scaling(args, path: Path) -> None:
+    """The child of `run_scaling_kept_memory`: the host memory train.py sets on CPU, before jax
+    starts, then the scaling rows, as JSON (with the setting's line)."""
+    from moejax.training import host_memory
+
+    memory = host_memory.apply("auto")
+    print(f"sparse scaling, child process: {memory}", flush=True)
+    path.write_text(json.dumps({**run_scaling(args, args.quick), "host_memory": memory}))
 
 
 def child_rows(args, path: Path) -> None:
@@ -739,6 +771,8 @@ def run(args, command: str, script: Path, load_start: float | None) -> dict:
           f"{args.slow_rounds}), 1-minute load at start {load_text}", flush=True)
     groups = [run_group(s, args, with_torch=with_torch) for s in run_shapes(args.quick)]
     scaling = run_scaling(args, args.quick)
+    print("sparse scaling again, in a child process with train.py's host memory", flush=True)
+    scaling_kept = run_scaling_kept_memory(args, script)
     buffers = buffers_671b()
     mesh = []
     if args.devices > 1 and not args.quick:
@@ -754,6 +788,7 @@ def run(args, command: str, script: Path, load_start: float | None) -> dict:
               "torch_default_threads": bench.torch_default_threads() if with_torch else None,
               "hf_extra_threads": list(args.hf_threads), "tile_sweep": args.tile_sweep,
               "peak_size": args.peak_size, "groups": groups, "scaling": scaling,
+              "scaling_kept_memory": scaling_kept,
               "buffers_671b": buffers, "mesh_rows": mesh}
     record["targets"] = report(record)
     record["also"] = also_figures(groups, scaling)
