@@ -184,9 +184,13 @@ def test_logits_match_transformers(case):
     # the selection bias matters here: without it the routing, hence the logits, differ
     dropped = _logits(case.params.replace(router_state=None), case.tokens, case.cfg)
     assert np.abs(dropped - case.hf_logits).max() > 1e-2
-    # an explicitly passed router state wins over the carried one
+    # an explicitly passed router state wins over the carried one: the same routing as no
+    # state. Not bit-equal: there the zero bias is a constant, here an argument, and XLA:CPU
+    # fuses the sigmoid around the expert choice differently (last-bit differences); another
+    # routing would move the logits by > 1e-2, as above
     no_bias = case.router_state.replace(bias=jnp.zeros_like(case.router_state.bias))
-    np.testing.assert_array_equal(_logits(case.params, case.tokens, case.cfg, no_bias), dropped)
+    np.testing.assert_allclose(_logits(case.params, case.tokens, case.cfg, no_bias), dropped,
+                               rtol=0, atol=1e-5)
 
 
 def test_loss_uses_the_carried_state_and_never_trains_it(grouped):

@@ -18,7 +18,7 @@ from helpers import max_relative_error, tiny_config
 
 from moejax import params as P
 from moejax.config import ConfigError
-from moejax.model import cpu_kernels, cpu_matmul, cpu_swiglu, layers
+from moejax.model import cpu_kernels, cpu_matmul, cpu_route, cpu_swiglu, layers
 from moejax.model.dispatch import grouped
 from moejax.model.dispatch.dropless import grouped_kernel, kernel_description
 from moejax.model.layers import FFN, Matmul
@@ -151,11 +151,41 @@ def test_router_logits_take_the_matmul_kernel_in_float32():
     assert text.count(cpu_matmul.BACKWARD_TARGET + "(") == 1
     loss, grads = step(x, w)
     with cpu_kernels.off("XLA's einsum, for reference"):
-        expected_loss, expected = jax.jit(logits_and_grads)(x, w)
+        reference = jax.jit(lambda x_, w_: logits_and_grads(x_, w_))  # traced afresh
+        assert cpu_matmul.FORWARD_TARGET not in reference.lower(x, w).as_text()
+        expected_loss, expected = reference(x, w)
     assert abs(float(loss - expected_loss)) <= 1e-5 * abs(float(expected_loss))
     assert max_relative_error(grads[1], expected[1]) <= 1e-5
     assert max_relative_error(grads[0].astype(jnp.float32),
                               expected[0].astype(jnp.float32)) <= 1e-2  # bfloat16 x
+
+
+@pytest.mark.parametrize("experts,k,groups,topk_groups", [
+    (8, 2, 1, 1), (128, 8, 1, 1), (256, 8, 8, 4), (16, 3, 4, 2)])
+def test_expert_choice_is_top_ks_exactly(experts, k, groups, topk_groups):
+    """The CPU expert choice against XLA's top_k (and, with groups, router.group_mask first) on
+    scores full of ties (small integers), signed zeros, infinities and a NaN, and on normal
+    scores: the same ids in the same order for every token."""
+    from moejax.config import MoEConfig
+    from moejax.model import router
+
+    rng = np.random.default_rng(experts + k)
+    scores = rng.integers(-4, 5, size=(3, 200, experts)).astype(np.float32)
+    scores[0, :5], scores[0, 5:10] = -0.0, 0.0
+    scores[0, 10, :3], scores[0, 11, 4:9], scores[2, 7, 2] = np.inf, -np.inf, np.nan
+    scores[1] = rng.normal(size=(200, experts))
+    cfg = MoEConfig(num_experts=experts, top_k=k, num_groups=groups, topk_groups=topk_groups)
+
+    def choose(s):
+        return router.top_expert_ids(s, cfg, group_limited=True)
+
+    got = jax.jit(choose).lower(scores).as_text()
+    assert got.count(cpu_route.TARGET) == 1
+    with cpu_kernels.off("XLA's top_k, for reference"):
+        reference = jax.jit(lambda s: choose(s))  # a function of its own: traced afresh
+        assert cpu_route.TARGET not in reference.lower(scores).as_text()
+        expected = np.asarray(reference(scores))
+    np.testing.assert_array_equal(np.asarray(jax.jit(choose)(scores)), expected)
 
 
 def test_the_backwards_scratch_is_xla_memory():
@@ -233,8 +263,10 @@ def test_auto_is_blas_on_cpu_for_float32_and_tiles_otherwise():
     hlo = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True)).lower(params, x).as_text()
     calls = re.findall(r'custom_call @(moejax_[a-z_]+)\(', hlo)
     # the routed experts and the shared expert: one SwiGLU call each way; the router: a matmul
+    # each way and the expert choice
     assert sorted(calls) == sorted([cpu_swiglu.FORWARD_TARGET, cpu_swiglu.BACKWARD_TARGET] * 2
-                                   + [cpu_matmul.FORWARD_TARGET, cpu_matmul.BACKWARD_TARGET])
+                                   + [cpu_matmul.FORWARD_TARGET, cpu_matmul.BACKWARD_TARGET,
+                                      cpu_route.TARGET])
     _, stats = jax.jit(loss)(params, x)
     assert float(stats["padding_overhead"]) == 0.0
 

@@ -1,7 +1,8 @@
 """moejax's XLA:CPU kernels: one C++ library of XLA FFI custom calls over OpenBLAS, built on first
 use. Its users: the SwiGLU of grouped experts and dense layers (moejax/model/cpu_swiglu.py),
 causal attention (moejax/model/cpu_attention.py), the dense matmul of attention's projections
-(moejax/model/cpu_matmul.py) and the AdamW update (moejax/training/cpu_adamw.py).
+(moejax/model/cpu_matmul.py), the router's expert choice (moejax/model/cpu_route.py) and the AdamW
+update (moejax/training/cpu_adamw.py).
 
 Why: XLA:CPU runs many small GEMMs (one per expert, one per attention head) slowly, through
 padding, slicing and batched fusions, with the element-wise work around them as separate passes
@@ -38,7 +39,7 @@ import jax.numpy as jnp
 from moejax.sharding import varying_axes
 
 SOURCE_DIR = Path(__file__).with_name("csrc")
-SOURCES = ("grouped_swiglu.cc", "causal_attention.cc", "matmul.cc", "adamw.cc")
+SOURCES = ("grouped_swiglu.cc", "causal_attention.cc", "matmul.cc", "adamw.cc", "route_topk.cc")
 HEADERS = ("cpu_kernels.h",)
 # FFI target name -> the library's handler symbol
 TARGETS = {
@@ -49,6 +50,7 @@ TARGETS = {
     "moejax_matmul": "MoejaxMatmul",
     "moejax_matmul_backward": "MoejaxMatmulBackward",
     "moejax_adamw": "MoejaxAdamW",
+    "moejax_route_topk": "MoejaxRouteTopK",
 }
 LIBRARY_PREFIX = "moejax_cpu_kernels"
 
@@ -191,7 +193,7 @@ def alike(*arrays: jax.Array) -> list[jax.Array]:
     return [widen(a) for a in arrays]
 
 
-def result(like: jax.Array, shape: tuple[int, ...]):
-    """A float32 result type that varies over the shard_map axes `like` varies over: an FFI
-    call's result takes its type from this alone, not from its inputs."""
-    return jax.typeof(like).update(shape=shape, dtype=jnp.dtype(jnp.float32), weak_type=False)
+def result(like: jax.Array, shape: tuple[int, ...], dtype=jnp.float32):
+    """A result type (float32 unless `dtype`) that varies over the shard_map axes `like` varies
+    over: an FFI call's result takes its type from this alone, not from its inputs."""
+    return jax.typeof(like).update(shape=shape, dtype=jnp.dtype(dtype), weak_type=False)

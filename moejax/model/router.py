@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from moejax.config import MoEConfig
-from moejax.model import cpu_matmul
+from moejax.model import cpu_matmul, cpu_route
 
 
 @struct.dataclass
@@ -25,11 +25,24 @@ class Routing:
 def softmax_topk(logits: jax.Array, cfg: MoEConfig, temperature) -> Routing:
     """softmax(logits / temperature), top-k; weights optionally renormalised, then scaled."""
     probs = jax.nn.softmax(logits / temperature, axis=-1)
-    weights, ids = jax.lax.top_k(probs, cfg.top_k)
+    ids = top_expert_ids(probs, cfg)
+    weights = jnp.take_along_axis(probs, ids, axis=-1)
     if cfg.normalize_weights:
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
     weights = weights * cfg.routed_scaling_factor
     return Routing(ids.astype(jnp.int32), weights, probs, logits)
+
+
+def top_expert_ids(scores: jax.Array, cfg: MoEConfig, group_limited: bool = False) -> jax.Array:
+    """scores [..., E] -> the top_k experts' ids [..., k] int32, best first (ties: lower id);
+    `group_limited`: among the cfg.topk_groups best of cfg.num_groups groups (`group_mask`).
+    On CPU one kernel does it (cpu_route.py: the same choice as top_k's), elsewhere top_k."""
+    groups = cfg.num_groups if group_limited else 1
+    if cpu_route.used():
+        return cpu_route.top_expert_ids(scores, cfg.top_k, groups, cfg.topk_groups)
+    if groups > 1:
+        scores = jnp.where(group_mask(scores, groups, cfg.topk_groups), scores, -jnp.inf)
+    return jax.lax.top_k(scores, cfg.top_k)[1].astype(jnp.int32)
 
 
 def group_mask(biased_scores: jax.Array, num_groups: int, topk_groups: int) -> jax.Array:
@@ -53,10 +66,7 @@ def deepseek_route(logits: jax.Array, bias: jax.Array, cfg: MoEConfig) -> Routin
     routed_scaling_factor.
     """
     scores = jax.nn.sigmoid(logits)
-    biased = scores + bias
-    if cfg.num_groups > 1:
-        biased = jnp.where(group_mask(biased, cfg.num_groups, cfg.topk_groups), biased, -jnp.inf)
-    _, ids = jax.lax.top_k(biased, cfg.top_k)
+    ids = top_expert_ids(scores + bias, cfg, group_limited=True)
     weights = jnp.take_along_axis(scores, ids, axis=-1)
     if cfg.normalize_weights:
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True)

@@ -1,0 +1,46 @@
+"""The router's expert choice on XLA:CPU: each token's k best experts by score, with DeepSeek-V3's
+group limit where set, in one XLA FFI call (csrc/route_topk.cc, built by cpu_kernels.py).
+
+Why: XLA:CPU's top_k partially sorts an index list per token through a comparator, and the
+group-limited choice is five such passes and masks over [tokens, E] arrays (the groups' top 2,
+their sums, the groups' top_k, a one-hot mask, the final top_k). Both grow with E: by hand here
+(not recorded), top_k alone took 3.4 ms at E=128, k=2 and 9.7 ms at k=8 (8,192 tokens), and
+DeepSeek-V3's group-limited choice 15 ms of the DeepSeek-shaped layer's 307 ms step (E 256,
+4,096 tokens). Here one pass per token keeps its k best in a sorted list of k.
+
+The choice is XLA:CPU top_k's exactly (its total order of float bits, ties to the lower index,
+best first), so this path and XLA's route every token alike (tests/test_cpu_kernels.py). The
+expert ids carry no gradient; the weights are gathered from the scores by the caller, as
+differentiable as top_k's values. Used where moejax's CPU kernels run (`cpu_kernels.runs`) on
+whole arrays or one shard (route runs per shard of tokens on a mesh).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from moejax.model import cpu_kernels
+from moejax.sharding import whole_or_one_shard
+
+TARGET = "moejax_route_topk"
+
+
+def used() -> bool:
+    """Whether the expert choice here is this kernel's: CPU, the library built, on whole arrays
+    or one shard (the router's scores are float32 whatever the compute dtype)."""
+    return cpu_kernels.runs(jnp.float32) and whole_or_one_shard()
+
+
+def top_expert_ids(scores: jax.Array, k: int, num_groups: int = 1,
+                   topk_groups: int = 1) -> jax.Array:
+    """scores [..., E] float32 -> the k best experts' ids [..., k] int32, best first; with
+    num_groups > 1 only among the `topk_groups` groups (of E / num_groups consecutive experts)
+    whose two best scores sum highest."""
+    cpu_kernels.require((scores,), "the CPU expert choice", "cpu_kernels.off() for top_k")
+    call = jax.ffi.ffi_call(
+        TARGET, cpu_kernels.result(scores, (*scores.shape[:-1], k), jnp.int32),
+        vmap_method="broadcast_all")
+    # ids are integers: nothing flows back through the choice
+    return call(jax.lax.stop_gradient(scores), k=k, groups=num_groups,
+                topk_groups=topk_groups if num_groups > 1 else 1)
