@@ -42,11 +42,12 @@ useful/peak at each of the four shapes; sparse scaling, one dropless layer at E 
 at equal active compute (same k and F, and fine-grained k x 4, F / 4): step time, and XLA's
 temp bytes where tokens x k is equal, measured twice: in this process (malloc as it is, as for
 every row compared with HF) and in a child process with the host memory train.py sets on CPU
-(moejax/training/host_memory.py: freed buffers kept for the next step), moejax against itself. Also reported: dropless against capacity 1.0 (speed and
-compiled bytes), XLA's memory analysis of every compiled moejax step, the 671B preset's
-dropless buffers per device (arithmetic from the bounds in moejax/model/dispatch/dropless.py),
-and with --devices N, rows on a (data 1, fsdp 1, expert N) mesh of fake CPU devices in a child
-process (information only: the N devices share the same cores).
+(moejax/training/host_memory.py: freed buffers kept for the next step), moejax against itself.
+Also reported: dropless against capacity 1.0 (speed and compiled bytes), XLA's memory analysis
+of every compiled moejax step, the 671B preset's dropless buffers per device (arithmetic from
+the bounds in moejax/model/dispatch/dropless.py), and with --devices N, rows on a (data 1,
+fsdp 1, expert N) mesh of fake CPU devices in a child process (information only: the N devices
+share the same cores).
 """
 
 from __future__ import annotations
