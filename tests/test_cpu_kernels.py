@@ -23,6 +23,7 @@ from moejax.model.dispatch import grouped
 from moejax.model.dispatch.dropless import grouped_kernel, kernel_description
 from moejax.model.layers import FFN, Matmul
 from moejax.model.moe import moe_ffn, moe_specs
+from moejax.sharding import BATCH_AXES
 
 # an empty group, a group of 300 rows (two row chunks of at most 256), 2 padding rows past the
 # groups; 200 hidden units (two column chunks of at most 128)
@@ -186,6 +187,39 @@ def test_expert_choice_is_top_ks_exactly(experts, k, groups, topk_groups):
         assert cpu_route.TARGET not in reference.lower(scores).as_text()
         expected = np.asarray(reference(scores))
     np.testing.assert_array_equal(np.asarray(jax.jit(choose)(scores)), expected)
+
+
+def test_dense_swiglu_and_attention_kernels_only_on_whole_arrays_or_one_shard():
+    """Under GSPMD on a mesh XLA would gather a custom call's operands and run it whole on every
+    device: there the dense SwiGLU and auto attention take XLA's own ops; with no mesh, on a
+    one-device mesh and inside a shard_map, the kernels."""
+    import moejax
+    from moejax.config import MeshConfig
+    from moejax.model import attention
+
+    model = tiny_config().model
+    x = jax.random.normal(jax.random.key(0), (8, 16, D))
+    w = FFN(*(0.3 * jax.random.normal(jax.random.key(i), shape)
+              for i, shape in enumerate(((D, F), (D, F), (F, D)))))
+
+    def lowered_swiglu():  # a function of its own each time: traced afresh
+        return jax.jit(lambda x_, w_: layers.swiglu(w_, x_, Matmul(jnp.float32))).lower(
+            x, w).as_text()
+
+    def kernels_chosen():
+        return (cpu_swiglu.FORWARD_TARGET in lowered_swiglu(),
+                attention.attention_kernel(model, 128, jnp.float32) == "blas")
+
+    assert kernels_chosen() == (True, True)  # no mesh
+    with jax.set_mesh(moejax.make_mesh(MeshConfig(1, 1, 1))):
+        assert kernels_chosen() == (True, True)
+    mesh = moejax.make_mesh(MeshConfig(1, 1, 8))
+    with jax.set_mesh(mesh):
+        assert kernels_chosen() == (False, False)
+        spec = jax.sharding.PartitionSpec(BATCH_AXES)
+        inside = jax.shard_map(lambda x_: layers.swiglu(w, x_, Matmul(jnp.float32)), mesh=mesh,
+                               in_specs=spec, out_specs=spec)
+        assert cpu_swiglu.FORWARD_TARGET in jax.jit(inside).lower(x).as_text()
 
 
 def test_the_backwards_scratch_is_xla_memory():

@@ -29,6 +29,7 @@ from moejax.model import cpu_attention, cpu_kernels
 from moejax.model.blockwise import blockwise_attention
 from moejax.model.layers import Matmul, apply_rope, rms_norm, rope_tables, yarn_mscale
 from moejax.params import ParamSpec, normal_init, ones_init
+from moejax.sharding import whole_or_one_shard
 
 # DeepSeek normalises both MLA latents with eps 1e-6 whatever model.norm_eps says (its reference
 # code and transformers' DeepseekV3 agree), so checkpoints with another norm eps import exactly.
@@ -155,8 +156,9 @@ def attention_kernel(m: ModelConfig, seq_len: int, dtype, backend: str | None = 
     model.attention_block 0 (or null) keeps the materialised scores everywhere. Otherwise cuDNN
     where it takes the shapes (one fused kernel that skips the masked blocks, at every length;
     not yet timed against the blockwise kernel: no GPU so far); on CPU in float32 the BLAS
-    kernel where moejax's CPU kernels build (at every length: docs/bench_hf_model.md times it);
-    else the blockwise kernel once the sequence is longer than one block: a sequence of one
+    kernel where moejax's CPU kernels build (at every length: docs/bench_hf_model.md times it),
+    on whole arrays or one shard (sharding.whole_or_one_shard: under GSPMD on a mesh XLA would
+    gather a custom call's operands and run it whole on every device); else the blockwise kernel once the sequence is longer than one block: a sequence of one
     block is the plain attention with the loops' overhead added. `backend` and
     `compute_capability` default to this process's first device (the tests pass them to check
     the choice without a GPU)."""
@@ -176,7 +178,7 @@ def attention_kernel(m: ModelConfig, seq_len: int, dtype, backend: str | None = 
         qk_dim = v_dim = m.head_dim
     if cudnn_allows(qk_dim, v_dim, dtype, backend, compute_capability):
         return "cudnn"
-    if cpu_kernels.runs(dtype, backend):
+    if cpu_kernels.runs(dtype, backend) and whole_or_one_shard():
         return "blas"
     return "blockwise" if seq_len > m.attention_block else "plain"
 
@@ -187,9 +189,13 @@ def kernel_description(m: ModelConfig, seq_len: int, dtype) -> str:
     kernel = attention_kernel(m, seq_len, dtype)
     line = f"model.attention_kernel={m.attention_kernel} -> {kernel}"
     reason = cpu_kernels.unavailable_reason()
-    if (m.attention_kernel == "auto" and kernel != "blas" and reason is not None
+    if (m.attention_kernel == "auto" and kernel != "blas"
             and jax.default_backend() == "cpu" and jnp.dtype(dtype) == jnp.float32):
-        line += f" (blas unavailable: {reason})"
+        if reason is not None:
+            line += f" (blas unavailable: {reason})"
+        elif not whole_or_one_shard():
+            line += (" (blas: on one device or inside a shard_map only; here XLA partitions "
+                     "attention over the mesh)")
     return line
 
 

@@ -14,7 +14,7 @@ from moejax.config import ModelConfig, PrecisionConfig
 from moejax.fp8 import fp8_matmul
 from moejax.model import cpu_kernels, cpu_matmul, cpu_swiglu
 from moejax.params import ParamSpec, normal_init
-from moejax.sharding import same_varying_axes
+from moejax.sharding import same_varying_axes, whole_or_one_shard
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -137,7 +137,7 @@ def swiglu(p: FFN, x: jax.Array, matmul: Matmul) -> jax.Array:
 
     Also the batched expert form: x [E, S, D] with weights [E, D, F] and [E, F, D]. On CPU in
     float32 it is one XLA FFI call each way where moejax's CPU kernels build (cpu_swiglu.py:
-    the activation beside the GEMMs). Otherwise, without fp8, the backward is written out
+    the activation beside the GEMMs), on whole arrays or one shard (as the matmul kernel). Otherwise, without fp8, the backward is written out
     (`_swiglu`): autodiff's version left XLA:CPU fusing silu's derivative with a transpose for
     the weight gradient (the tiny DeepSeek-shaped step's dense layer took 36 ms per step, 15 ms
     with this: docs/bench_hf_model.md)."""
@@ -146,7 +146,7 @@ def swiglu(p: FFN, x: jax.Array, matmul: Matmul) -> jax.Array:
         return matmul(hidden, p.w_down)
     weights = FFN(*(w.astype(matmul.dtype) for w in (p.w_gate, p.w_up, p.w_down)))
     x, weights = same_varying_axes(x.astype(matmul.dtype), weights)
-    if cpu_kernels.runs(matmul.dtype):
+    if cpu_kernels.runs(matmul.dtype) and whole_or_one_shard():  # cpu_matmul.py says why
         return cpu_swiglu.dense_swiglu(x, weights.w_gate, weights.w_up, weights.w_down)
     return _swiglu(weights, x)
 

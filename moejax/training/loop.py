@@ -202,8 +202,9 @@ def _announce(announce, cfg: Config, run_dir: Path, corpus: Corpus, mesh) -> Non
         experts = layer_matmuls(cfg.precision)["experts"]
         announce(f"experts: dropless, {kernel_description(cfg.moe, experts)}")
     attention_dtype = layer_matmuls(cfg.precision)["attention"].dtype
-    announce("attention: " + attention.kernel_description(cfg.model, cfg.train.seq_len,
-                                                          attention_dtype))
+    with jax.set_mesh(mesh):  # the kernel depends on whether the mesh shards attention's arrays
+        announce("attention: " + attention.kernel_description(cfg.model, cfg.train.seq_len,
+                                                              attention_dtype))
     announce(f"data: {len(corpus.train_tokens):,} train / {len(corpus.val_tokens):,} held-out "
              f"tokens; {cfg.train.global_batch_size} x {cfg.train.seq_len} tokens per step")
     announce(f"mesh: {dict(mesh.shape)} over {mesh.devices.size} of {jax.device_count()} "
