@@ -156,10 +156,10 @@ def attention_kernel(m: ModelConfig, seq_len: int, dtype, backend: str | None = 
     model.attention_block 0 (or null) keeps the materialised scores everywhere. Otherwise cuDNN
     where it takes the shapes (one fused kernel that skips the masked blocks, at every length;
     not yet timed against the blockwise kernel: no GPU so far); on CPU in float32 the BLAS
-    kernel where moejax's CPU kernels build (at every length: docs/bench_hf_model.md times it),
-    on whole arrays or one shard (sharding.whole_or_one_shard: under GSPMD on a mesh XLA would
-    gather a custom call's operands and run it whole on every device); else the blockwise kernel once the sequence is longer than one block: a sequence of one
-    block is the plain attention with the loops' overhead added. `backend` and
+    kernel where moejax's CPU kernels build, on whole arrays or one shard (at every length:
+    docs/bench_hf_model.md times it; cpu_kernels.runs_here says why not on a mesh's GSPMD
+    arrays); else the blockwise kernel once the sequence is longer than one block: a sequence
+    of one block is the plain attention with the loops' overhead added. `backend` and
     `compute_capability` default to this process's first device (the tests pass them to check
     the choice without a GPU)."""
     backend = jax.default_backend() if backend is None else backend
@@ -178,7 +178,7 @@ def attention_kernel(m: ModelConfig, seq_len: int, dtype, backend: str | None = 
         qk_dim = v_dim = m.head_dim
     if cudnn_allows(qk_dim, v_dim, dtype, backend, compute_capability):
         return "cudnn"
-    if cpu_kernels.runs(dtype, backend) and whole_or_one_shard():
+    if cpu_kernels.runs_here(dtype, backend):
         return "blas"
     return "blockwise" if seq_len > m.attention_block else "plain"
 

@@ -36,7 +36,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from moejax.sharding import varying_axes
+from moejax.sharding import varying_axes, whole_or_one_shard
 
 SOURCE_DIR = Path(__file__).with_name("csrc")
 SOURCES = ("grouped_swiglu.cc", "causal_attention.cc", "matmul.cc", "adamw.cc", "route_topk.cc")
@@ -168,6 +168,14 @@ def runs(dtype, backend: str | None = None) -> bool:
     backend = jax.default_backend() if backend is None else backend
     return (backend == "cpu" and jnp.dtype(dtype) == jnp.dtype(jnp.float32)
             and unavailable_reason() is None)
+
+
+def runs_here(dtype, backend: str | None = None) -> bool:
+    """`runs`, on whole arrays or one shard (sharding.whole_or_one_shard: no mesh, a one-device
+    mesh, inside a shard_map): the test of every kernel's automatic use. Under GSPMD on a mesh
+    XLA would gather a custom call's operands and run it whole on every device, where its own
+    ops run on each device's shard."""
+    return runs(dtype, backend) and whole_or_one_shard()
 
 
 def require(arrays, kernel: str, fallback: str) -> None:

@@ -1,5 +1,6 @@
 """A dense float32 matmul on XLA:CPU through BLAS: layers.Matmul's `x @ w` (attention's
-projections) on CPU in float32 where moejax's CPU kernels build.
+projections), the output head and the router's logits, on CPU in float32 where moejax's CPU
+kernels build.
 
 Why: XLA:CPU's dots at these shapes (2048 rows against 32-256 columns) ran well below
 OpenBLAS's sgemm on the same CPU in a profile of the tiny DeepSeek-shaped step (by hand, not
@@ -9,9 +10,7 @@ transposes folded into sgemm: one XLA FFI call (csrc/matmul.cc) each way, the ba
 d_x and d_w together. The step's attention time went from 71.9 to 62.1 ms with this
 (docs/bench_hf_model.md's breakdown, which counts the other changes of that run too).
 
-Used where the arrays are whole or one shard already (sharding.whole_or_one_shard: no mesh, a
-one-device mesh, inside a shard_map): under GSPMD on a mesh XLA would gather a custom call's
-operands and run it whole on every device, where its own dot runs on each device's shard.
+Used where `cpu_kernels.runs_here`: on whole arrays or one shard.
 
 float32 only. x [..., K] @ w [K, N] -> [..., N].
 """
@@ -21,16 +20,9 @@ from __future__ import annotations
 import jax
 
 from moejax.model import cpu_kernels
-from moejax.sharding import whole_or_one_shard
 
 FORWARD_TARGET = "moejax_matmul"
 BACKWARD_TARGET = "moejax_matmul_backward"
-
-
-def used(dtype) -> bool:
-    """Whether products computed in `dtype` here take this kernel: CPU, float32, the library
-    built (cpu_kernels.runs), on whole arrays or one shard (the docstring above says why)."""
-    return cpu_kernels.runs(dtype) and whole_or_one_shard()
 
 
 def matmul(x: jax.Array, w: jax.Array) -> jax.Array:

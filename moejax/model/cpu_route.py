@@ -11,8 +11,8 @@ DeepSeek-V3's group-limited choice 15 ms of the DeepSeek-shaped layer's 307 ms s
 The choice is XLA:CPU top_k's exactly (its total order of float bits, ties to the lower index,
 best first), so this path and XLA's route every token alike (tests/test_cpu_kernels.py). The
 expert ids carry no gradient; the weights are gathered from the scores by the caller, as
-differentiable as top_k's values. Used where moejax's CPU kernels run (`cpu_kernels.runs`) on
-whole arrays or one shard (route runs per shard of tokens on a mesh).
+differentiable as top_k's values. Used where `cpu_kernels.runs_here` (float32: the router's
+scores are float32 whatever the compute dtype), route running per shard of tokens on a mesh.
 """
 
 from __future__ import annotations
@@ -21,15 +21,8 @@ import jax
 import jax.numpy as jnp
 
 from moejax.model import cpu_kernels
-from moejax.sharding import whole_or_one_shard
 
 TARGET = "moejax_route_topk"
-
-
-def used() -> bool:
-    """Whether the expert choice here is this kernel's: CPU, the library built, on whole arrays
-    or one shard (the router's scores are float32 whatever the compute dtype)."""
-    return cpu_kernels.runs(jnp.float32) and whole_or_one_shard()
 
 
 def top_expert_ids(scores: jax.Array, k: int, num_groups: int = 1,

@@ -14,7 +14,7 @@ from moejax.config import ModelConfig, PrecisionConfig
 from moejax.fp8 import fp8_matmul
 from moejax.model import cpu_kernels, cpu_matmul, cpu_swiglu
 from moejax.params import ParamSpec, normal_init
-from moejax.sharding import same_varying_axes, whole_or_one_shard
+from moejax.sharding import same_varying_axes
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -96,7 +96,7 @@ class Matmul:
             return fp8_matmul(x, w, recipe=self.fp8, out_dtype=self.dtype,
                               block_size=self.fp8_block_size)
         x, w = x.astype(self.dtype), w.astype(self.dtype)
-        if w.ndim == 2 and cpu_matmul.used(self.dtype):
+        if w.ndim == 2 and cpu_kernels.runs_here(self.dtype):
             return cpu_matmul.matmul(x, w)  # XLA:CPU's own dots: cpu_matmul.py says why
         return jnp.matmul(x, w)
 
@@ -136,9 +136,9 @@ def swiglu(p: FFN, x: jax.Array, matmul: Matmul) -> jax.Array:
     """down(silu(x @ gate) * (x @ up)); x [..., D] -> [..., D] in the compute dtype.
 
     Also the batched expert form: x [E, S, D] with weights [E, D, F] and [E, F, D]. On CPU in
-    float32 it is one XLA FFI call each way where moejax's CPU kernels build (cpu_swiglu.py:
-    the activation beside the GEMMs), on whole arrays or one shard (as the matmul kernel). Otherwise, without fp8, the backward is written out
-    (`_swiglu`): autodiff's version left XLA:CPU fusing silu's derivative with a transpose for
+    float32 it is one XLA FFI call each way where moejax's CPU kernels build, on whole arrays or
+    one shard (cpu_swiglu.py: the activation beside the GEMMs; cpu_kernels.runs_here).
+    Otherwise, without fp8, the backward is written out (`_swiglu`): autodiff's version left XLA:CPU fusing silu's derivative with a transpose for
     the weight gradient (the tiny DeepSeek-shaped step's dense layer took 36 ms per step, 15 ms
     with this: docs/bench_hf_model.md)."""
     if matmul.fp8:
@@ -146,7 +146,7 @@ def swiglu(p: FFN, x: jax.Array, matmul: Matmul) -> jax.Array:
         return matmul(hidden, p.w_down)
     weights = FFN(*(w.astype(matmul.dtype) for w in (p.w_gate, p.w_up, p.w_down)))
     x, weights = same_varying_axes(x.astype(matmul.dtype), weights)
-    if cpu_kernels.runs(matmul.dtype) and whole_or_one_shard():  # cpu_matmul.py says why
+    if cpu_kernels.runs_here(matmul.dtype):
         return cpu_swiglu.dense_swiglu(x, weights.w_gate, weights.w_up, weights.w_down)
     return _swiglu(weights, x)
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from moejax.config import MoEConfig
-from moejax.model import cpu_matmul, cpu_route
+from moejax.model import cpu_kernels, cpu_matmul, cpu_route
 
 
 @struct.dataclass
@@ -38,7 +38,7 @@ def top_expert_ids(scores: jax.Array, cfg: MoEConfig, group_limited: bool = Fals
     `group_limited`: among the cfg.topk_groups best of cfg.num_groups groups (`group_mask`).
     On CPU one kernel does it (cpu_route.py: the same choice as top_k's), elsewhere top_k."""
     groups = cfg.num_groups if group_limited else 1
-    if cpu_route.used():
+    if cpu_kernels.runs_here(jnp.float32):
         return cpu_route.top_expert_ids(scores, cfg.top_k, groups, cfg.topk_groups)
     if groups > 1:
         scores = jnp.where(group_mask(scores, groups, cfg.topk_groups), scores, -jnp.inf)
@@ -78,7 +78,7 @@ def deepseek_route(logits: jax.Array, bias: jax.Array, cfg: MoEConfig) -> Routin
 def route(x: jax.Array, router_w: jax.Array, bias: jax.Array, temperature, cfg: MoEConfig) -> Routing:
     """x [B, T, D] -> Routing over [B, T, ...]; the router matmul runs in float32."""
     x, router_w = x.astype(jnp.float32), router_w.astype(jnp.float32)
-    if cpu_matmul.used(jnp.float32):  # CPU: BLAS (cpu_matmul.py); its cost grows with E
+    if cpu_kernels.runs_here(jnp.float32):  # CPU: BLAS (cpu_matmul.py); its cost grows with E
         logits = cpu_matmul.matmul(x, router_w)
     else:
         logits = jnp.einsum("btd,de->bte", x, router_w)

@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec
 
 from moejax import params as P
 from moejax.config import Config, unevenly_staged
-from moejax.model import cpu_matmul, pipeline
+from moejax.model import cpu_kernels, cpu_matmul, pipeline
 from moejax.model.attention import (
     Attention,
     LatentAttention,
@@ -366,7 +366,7 @@ def output_logits(params: Transformer, hidden: jax.Array, final_norm: jax.Array,
     """hidden [B, T, D] -> logits [B, T, V] float32 through the (shared) output head."""
     dtype = jnp.dtype(cfg.precision.compute_dtype)
     x = rms_norm(hidden, final_norm, cfg.model.norm_eps).astype(dtype)
-    if cpu_matmul.used(dtype):  # CPU, float32: BLAS (cpu_matmul.py says why)
+    if cpu_kernels.runs_here(dtype):  # CPU, float32: BLAS (cpu_matmul.py says why)
         return cpu_matmul.matmul(x, params.lm_head.astype(dtype))
     return jnp.einsum("btd,dv->btv", x, params.lm_head.astype(dtype),
                       preferred_element_type=jnp.float32)
