@@ -3,10 +3,9 @@ group limit where set, in one XLA FFI call (csrc/route_topk.cc, built by cpu_ker
 
 Why: XLA:CPU's top_k partially sorts an index list per token through a comparator, and the
 group-limited choice is five such passes and masks over [tokens, E] arrays (the groups' top 2,
-their sums, the groups' top_k, a one-hot mask, the final top_k). Both grow with E: by hand here
-(not recorded), top_k alone took 3.4 ms at E=128, k=2 and 9.7 ms at k=8 (8,192 tokens), and
-DeepSeek-V3's group-limited choice 15 ms of the DeepSeek-shaped layer's 307 ms step (E 256,
-4,096 tokens). Here one pass per token keeps its k best in a sorted list of k.
+their sums, the groups' top_k, a one-hot mask, the final top_k). Both grow with E (a profile
+by hand; docs/bench_moe.md's E=128 and DeepSeek-shaped rows time the layer with this kernel).
+Here one pass per token keeps its k best in a sorted list of k.
 
 The choice is XLA:CPU top_k's exactly (its total order of float bits, ties to the lower index,
 best first), so this path and XLA's route every token alike (tests/test_cpu_kernels.py). The

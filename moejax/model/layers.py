@@ -138,9 +138,10 @@ def swiglu(p: FFN, x: jax.Array, matmul: Matmul) -> jax.Array:
     Also the batched expert form: x [E, S, D] with weights [E, D, F] and [E, F, D]. On CPU in
     float32 it is one XLA FFI call each way where moejax's CPU kernels build, on whole arrays or
     one shard (cpu_swiglu.py: the activation beside the GEMMs; cpu_kernels.runs_here).
-    Otherwise, without fp8, the backward is written out (`_swiglu`): autodiff's version left XLA:CPU fusing silu's derivative with a transpose for
-    the weight gradient (the tiny DeepSeek-shaped step's dense layer took 36 ms per step, 15 ms
-    with this: docs/bench_hf_model.md)."""
+    Otherwise, without fp8, the backward is written out (`_swiglu`): autodiff's version left
+    XLA:CPU fusing silu's derivative with a transpose for the weight gradient (the tiny
+    DeepSeek-shaped step's dense layer took 36 ms per step, 15 ms with this:
+    docs/bench_hf_model.md)."""
     if matmul.fp8:
         hidden = jax.nn.silu(matmul(x, p.w_gate)) * matmul(x, p.w_up)
         return matmul(hidden, p.w_down)

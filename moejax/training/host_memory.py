@@ -4,9 +4,9 @@ back to the operating system and faulting it in again.
 Why: XLA:CPU allocates a step's outputs and its temp buffer afresh at every call, with malloc,
 and glibc serves each allocation over its mmap threshold (32 MiB at most), and any allocation
 too big for a thread's own arena (64 MiB), with a fresh mmap that it unmaps at free. The next
-step then takes a page fault, and the kernel zeroes the page, for every 4 KiB of those buffers:
-the dropless layers of docs/bench_moe.md took 54,000 (E=8) to 123,000 (E=128, whose weight
-gradients alone are 201 MiB) faults per step. With one malloc arena, no mmap and no trimming,
+step then takes a page fault, and the kernel zeroes the page, for every 4 KiB of those buffers
+(the E=128 layer of docs/bench_moe.md: 201 MiB of weight gradients alone; its sparse-scaling
+rows time the step both ways). With one malloc arena, no mmap and no trimming,
 every freed buffer stays in malloc's heap and the next step reuses it: no faults once the heap
 has grown to the step's peak.
 

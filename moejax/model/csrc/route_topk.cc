@@ -29,22 +29,13 @@ inline int32_t OrderKey(float value) {
 }
 
 // The `k` best of keys[0, n) (best first, ties to the lower index) into best[0, k); `k` <= n.
-// Insertion into a sorted list of k: a later index never displaces an equal key.
-void BestIndices(const int32_t* keys, int64_t n, int64_t k, int32_t* best) {
-  std::unique_ptr<int32_t[]> best_keys(new int32_t[k]);
-  for (int64_t i = 0; i < k; ++i) {  // the first k, sorted
-    int64_t at = i;
-    while (at > 0 && keys[i] > best_keys[at - 1]) {
-      best_keys[at] = best_keys[at - 1];
-      best[at] = best[at - 1];
-      --at;
-    }
-    best_keys[at] = keys[i];
-    best[at] = static_cast<int32_t>(i);
-  }
-  for (int64_t i = k; i < n; ++i) {
-    if (keys[i] <= best_keys[k - 1]) continue;
-    int64_t at = k - 1;
+// Insertion into a sorted list that grows to k: a later index never displaces an equal key.
+// `best_keys` [k] is scratch.
+void BestIndices(const int32_t* keys, int64_t n, int64_t k, int32_t* best, int32_t* best_keys) {
+  int64_t size = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    if (size == k && keys[i] <= best_keys[k - 1]) continue;
+    int64_t at = size < k ? size++ : k - 1;
     while (at > 0 && keys[i] > best_keys[at - 1]) {
       best_keys[at] = best_keys[at - 1];
       best[at] = best[at - 1];
@@ -55,21 +46,32 @@ void BestIndices(const int32_t* keys, int64_t n, int64_t k, int32_t* best) {
   }
 }
 
-// One token's choice: scores [E] -> ids [k]. `keys` [E], `group_keys` and `kept` [G] are
-// scratch.
+// Scratch of one piece of work, allocated once for all its tokens.
+struct Scratch {
+  explicit Scratch(int64_t experts, int64_t groups)
+      : keys(new int32_t[experts]),
+        best_keys(new int32_t[experts]),
+        group_keys(new int32_t[groups]),
+        kept(new int32_t[groups]) {}
+  std::unique_ptr<int32_t[]> keys, best_keys;  // [E] each
+  std::unique_ptr<int32_t[]> group_keys, kept;  // [G] each
+};
+
+// One token's choice: scores [E] -> ids [k].
 void ChooseExperts(const float* scores, int64_t experts, int64_t k, int64_t groups,
-                   int64_t topk_groups, int32_t* keys, int32_t* group_keys, int32_t* kept,
-                   int32_t* ids) {
+                   int64_t topk_groups, Scratch& scratch, int32_t* ids) {
+  int32_t *keys = scratch.keys.get(), *best_keys = scratch.best_keys.get();
   const int64_t group_size = experts / groups;
   if (groups > 1) {
     int32_t pair[2];
     for (int64_t g = 0; g < groups; ++g) {
       const float* group_scores = scores + g * group_size;
       for (int64_t e = 0; e < group_size; ++e) keys[e] = OrderKey(group_scores[e]);
-      BestIndices(keys, group_size, 2, pair);
-      group_keys[g] = OrderKey(0.0f + group_scores[pair[0]] + group_scores[pair[1]]);
+      BestIndices(keys, group_size, 2, pair, best_keys);
+      scratch.group_keys[g] = OrderKey(0.0f + group_scores[pair[0]] + group_scores[pair[1]]);
     }
-    BestIndices(group_keys, groups, topk_groups, kept);
+    int32_t* kept = scratch.kept.get();
+    BestIndices(scratch.group_keys.get(), groups, topk_groups, kept, best_keys);
     const int32_t minus_inf = OrderKey(-std::numeric_limits<float>::infinity());
     for (int64_t e = 0; e < experts; ++e) keys[e] = minus_inf;
     for (int64_t i = 0; i < topk_groups; ++i) {
@@ -79,7 +81,7 @@ void ChooseExperts(const float* scores, int64_t experts, int64_t k, int64_t grou
   } else {
     for (int64_t e = 0; e < experts; ++e) keys[e] = OrderKey(scores[e]);
   }
-  BestIndices(keys, experts, k, ids);
+  BestIndices(keys, experts, k, ids, best_keys);
 }
 
 // scores [..., E] -> ids [..., k] int32.
@@ -100,12 +102,11 @@ ffi::Error RouteTopK(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scores,
   const float* score_data = scores.typed_data();
   int32_t* id_data = ids->typed_data();
   moejax::ForEachItem(pool, (tokens + kRowChunk - 1) / kRowChunk, [&](int64_t chunk) {
-    std::unique_ptr<int32_t[]> keys(new int32_t[experts]), group_keys(new int32_t[groups]),
-        kept(new int32_t[groups]);
+    Scratch scratch(experts, groups);
     const int64_t last = std::min(tokens, (chunk + 1) * kRowChunk);
     for (int64_t t = chunk * kRowChunk; t < last; ++t) {
-      ChooseExperts(score_data + t * experts, experts, k, groups, topk_groups, keys.get(),
-                    group_keys.get(), kept.get(), id_data + t * k);
+      ChooseExperts(score_data + t * experts, experts, k, groups, topk_groups, scratch,
+                    id_data + t * k);
     }
   });
   return ffi::Error::Success();
