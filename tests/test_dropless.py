@@ -297,6 +297,16 @@ def test_tile_layout_sorts_stably_and_pads_to_tiles():
     assert int(grouped.tile_layout(ids, 5, tile=4, num_rows=8).unplaced) == 3
 
 
+@pytest.mark.parametrize("num_experts", [5, 2**31 // 4000], ids=["packed keys", "argsort"])
+def test_sort_by_expert_is_the_stable_argsort(num_experts):
+    """Both ways (one sort of unique int32 keys expert * A + assignment, and the stable argsort
+    where (E + 1) A overflows int32) give the stable order, ties in assignment order."""
+    ids = jax.random.randint(jax.random.key(3), (4000,), 0, 6).astype(jnp.int32)  # 5: none
+    order, sorted_ids = grouped.sort_by_expert(ids, num_experts)
+    np.testing.assert_array_equal(order, np.argsort(np.asarray(ids), kind="stable"))
+    np.testing.assert_array_equal(sorted_ids, np.sort(np.asarray(ids)))
+
+
 def test_take_rows_gradient_equals_the_gather_gradient():
     source = jax.random.normal(jax.random.key(0), (5, 3))
     index = jnp.array([4, 0, 5, 2, 0, 1])  # 5: a zero row; source row 0 read twice, 3 never

@@ -33,8 +33,14 @@ from moejax.model.layers import FFN, swiglu_grads
 from moejax.sharding import same_varying_axes, varying_axes
 
 
-def _with_zero_row(x: jax.Array) -> jax.Array:
-    return jnp.concatenate([x, jnp.zeros((1, *x.shape[1:]), x.dtype)])
+def _rows_or_zero(x: jax.Array, index: jax.Array) -> jax.Array:
+    """x[index] with a zero row where index == len(x) (none). The clamped gather and the select
+    fuse into the consumer's pass; concatenating a zero row to x first copies all of x."""
+    if x.shape[0] == 0:
+        return jnp.zeros((*index.shape, *x.shape[1:]), x.dtype)
+    rows = x[jnp.minimum(index, x.shape[0] - 1)]
+    valid = (index < x.shape[0]).reshape(index.shape + (1,) * (x.ndim - 1))
+    return jnp.where(valid, rows, jnp.zeros((), x.dtype))
 
 
 @jax.custom_vjp
@@ -44,7 +50,7 @@ def take_rows(source: jax.Array, index: jax.Array, inverse: jax.Array) -> jax.Ar
     `inverse` [S, m] lists, for each source row, the out rows that read it (R = none): every r
     with index[r] == s appears in inverse[s]. The gradient is then the gather
     d_source[s] = sum_i d_out[inverse[s, i]]."""
-    return _with_zero_row(source)[index]
+    return _rows_or_zero(source, index)
 
 
 def _take_rows_fwd(source, index, inverse):
@@ -54,8 +60,7 @@ def _take_rows_fwd(source, index, inverse):
 def _take_rows_bwd(inverse, d_out):
     # one [S, ...] gather per slot, added: XLA fuses them into one pass, where gathering all
     # m slots first builds an [S, m, ...] buffer and then reduces it
-    padded = _with_zero_row(d_out)
-    d_source = sum(padded[inverse[:, i]] for i in range(inverse.shape[1]))
+    d_source = sum(_rows_or_zero(d_out, inverse[:, i]) for i in range(inverse.shape[1]))
     return d_source, None, None
 
 
@@ -73,10 +78,9 @@ def combine_rows(computed: jax.Array, row_of_assignment: jax.Array,
     row's token, scaled by that row's weight (not the k [R, D] buffers that the transpose of k
     gathers would build), and each assignment's weight gradient from its row."""
     top_k = weights.shape[1]
-    padded = _with_zero_row(computed)
     y = 0
     for j in range(top_k):
-        y = y + weights[:, j:j + 1] * padded[row_of_assignment[:, j]]
+        y = y + weights[:, j:j + 1] * _rows_or_zero(computed, row_of_assignment[:, j])
     return y
 
 
@@ -89,11 +93,11 @@ def _combine_rows_bwd(residuals, d_y):
     computed, row_of_assignment, assignment_of_row, weights = residuals
     top_k = weights.shape[1]
     token_of_row = assignment_of_row // top_k  # M: a padding row
-    d_y_of_row = _with_zero_row(d_y)[token_of_row]  # [R, D]
-    weight_of_row = _with_zero_row(weights.reshape(-1))[assignment_of_row]  # [R]
+    d_y_of_row = _rows_or_zero(d_y, token_of_row)  # [R, D]
+    weight_of_row = _rows_or_zero(weights.reshape(-1), assignment_of_row)  # [R]
     d_computed = weight_of_row[:, None].astype(d_y.dtype) * d_y_of_row
     d_weight_of_row = jnp.sum(d_y_of_row * computed, axis=1, dtype=jnp.float32)  # [R]
-    d_weights = _with_zero_row(d_weight_of_row)[row_of_assignment].astype(weights.dtype)
+    d_weights = _rows_or_zero(d_weight_of_row, row_of_assignment).astype(weights.dtype)
     return d_computed.astype(computed.dtype), None, None, d_weights
 
 
@@ -125,6 +129,20 @@ class TileLayout:
     block_rows: int = struct.field(pytree_node=False, default=0)
 
 
+def sort_by_expert(expert_of_assignment: jax.Array, num_experts: int):
+    """(order, sorted experts) of a stable sort of assignments [A] by expert id in
+    [0, num_experts]. Where (E + 1) A fits in int32, one sort of the unique keys
+    expert * A + assignment (a single int32 operand: XLA:CPU sorts it several times faster
+    than a stable two-operand sort, 2.9 vs 16.5 ms at A = 65536); else the stable argsort."""
+    num_assignments = expert_of_assignment.shape[0]
+    if (num_experts + 1) * num_assignments > jnp.iinfo(jnp.int32).max:
+        order = jnp.argsort(expert_of_assignment, stable=True)
+        return order, expert_of_assignment[order]
+    assignment = jnp.arange(num_assignments, dtype=jnp.int32)
+    keys = jnp.sort(expert_of_assignment.astype(jnp.int32) * num_assignments + assignment)
+    return keys % num_assignments, keys // num_assignments
+
+
 def tile_layout(expert_of_assignment: jax.Array, num_experts: int, tile: int,
                 num_rows: int, block_rows: int = 0) -> TileLayout:
     """Sort assignments [A] by expert (a stable sort: token order within an expert; the value
@@ -135,8 +153,7 @@ def tile_layout(expert_of_assignment: jax.Array, num_experts: int, tile: int,
     unplaced (`blocked_swiglu` computes the blocks, a second pass the overflow)."""
     num_assignments = expert_of_assignment.shape[0]
     block_end = num_experts * block_rows
-    order = jnp.argsort(expert_of_assignment, stable=True)
-    sorted_expert = expert_of_assignment[order]
+    order, sorted_expert = sort_by_expert(expert_of_assignment, num_experts)
     counts = jnp.zeros(num_experts + 1, jnp.int32).at[expert_of_assignment].add(1)[:num_experts]
     overflow = jnp.maximum(counts - block_rows, 0)
     padded = (overflow + tile - 1) // tile * tile
