@@ -18,7 +18,7 @@ from helpers import max_relative_error, tiny_config
 
 from moejax import params as P
 from moejax.config import ConfigError
-from moejax.model import cpu_kernels, cpu_matmul, cpu_route, cpu_swiglu, layers
+from moejax.model import cpu_combine, cpu_kernels, cpu_matmul, cpu_route, cpu_swiglu, layers
 from moejax.model.dispatch import grouped
 from moejax.model.dispatch.dropless import grouped_kernel, kernel_description
 from moejax.model.layers import FFN, Matmul
@@ -189,6 +189,39 @@ def test_expert_choice_is_top_ks_exactly(experts, k, groups, topk_groups):
     np.testing.assert_array_equal(np.asarray(jax.jit(choose)(scores)), expected)
 
 
+def test_combine_backward_kernel_equals_xlas_ops():
+    """The dropless combine's gradients (w.r.t. the sorted buffer's results and the routing
+    weights) through the CPU kernel against XLA's gather, multiply and row sum: padding rows
+    (no token) get zero gradients, every assignment its own weight's."""
+    tokens, k, width = 37, 3, 20
+    keys = jax.random.split(jax.random.key(5), 4)
+    experts = jax.random.randint(keys[0], (tokens * k,), 0, 4)
+    layout = grouped.tile_layout(experts, 4, tile=8, num_rows=grouped.padded_rows(
+        tokens * k, 4, 8))
+    rows = layout.assignment_of_row.shape[0]
+    assert int(jnp.sum(layout.assignment_of_row == tokens * k)) > 0  # padding rows present
+    computed = jax.random.normal(keys[1], (rows, width))
+    weights = jax.random.uniform(keys[2], (tokens, k))
+    cotangent = jax.random.normal(keys[3], (tokens, width))
+
+    def loss(c, w):
+        y = grouped.combine_rows(c, layout.row_of_assignment.reshape(tokens, k),
+                                 layout.assignment_of_row, w)
+        return jnp.sum(y * cotangent)
+
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    assert cpu_combine.BACKWARD_TARGET in grads.lower(computed, weights).as_text()
+    with cpu_kernels.off("XLA's ops, for reference"):
+        reference = jax.jit(jax.grad(lambda c, w: loss(c, w), argnums=(0, 1)))
+        assert cpu_combine.BACKWARD_TARGET not in reference.lower(computed, weights).as_text()
+        expected = reference(computed, weights)
+    got = grads(computed, weights)
+    np.testing.assert_array_equal(got[0], expected[0])  # the same product per element
+    np.testing.assert_allclose(got[1], expected[1], rtol=1e-5, atol=1e-6)  # sums reordered
+    padding = np.asarray(layout.assignment_of_row) == tokens * k
+    assert not np.any(np.asarray(got[0])[padding])
+
+
 def test_dense_swiglu_and_attention_kernels_only_on_whole_arrays_or_one_shard():
     """Under GSPMD on a mesh XLA would gather a custom call's operands and run it whole on every
     device: there the dense SwiGLU and auto attention take XLA's own ops; with no mesh, on a
@@ -297,10 +330,10 @@ def test_auto_is_blas_on_cpu_for_float32_and_tiles_otherwise():
     hlo = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True)).lower(params, x).as_text()
     calls = re.findall(r'custom_call @(moejax_[a-z_]+)\(', hlo)
     # the routed experts and the shared expert: one SwiGLU call each way; the router: a matmul
-    # each way and the expert choice
+    # each way and the expert choice; the combine's backward
     assert sorted(calls) == sorted([cpu_swiglu.FORWARD_TARGET, cpu_swiglu.BACKWARD_TARGET] * 2
                                    + [cpu_matmul.FORWARD_TARGET, cpu_matmul.BACKWARD_TARGET,
-                                      cpu_route.TARGET])
+                                      cpu_route.TARGET, cpu_combine.BACKWARD_TARGET])
     _, stats = jax.jit(loss)(params, x)
     assert float(stats["padding_overhead"]) == 0.0
 
