@@ -329,11 +329,13 @@ def test_auto_is_blas_on_cpu_for_float32_and_tiles_otherwise():
 
     hlo = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True)).lower(params, x).as_text()
     calls = re.findall(r'custom_call @(moejax_[a-z_]+)\(', hlo)
-    # the routed experts and the shared expert: one SwiGLU call each way; the router: a matmul
-    # each way and the expert choice; the combine's backward
+    # the routed experts and the shared expert: one SwiGLU call each way; the router: the
+    # logits' matmul, the expert choice and the chosen logits' backward (no dense backward:
+    # the loss has no router loss); the combine's backward
     assert sorted(calls) == sorted([cpu_swiglu.FORWARD_TARGET, cpu_swiglu.BACKWARD_TARGET] * 2
-                                   + [cpu_matmul.FORWARD_TARGET, cpu_matmul.BACKWARD_TARGET,
-                                      cpu_route.TARGET, cpu_combine.BACKWARD_TARGET])
+                                   + [cpu_matmul.FORWARD_TARGET, cpu_route.TARGET,
+                                      cpu_route.CHOSEN_BACKWARD_TARGET,
+                                      cpu_combine.BACKWARD_TARGET])
     _, stats = jax.jit(loss)(params, x)
     assert float(stats["padding_overhead"]) == 0.0
 

@@ -1,10 +1,17 @@
-"""Routers against hand-worked examples."""
+"""Routers against hand-worked examples; the DeepSeek gate's gradient through its chosen logits
+against plain autodiff; zero router-loss coefficients left out of the differentiated loss."""
 
+import re
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import max_relative_error, tiny_config
 
+from moejax import params as P
 from moejax.config import MoEConfig
+from moejax.model import cpu_kernels, cpu_matmul, cpu_route, router, transformer
 from moejax.model.router import balance_losses, deepseek_route, softmax_topk
 
 
@@ -93,3 +100,88 @@ def test_balance_losses_are_one_when_balanced_and_larger_when_not():
     routing = softmax_topk(hot, MoEConfig(num_experts=4, top_k=1, router="softmax_topk"), 1.0)
     losses = balance_losses(routing, num_experts, top_k)
     assert losses["switch_loss"] > 3.0 and losses["seq_balance_loss"] > 3.0
+
+
+def _route_grads(with_router_statistics: bool):
+    """value_and_grad w.r.t. (x, router_w) of a loss of router.route's weights (and, with
+    `with_router_statistics`, of its probs and logits too), jitted afresh."""
+    cfg = deepseek(num_experts=64, top_k=6, num_groups=8, topk_groups=4)
+    keys = jax.random.split(jax.random.key(7), 4)
+    bias = 0.1 * jax.random.normal(keys[0], (64,))  # steers the choice away from the scores
+    weight_cotangent = jax.random.normal(keys[1], (2, 40, 6))
+    probs_cotangent = jax.random.normal(keys[2], (2, 40, 64))
+
+    def loss(x, w):
+        routing = router.route(x, w, bias, 1.0, cfg)
+        value = jnp.sum(routing.weights * weight_cotangent)
+        if with_router_statistics:
+            value += jnp.sum(routing.probs * probs_cotangent) + jnp.sum(routing.logits ** 2)
+        return value
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+
+
+@pytest.mark.parametrize("with_router_statistics", [False, True], ids=["weights", "all"])
+def test_deepseek_weights_gradient_through_the_chosen_logits_equals_the_dense_one(
+        with_router_statistics):
+    """On CPU the combine weights' gradient reaches x and router_w through the k chosen logits
+    a token (cpu_route.chosen_logits_backward), without the dense d_logits products; with the
+    router statistics differentiated too, their dense backward adds to it. Both equal plain
+    autodiff of XLA's ops."""
+    keys = jax.random.split(jax.random.key(8), 2)
+    x = jax.random.normal(keys[0], (2, 40, 24))
+    w = 0.3 * jax.random.normal(keys[1], (24, 64))
+    step = _route_grads(with_router_statistics)
+    text = step.lower(x, w).as_text()
+    assert text.count(cpu_route.CHOSEN_BACKWARD_TARGET + "(") == 1
+    assert (cpu_matmul.BACKWARD_TARGET in text) == with_router_statistics
+    loss, grads = step(x, w)
+    with cpu_kernels.off("XLA's ops, for reference"):
+        reference = _route_grads(with_router_statistics)
+        assert cpu_route.CHOSEN_BACKWARD_TARGET not in reference.lower(x, w).as_text()
+        expected_loss, expected = reference(x, w)
+    np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
+    assert max_relative_error(grads[0], expected[0]) <= 1e-5
+    assert max_relative_error(grads[1], expected[1]) <= 1e-5
+
+
+def test_chosen_logits_backward_off_cpu_kernels_is_the_dense_one():
+    """router.chosen_logits' own backward where the CPU kernels are off (XLA's ops): the
+    gradient of (x w)[..., ids]."""
+    keys = jax.random.split(jax.random.key(9), 4)
+    x = jax.random.normal(keys[0], (3, 10, 8))
+    w = jax.random.normal(keys[1], (8, 16))
+    ids = jax.random.randint(keys[2], (3, 10, 4), 0, 16)
+    cotangent = jax.random.normal(keys[3], (3, 10, 4))
+
+    def chosen(x_, w_):
+        return jnp.sum(router.chosen_logits(x_, w_, ids, x_ @ w_) * cotangent)
+
+    def plain(x_, w_):
+        return jnp.sum(jnp.take_along_axis(x_ @ w_, ids, axis=-1) * cotangent)
+
+    with cpu_kernels.off("the fallback under test"):
+        got = jax.jit(jax.grad(chosen, argnums=(0, 1)))(x, w)
+    expected = jax.grad(plain, argnums=(0, 1))(x, w)
+    for g, e in zip(got, expected):
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
+
+
+def test_zero_router_loss_coefficients_are_not_differentiated():
+    """A router loss whose coefficient is 0 stays out of the training loss's graph: the
+    router's dense logits backward (the CPU matmul kernel's) is traced only when one of them
+    is on (the tiny preset's seq_balance_loss_coef is); the aux_loss metric is then 0, not
+    0 x a loss."""
+    def dense_router_backwards(overrides):
+        cfg = tiny_config(*overrides)
+        params = P.init(transformer.model_specs(cfg), jax.random.key(0))
+        batch = {"tokens": jnp.zeros((2, cfg.train.seq_len + 1), jnp.int32)}
+        grad = jax.jit(jax.grad(lambda p: transformer.loss_fn(p, batch, cfg)[0]))
+        hlo = grad.lower(params).as_text()
+        metrics = jax.jit(lambda p: transformer.loss_fn(p, batch, cfg)[1])(params)
+        return len(re.findall(rf"custom_call @{cpu_matmul.BACKWARD_TARGET}\(", hlo)), metrics
+
+    off, metrics_off = dense_router_backwards(["moe.seq_balance_loss_coef=0"])
+    on, metrics_on = dense_router_backwards([])
+    assert on > off
+    assert float(metrics_off["aux_loss"]) == 0.0 and float(metrics_on["aux_loss"]) > 0.0

@@ -1,9 +1,9 @@
 """moejax's XLA:CPU kernels: one C++ library of XLA FFI custom calls over OpenBLAS, built on first
 use. Its users: the SwiGLU of grouped experts and dense layers (moejax/model/cpu_swiglu.py),
 causal attention (moejax/model/cpu_attention.py), the dense matmul of attention's projections
-(moejax/model/cpu_matmul.py), the router's expert choice (moejax/model/cpu_route.py), the
-dropless combine's backward (moejax/model/cpu_combine.py) and the AdamW update
-(moejax/training/cpu_adamw.py).
+(moejax/model/cpu_matmul.py), the router's expert choice and its gradient
+(moejax/model/cpu_route.py), the dropless combine's backward (moejax/model/cpu_combine.py) and
+the AdamW update (moejax/training/cpu_adamw.py).
 
 Why: XLA:CPU runs many small GEMMs (one per expert, one per attention head) slowly, through
 padding, slicing and batched fusions, with the element-wise work around them as separate passes
@@ -41,7 +41,7 @@ from moejax.sharding import varying_axes, whole_or_one_shard
 
 SOURCE_DIR = Path(__file__).with_name("csrc")
 SOURCES = ("grouped_swiglu.cc", "causal_attention.cc", "matmul.cc", "adamw.cc", "route_topk.cc",
-           "combine_rows.cc")
+           "combine_rows.cc", "router_backward.cc")
 HEADERS = ("cpu_kernels.h",)
 # FFI target name -> the library's handler symbol
 TARGETS = {
@@ -54,6 +54,7 @@ TARGETS = {
     "moejax_adamw": "MoejaxAdamW",
     "moejax_route_topk": "MoejaxRouteTopK",
     "moejax_combine_rows_backward": "MoejaxCombineRowsBackward",
+    "moejax_router_chosen_backward": "MoejaxRouterChosenBackward",
 }
 LIBRARY_PREFIX = "moejax_cpu_kernels"
 

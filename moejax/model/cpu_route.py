@@ -1,5 +1,6 @@
-"""The router's expert choice on XLA:CPU: each token's k best experts by score, with DeepSeek-V3's
-group limit where set, in one XLA FFI call (csrc/route_topk.cc, built by cpu_kernels.py).
+"""The router on XLA:CPU: each token's k best experts by score, with DeepSeek-V3's group limit
+where set, in one XLA FFI call (csrc/route_topk.cc, built by cpu_kernels.py); and the gradient
+of the chosen logits (`chosen_logits_backward`, csrc/router_backward.cc, below).
 
 Why: XLA:CPU's top_k partially sorts an index list per token through a comparator, and the
 group-limited choice is five such passes and masks over [tokens, E] arrays (the groups' top 2,
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 from moejax.model import cpu_kernels
 
 TARGET = "moejax_route_topk"
+CHOSEN_BACKWARD_TARGET = "moejax_router_chosen_backward"
 
 
 def top_expert_ids(scores: jax.Array, k: int, num_groups: int = 1,
@@ -36,3 +38,21 @@ def top_expert_ids(scores: jax.Array, k: int, num_groups: int = 1,
     # ids are integers: nothing flows back through the choice
     return call(jax.lax.stop_gradient(scores), k=k, groups=num_groups,
                 topk_groups=topk_groups if num_groups > 1 else 1)
+
+
+def chosen_logits_backward(x: jax.Array, w: jax.Array, ids: jax.Array,
+                           d_chosen: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The gradients of chosen = (x w)[..., ids] w.r.t. x [..., D] and w [D, E], from d_chosen
+    [..., k]: d_x = sum_j d_chosen[..., j] w[:, ids[..., j]] and d_w[:, e] = the sum of
+    d_chosen x over the (token, slot) pairs that chose e.
+
+    Why: when nothing but the chosen experts' weights depends on the logits (DeepSeek's sigmoid
+    gate with every router loss off, router.route), d_logits [..., E] is zero outside k entries
+    a token, yet its two dense products (d_logits w^T, x^T d_logits) cost 2 T D E FLOPs each,
+    E / k times the work that is there; this call does the k columns only."""
+    cpu_kernels.require((x, w, d_chosen), "the CPU router backward",
+                        "cpu_kernels.off() for XLA's dense products")
+    call = jax.ffi.ffi_call(
+        CHOSEN_BACKWARD_TARGET, (cpu_kernels.result(x, x.shape), cpu_kernels.result(x, w.shape)),
+        vmap_method="sequential")
+    return call(x, w, ids.astype(jnp.int32), d_chosen)

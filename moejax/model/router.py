@@ -67,24 +67,73 @@ def deepseek_route(logits: jax.Array, bias: jax.Array, cfg: MoEConfig) -> Routin
     """
     scores = jax.nn.sigmoid(logits)
     ids = top_expert_ids(scores + bias, cfg, group_limited=True)
-    weights = jnp.take_along_axis(scores, ids, axis=-1)
-    if cfg.normalize_weights:
-        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
-    weights = weights * cfg.routed_scaling_factor
+    weights = deepseek_weights(jnp.take_along_axis(scores, ids, axis=-1), cfg)
     probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
     return Routing(ids.astype(jnp.int32), weights, probs, logits)
+
+
+def deepseek_weights(chosen_scores: jax.Array, cfg: MoEConfig) -> jax.Array:
+    """The chosen experts' scores [..., k] -> their combine weights: normalised (if set), times
+    routed_scaling_factor."""
+    if cfg.normalize_weights:
+        chosen_scores = chosen_scores / jnp.sum(chosen_scores, axis=-1, keepdims=True)
+    return chosen_scores * cfg.routed_scaling_factor
+
+
+@jax.custom_vjp
+def chosen_logits(x: jax.Array, router_w: jax.Array, ids: jax.Array,
+                  logits: jax.Array) -> jax.Array:
+    """logits[..., ids] [..., k], differentiable as (x router_w)[..., ids] w.r.t. x [..., D] and
+    router_w [D, E]; `logits` = x router_w is given (its value only), ids [..., k] int32. The
+    backward does the k chosen columns a token (cpu_route.chosen_logits_backward on CPU),
+    elsewhere the dense products of a d_logits zero outside them."""
+    return jnp.take_along_axis(logits, ids, axis=-1)
+
+
+def _chosen_logits_fwd(x, router_w, ids, logits):
+    return chosen_logits(x, router_w, ids, logits), (x, router_w, ids)
+
+
+def _chosen_logits_bwd(residuals, d_chosen):
+    x, router_w, ids = residuals
+    if cpu_kernels.runs_here(jnp.float32):
+        d_x, d_w = cpu_route.chosen_logits_backward(x, router_w, ids, d_chosen)
+    else:
+        one_hot = jax.nn.one_hot(ids, router_w.shape[1], dtype=d_chosen.dtype)  # [..., k, E]
+        d_logits = jnp.einsum("...k,...ke->...e", d_chosen, one_hot)
+        d_x = jnp.einsum("...e,de->...d", d_logits, router_w)
+        d_w = jnp.einsum("...d,...e->de", x, d_logits)
+    return d_x, d_w, None, None
+
+
+chosen_logits.defvjp(_chosen_logits_fwd, _chosen_logits_bwd)
+
+
+def deepseek_route_chosen_gradient(x: jax.Array, router_w: jax.Array, logits: jax.Array,
+                                   bias: jax.Array, cfg: MoEConfig) -> Routing:
+    """`deepseek_route` whose combine weights reach x and router_w through the k chosen logits
+    a token alone (`chosen_logits`); probs and logits keep their gradient through `logits`
+    (used by the router losses only: with every loss off none flows and the dense product's
+    backward is not traced). The same routing and weights."""
+    routing = deepseek_route(logits, bias, cfg)
+    x, router_w = cpu_kernels.alike(x, router_w)  # inside a shard_map: d_w summed over shards
+    chosen = chosen_logits(x, router_w, routing.expert_ids, jax.lax.stop_gradient(logits))
+    return routing.replace(weights=deepseek_weights(jax.nn.sigmoid(chosen), cfg))
 
 
 def route(x: jax.Array, router_w: jax.Array, bias: jax.Array, temperature, cfg: MoEConfig) -> Routing:
     """x [B, T, D] -> Routing over [B, T, ...]; the router matmul runs in float32."""
     x, router_w = x.astype(jnp.float32), router_w.astype(jnp.float32)
-    if cpu_kernels.runs_here(jnp.float32):  # CPU: BLAS (cpu_matmul.py); its cost grows with E
+    on_cpu = cpu_kernels.runs_here(jnp.float32)
+    if on_cpu:  # CPU: BLAS (cpu_matmul.py); its cost grows with E
         logits = cpu_matmul.matmul(x, router_w)
     else:
         logits = jnp.einsum("btd,de->bte", x, router_w)
-    if cfg.router == "deepseek":
-        return deepseek_route(logits, bias, cfg)
-    return softmax_topk(logits, cfg, temperature)
+    if cfg.router != "deepseek":
+        return softmax_topk(logits, cfg, temperature)
+    if on_cpu:  # the weights' gradient through the chosen logits alone (cpu_route.py)
+        return deepseek_route_chosen_gradient(x, router_w, logits, bias, cfg)
+    return deepseek_route(logits, bias, cfg)
 
 
 def expert_counts(expert_ids: jax.Array, num_experts: int) -> jax.Array:

@@ -230,7 +230,17 @@ def _router_loss(stats, cfg: Config) -> jax.Array:
     """The weighted router losses of each layer [L] from its statistics (leaves [L, ...])
     without the switch loss, whose batch value is not a mean of per-microbatch ones."""
     e = cfg.moe
-    return e.seq_balance_loss_coef * stats["seq_balance_loss"] + e.z_loss_coef * stats["z_loss"]
+    return _weighted_sum([(e.seq_balance_loss_coef, stats["seq_balance_loss"]),
+                          (e.z_loss_coef, stats["z_loss"])])
+
+
+def _weighted_sum(terms) -> jax.Array:
+    """sum of coefficient x value over (coefficient, value) pairs, a term with coefficient 0
+    left out: nothing is then differentiated through it (its [tokens, E] router statistics'
+    backward, and on CPU the router's dense product's, cost as much as its forward); zeros of
+    the values' shape when every coefficient is 0."""
+    total = sum(coef * value for coef, value in terms if coef)
+    return jnp.zeros_like(terms[0][1]) if isinstance(total, int) else total
 
 
 def _whole_over_pipe(weights, specs, layer_of_stack: bool = False):
@@ -500,8 +510,8 @@ def _aux_outputs(layer_stats, cfg: Config) -> dict:
                 "aux_loss": zero, "dropped_fraction": zero,
                 "expert_counts": jnp.zeros((0, max(e.num_experts, 1)), jnp.float32)}
     aux = {name: jnp.sum(layer_stats[name]) for name in ("switch_loss", "seq_balance_loss", "z_loss")}
-    aux["aux_loss"] = (e.switch_loss_coef * aux["switch_loss"]
-                       + jnp.sum(_router_loss(layer_stats, cfg)))
+    aux["aux_loss"] = _weighted_sum([(e.switch_loss_coef, aux["switch_loss"]),
+                                     (1.0, jnp.sum(_router_loss(layer_stats, cfg)))])
     aux["dropped_fraction"] = jnp.mean(layer_stats["dropped_fraction"])
     aux["expert_counts"] = layer_stats["expert_counts"]  # [L_moe, E]
     # dropless dispatch, per layer [L_moe]
