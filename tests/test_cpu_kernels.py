@@ -26,8 +26,12 @@ from moejax.model.moe import moe_ffn, moe_specs
 from moejax.sharding import BATCH_AXES
 
 # an empty group, a group of 300 rows (two row chunks of at most 256), 2 padding rows past the
-# groups; 200 hidden units (two column chunks of at most 128)
+# groups; 200 hidden units (two column chunks of at most 128: 4 groups are too few to share
+# whole among the threads)
 SIZES = np.array([5, 0, 300, 4], np.int32)
+# 12 groups (one empty): each group's hidden units whole in one piece of the weight gradients'
+# work where the threads are at most 3 (WeightGradientColumns in csrc/grouped_swiglu.cc)
+MANY_SIZES = np.array([20, 31, 0, 25, 18, 30, 22, 27, 19, 33, 26, 40], np.int32)
 ROWS, D, F, N = 311, 8, 200, 6
 
 
@@ -42,12 +46,12 @@ def _matrices(w: FFN):
     return w.w_gate, w.w_up, w.w_down
 
 
-def _per_group_reference(x, w):
+def _per_group_reference(x, w, sizes=SIZES):
     """Each group's SwiGLU by jnp (autodiff for its gradients); padding rows zero."""
-    stops = np.cumsum(SIZES)
+    stops = np.cumsum(sizes)
     outputs = [layers._swiglu(FFN(w.w_gate[g], w.w_up[g], w.w_down[g]), x[stop - size:stop])
-               for g, (size, stop) in enumerate(zip(SIZES, stops))]
-    return jnp.concatenate([*outputs, jnp.zeros((ROWS - stops[-1], N))])
+               for g, (size, stop) in enumerate(zip(sizes, stops))]
+    return jnp.concatenate([*outputs, jnp.zeros((x.shape[0] - stops[-1], N))])
 
 
 def _loss_and_grads(swiglu, x, w, cotangent):
@@ -55,21 +59,25 @@ def _loss_and_grads(swiglu, x, w, cotangent):
                                       argnums=(0, 1)))(x, w)
 
 
-def test_grouped_swiglu_and_its_gradients_per_group():
+@pytest.mark.parametrize("sizes", [SIZES, MANY_SIZES], ids=["4 groups", "12 groups"])
+def test_grouped_swiglu_and_its_gradients_per_group(sizes):
+    rows = int(sizes.sum()) + 2
     keys = jax.random.split(jax.random.key(1), 2)
-    x = jax.random.normal(keys[0], (ROWS, D))
-    cotangent = jax.random.normal(keys[1], (ROWS, N))
-    w = _weights(len(SIZES))
-    out = jax.jit(cpu_swiglu.grouped_swiglu)(x, *_matrices(w), SIZES)
-    assert not np.asarray(out[SIZES.sum():]).any()  # padding rows are written, as zeros
+    x = jax.random.normal(keys[0], (rows, D))
+    cotangent = jax.random.normal(keys[1], (rows, N))
+    w = _weights(len(sizes))
+    out = jax.jit(cpu_swiglu.grouped_swiglu)(x, *_matrices(w), sizes)
+    assert not np.asarray(out[sizes.sum():]).any()  # padding rows are written, as zeros
     (loss, grads) = _loss_and_grads(
-        lambda x_, w_: cpu_swiglu.grouped_swiglu(x_, *_matrices(w_), jnp.asarray(SIZES)),
+        lambda x_, w_: cpu_swiglu.grouped_swiglu(x_, *_matrices(w_), jnp.asarray(sizes)),
         x, w, cotangent)
-    (expected_loss, expected) = _loss_and_grads(_per_group_reference, x, w, cotangent)
+    (expected_loss, expected) = _loss_and_grads(
+        lambda x_, w_: _per_group_reference(x_, w_, sizes), x, w, cotangent)
     assert abs(float(loss - expected_loss)) <= 1e-5 * abs(float(expected_loss))
     assert max_relative_error(grads, expected) <= 1e-5
-    assert not np.asarray(grads[1].w_gate[1]).any()  # the empty group's weight gradients: 0
-    assert not np.asarray(grads[0][SIZES.sum():]).any()
+    empty = int(np.flatnonzero(sizes == 0)[0])
+    assert not np.asarray(grads[1].w_gate[empty]).any()  # an empty group's weight gradients: 0
+    assert not np.asarray(grads[0][sizes.sum():]).any()
 
 
 @pytest.mark.parametrize("batched", [False, True])

@@ -29,9 +29,19 @@ std::unique_ptr<int64_t[]> GroupStarts(const int32_t* sizes, int64_t groups, int
 
 // The SwiGLU's work split for threads: row chunks of at most kRowChunk rows within each group
 // (one group of all rows, the dense layer, still spreads over every thread), and for the
-// weight gradients column chunks of kColumnChunk hidden units per group.
+// weight gradients each group's hidden units whole where the groups alone give every thread
+// kItemsPerThread pieces of work (each operand then packed once per group), else cut into
+// column chunks of at least kColumnChunk hidden units (few groups: a dense layer is one).
 constexpr int64_t kRowChunk = 256;
 constexpr int64_t kColumnChunk = 128;
+constexpr int64_t kItemsPerThread = 4;
+
+// The hidden units per weight-gradient piece of work: see above.
+int64_t WeightGradientColumns(int64_t groups, int64_t hidden, int64_t threads) {
+  const int64_t wanted = kItemsPerThread * std::max<int64_t>(threads, 1);
+  const int64_t per_group = std::max<int64_t>(1, (wanted + groups - 1) / groups);
+  return std::min(hidden, std::max(kColumnChunk, (hidden + per_group - 1) / per_group));
+}
 
 struct RowChunk {
   int64_t group, row, rows;
@@ -115,8 +125,8 @@ ffi::Error GroupedSwiglu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 // The SwiGLU's backward from its residuals: d_x [R, D] and the weight gradients d_w_gate,
 // d_w_up [G, D, F], d_w_down [G, F, N] (zero for a group with no rows). First per row chunk
 // the activation's gradients (kept for the whole call in the three scratch results) and d_x,
-// then per (group, chunk of hidden columns) the three weight gradients as rows^T x gradient
-// GEMMs.
+// then per group (or chunk of its hidden columns: WeightGradientColumns) the three weight
+// gradients as rows^T x gradient GEMMs.
 ffi::Error GroupedSwigluBackward(
     ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_gate,
     ffi::Buffer<ffi::F32> w_up, ffi::Buffer<ffi::F32> w_down, ffi::Buffer<ffi::S32> sizes,
@@ -163,12 +173,13 @@ ffi::Error GroupedSwigluBackward(
                       w_up.typed_data() + c.group * D * F, F, 1.0f, dx_c, D);
   });
   std::memset(dx_data + used * D, 0, sizeof(float) * (d.total_rows - used) * D);
-  const int64_t column_chunks = (F + kColumnChunk - 1) / kColumnChunk;
+  const int64_t columns = WeightGradientColumns(d.groups, F, pool.num_threads());
+  const int64_t column_chunks = (F + columns - 1) / columns;
   float *dwg = d_w_gate->typed_data(), *dwu = d_w_up->typed_data(),
         *dwd = d_w_down->typed_data();
   moejax::ForEachItem(pool, d.groups * column_chunks, [&](int64_t i) {
-    const int64_t g = i / column_chunks, f0 = (i % column_chunks) * kColumnChunk;
-    const int64_t cols = std::min(kColumnChunk, F - f0);
+    const int64_t g = i / column_chunks, f0 = (i % column_chunks) * columns;
+    const int64_t cols = std::min(columns, F - f0);
     const int64_t row = starts[g], rows = starts[g + 1] - starts[g];
     float *dwg_g = dwg + g * D * F + f0, *dwu_g = dwu + g * D * F + f0,
           *dwd_g = dwd + (g * F + f0) * N;
