@@ -25,14 +25,14 @@ from moejax.model.layers import FFN, Matmul
 from moejax.model.moe import moe_ffn, moe_specs
 from moejax.sharding import BATCH_AXES
 
-# an empty group, a group of 300 rows (two row chunks of at most 256), 2 padding rows past the
-# groups; 200 hidden units (two column chunks of at most 128: 4 groups are too few to share
-# whole among the threads)
-SIZES = np.array([5, 0, 300, 4], np.int32)
+# an empty group, a group of 700 rows (two row chunks: 200 hidden units give chunks of at most
+# 655 rows), 2 padding rows past the groups; 200 hidden units (two column chunks of at most
+# 128: 4 groups are too few to share whole among the threads)
+SIZES = np.array([5, 0, 700, 4], np.int32)
 # 12 groups (one empty): each group's hidden units whole in one piece of the weight gradients'
 # work where the threads are at most 3 (WeightGradientColumns in csrc/grouped_swiglu.cc)
 MANY_SIZES = np.array([20, 31, 0, 25, 18, 30, 22, 27, 19, 33, 26, 40], np.int32)
-ROWS, D, F, N = 311, 8, 200, 6
+ROWS, D, F, N = 711, 8, 200, 6
 
 
 def _weights(groups, key=0):

@@ -6,8 +6,8 @@ Why: XLA:CPU has no grouped GEMM (`jax.lax.ragged_dot` runs as E dense GEMMs; th
 pays per row tile and up to tile - 1 padding rows per expert), and around its GEMMs the
 SwiGLU's activation and gradient are separate passes over [R, F] arrays in memory. Here one
 XLA FFI call (csrc/grouped_swiglu.cc, built by cpu_kernels.py) runs the whole SwiGLU: per chunk
-of at most 256 rows of one group, the gate and up sgemms, silu(gate) * up while the chunk is in
-cache, and the down sgemm; each group gets exactly its rows (no padding). The backward is one
+of rows of one group (256 at F >= 512, up to 1024 for narrower experts), the gate and up
+sgemms, silu(gate) * up while the chunk is in cache, and the down sgemm; each group gets exactly its rows (no padding). The backward is one
 call too: d_x per row chunk, then each weight gradient as rows^T x gradient sgemms per group,
 its hidden columns whole where there are groups enough to keep every thread busy (each operand
 packed once), else in chunks of at least 128. Chunks are shared out over XLA's thread pool, so

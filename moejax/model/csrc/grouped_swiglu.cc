@@ -27,12 +27,16 @@ std::unique_ptr<int64_t[]> GroupStarts(const int32_t* sizes, int64_t groups, int
   return starts;
 }
 
-// The SwiGLU's work split for threads: row chunks of at most kRowChunk rows within each group
-// (one group of all rows, the dense layer, still spreads over every thread), and for the
+// The SwiGLU's work split for threads: row chunks within each group (one group of all rows,
+// the dense layer, still spreads over every thread) of kChunkElements / F rows, between
+// kMinRowChunk and kMaxRowChunk: a chunk's [rows, F] pre-activations and hidden stay the same
+// size whatever F, and narrow experts (F < 512) pack each weight for more rows; and for the
 // weight gradients each group's hidden units whole where the groups alone give every thread
 // kItemsPerThread pieces of work (each operand then packed once per group), else cut into
 // column chunks of at least kColumnChunk hidden units (few groups: a dense layer is one).
-constexpr int64_t kRowChunk = 256;
+constexpr int64_t kChunkElements = 256 * 512;
+constexpr int64_t kMinRowChunk = 256;
+constexpr int64_t kMaxRowChunk = 1024;
 constexpr int64_t kColumnChunk = 128;
 constexpr int64_t kItemsPerThread = 4;
 
@@ -47,11 +51,13 @@ struct RowChunk {
   int64_t group, row, rows;
 };
 
-std::vector<RowChunk> RowChunks(const int64_t* starts, int64_t groups) {
+std::vector<RowChunk> RowChunks(const int64_t* starts, int64_t groups, int64_t hidden) {
+  const int64_t most = std::clamp(kChunkElements / std::max<int64_t>(hidden, 1), kMinRowChunk,
+                                  kMaxRowChunk);
   std::vector<RowChunk> chunks;
   for (int64_t g = 0; g < groups; ++g) {
-    for (int64_t row = starts[g]; row < starts[g + 1]; row += kRowChunk) {
-      chunks.push_back({g, row, std::min(kRowChunk, starts[g + 1] - row)});
+    for (int64_t row = starts[g]; row < starts[g + 1]; row += most) {
+      chunks.push_back({g, row, std::min(most, starts[g + 1] - row)});
     }
   }
   return chunks;
@@ -78,7 +84,7 @@ ffi::Error PlanSwiglu(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi::F32
         "sizes [G]");
   }
   *work = {xd[0], xd[1], gd[2], dd[2], gd[0], GroupStarts(sizes.typed_data(), gd[0], xd[0]), {}};
-  work->chunks = RowChunks(work->starts.get(), work->groups);
+  work->chunks = RowChunks(work->starts.get(), work->groups, work->hidden);
   return ffi::Error::Success();
 }
 
