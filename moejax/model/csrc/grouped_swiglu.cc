@@ -112,13 +112,14 @@ ffi::Error GroupedSwiglu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                       w_gate.typed_data() + c.group * D * F, F, 0.0f, gate_c, F);
     scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, c.rows, F, D, 1.0f, x_c, D,
                       w_up.typed_data() + c.group * D * F, F, 0.0f, up_c, F);
-    std::vector<float> hidden(c.rows * F);
+    // not zeroed (a std::vector would be): every element is written just below
+    std::unique_ptr<float[]> hidden(new float[c.rows * F]);
 #pragma omp simd
     for (int64_t j = 0; j < c.rows * F; ++j) {
       hidden[j] = gate_c[j] / (1.0f + moejax::VectorExp(-gate_c[j])) * up_c[j];
     }
     scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, c.rows, N, F, 1.0f,
-                      hidden.data(), F, w_down.typed_data() + c.group * F * N, N, 0.0f,
+                      hidden.get(), F, w_down.typed_data() + c.group * F * N, N, 0.0f,
                       y_data + c.row * N, N);
   });
   const int64_t used = starts[d.groups], padding = d.total_rows - used;
