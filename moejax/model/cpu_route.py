@@ -46,10 +46,11 @@ def chosen_logits_backward(x: jax.Array, w: jax.Array, ids: jax.Array,
     [..., k]: d_x = sum_j d_chosen[..., j] w[:, ids[..., j]] and d_w[:, e] = the sum of
     d_chosen x over the (token, slot) pairs that chose e.
 
-    Why: when nothing but the chosen experts' weights depends on the logits (DeepSeek's sigmoid
-    gate with every router loss off, router.route), d_logits [..., E] is zero outside k entries
-    a token, yet its two dense products (d_logits w^T, x^T d_logits) cost 2 T D E FLOPs each,
-    E / k times the work that is there; this call does the k columns only."""
+    Why: DeepSeek's sigmoid gate makes each combine weight of the chosen logits alone, so the
+    weights' d_logits [..., E] is zero outside k entries a token, yet its two dense products
+    (d_logits w^T, x^T d_logits) cost 2 T D E FLOPs each, E / k times the work that is there;
+    this call does the k columns only (router.route; the router losses, where on, keep their
+    dense backward)."""
     cpu_kernels.require((x, w, d_chosen), "the CPU router backward",
                         "cpu_kernels.off() for XLA's dense products")
     call = jax.ffi.ffi_call(

@@ -13,7 +13,8 @@ dispatch (dropless.py beside it).
   GEMM over [E, C0, D] (the overflow goes to tiles in a second pass, dropless.py).
 - `blas_swiglu`: with `moe.kernels=blas` (auto on CPU where it builds), each expert's group,
   unpadded, its SwiGLU one XLA FFI call over BLAS GEMMs (moejax/model/cpu_swiglu.py).
-- `combine_rows`: each row's weighted sum of its k results, whose backward is one gather.
+- `combine_rows`: each row's weighted sum of its k results, whose backward is one gather (on
+  CPU one kernel pass, moejax/model/cpu_combine.py).
 
 Shapes: M rows of input, A assignments (M k), R rows of the sorted buffer (a multiple of tile),
 E_ local experts, D model width, F expert width.
