@@ -44,7 +44,8 @@ constexpr int64_t kItemsPerThread = 4;
 int64_t WeightGradientColumns(int64_t groups, int64_t hidden, int64_t threads) {
   const int64_t wanted = kItemsPerThread * std::max<int64_t>(threads, 1);
   const int64_t per_group = std::max<int64_t>(1, (wanted + groups - 1) / groups);
-  return std::min(hidden, std::max(kColumnChunk, (hidden + per_group - 1) / per_group));
+  const int64_t columns = std::max(kColumnChunk, (hidden + per_group - 1) / per_group);
+  return std::max<int64_t>(1, std::min(hidden, columns));  // 1: no work item divides by 0
 }
 
 struct RowChunk {

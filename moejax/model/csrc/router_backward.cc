@@ -17,6 +17,7 @@
 namespace {
 
 constexpr int64_t kTokenChunk = 256;  // tokens per piece of work of the reduction into d_w
+constexpr int64_t kMostParts = 8;  // partial d_w^T [E, D] held at once, one per part
 
 ffi::Error RouterChosenBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                 ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::S32> ids,
@@ -41,7 +42,8 @@ ffi::Error RouterChosenBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   }
   // d_w^T [E, D] summed per part of the tokens (one part per thread), then added up
   const int64_t chunks = (tokens + kTokenChunk - 1) / kTokenChunk;
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), chunks));
+  const int64_t parts =
+      std::max<int64_t>(1, std::min({pool.num_threads(), chunks, kMostParts}));
   std::vector<float> partial(parts * experts * width, 0.0f);
   float* dx_data = d_x->typed_data();
   moejax::ForEachItem(pool, parts, [&](int64_t part) {
