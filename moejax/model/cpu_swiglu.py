@@ -7,11 +7,12 @@ pays per row tile and up to tile - 1 padding rows per expert), and around its GE
 SwiGLU's activation and gradient are separate passes over [R, F] arrays in memory. Here one
 XLA FFI call (csrc/grouped_swiglu.cc, built by cpu_kernels.py) runs the whole SwiGLU: per chunk
 of rows of one group (256 at F >= 512, up to 1024 for narrower experts), the gate and up
-sgemms, silu(gate) * up while the chunk is in cache, and the down sgemm; each group gets exactly its rows (no padding). The backward is one
-call too: d_x per row chunk, then each weight gradient as rows^T x gradient sgemms per group,
-its hidden columns whole where there are groups enough to keep every thread busy (each operand
-packed once), else in chunks of at least 128. Chunks are shared out over XLA's thread pool, so
-one group (a dense layer) still uses every thread.
+sgemms, silu(gate) * up while the chunk is in cache, and the down sgemm; each group gets
+exactly its rows (no padding). The backward is one call too: d_x per row chunk, then each
+weight gradient as rows^T x gradient sgemms per group, its hidden columns whole where there are
+groups enough to keep every thread busy (each operand packed once), else in chunks of at least
+128. Chunks are shared out over XLA's thread pool, so one group (a dense layer) still uses
+every thread.
 
 float32 only. Shapes: R rows sorted by group, G groups with sizes [G] int32 (rows past the
 groups: padding, zero out); w_gate and w_up [G, D, F], w_down [G, F, N].

@@ -25,12 +25,13 @@ ffi::Error RouterChosenBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                 ffi::ResultBuffer<ffi::F32> d_w) {
   const auto xd = x.dimensions(), wd = w.dimensions(), id = ids.dimensions();
   if (wd.size() != 2 || xd.size() == 0 || xd[xd.size() - 1] != wd[0] || id.size() == 0 ||
-      d_chosen.dimensions().size() != id.size() || d_chosen.element_count() != ids.element_count()) {
+      d_chosen.dimensions().size() != id.size() ||
+      d_chosen.element_count() != ids.element_count()) {
     return ffi::Error::InvalidArgument(
         "router_chosen_backward: expected x [..., D], w [D, E], ids and d_chosen [..., k]");
   }
   const int64_t width = wd[0], experts = wd[1], k = id[id.size() - 1];
-  const int64_t tokens = x.element_count() / width;
+  const int64_t tokens = x.element_count() / std::max<int64_t>(width, 1);  // D = 0: no tokens
   if (ids.element_count() != tokens * k) {
     return ffi::Error::InvalidArgument("router_chosen_backward: ids must be [tokens, k]");
   }
